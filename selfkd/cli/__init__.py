@@ -1,0 +1,163 @@
+"""Command line: ``selfkd train | demo | methods | models | presets``.
+
+Errors a user can fix print one line (``selfkd: error: ...``) and exit 2; ``--debug`` shows the
+traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, SelfKDError
+
+EXIT_USER = 2
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (sections: data, augment, model, method, optim, schedule, train)")
+    p.add_argument("--preset", metavar="NAME", help="a named recipe (see `selfkd presets`), applied below --config")
+    p.add_argument("--data", metavar="NAME", help="digits | cifar10 | cifar100 | imagefolder")
+    p.add_argument("--data-dir", metavar="DIR", help="where the data set lives (or a .tar.gz for imagefolder)")
+    p.add_argument("--download", action="store_true", default=None, help="fetch CIFAR from its canonical address (md5-checked)")
+    p.add_argument("--model", metavar="NAME", help="see `selfkd models`")
+    p.add_argument("--method", metavar="NAME", help="see `selfkd methods`")
+    p.add_argument("--epochs", type=int, metavar="N")
+    p.add_argument("--seed", type=int, metavar="S")
+    p.add_argument("--batch-size", type=int, metavar="B", help="new samples per step")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set method.temperature=4 (repeatable)")
+    p.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last checkpoint left off")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+
+
+def _flags(a: argparse.Namespace) -> dict[str, Any]:
+    table = {
+        "data": ("data", "name"), "data_dir": ("data", "dir"), "download": ("data", "download"),
+        "model": ("model", "name"), "method": ("method", "name"), "epochs": ("train", "epochs"),
+        "seed": ("train", "seed"), "batch_size": ("optim", "batch_size"), "lr": ("optim", "lr"),
+        "device": ("train", "device"), "compile": ("train", "compile"),
+    }
+    out: dict[str, Any] = {}
+    for attr, (section, key) in table.items():
+        value = getattr(a, attr)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def _is_run_dir(path: Path) -> bool:
+    from ..engine.trainer import CHECKPOINT, CONFIG
+
+    return (path / CONFIG).exists() or (path / CHECKPOINT).exists()
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from ..engine import config as C
+    from ..engine.trainer import CONFIG, SUMMARY, Trainer, build
+
+    progress = False if a.no_progress else None
+    if a.resume:
+        given = [k for k, v in _flags(a).items() if v] + (["--config"] if a.config else []) + \
+                (["--preset"] if a.preset else []) + (["--set"] if a.overrides else []) + (["--out"] if a.out else [])
+        if given:
+            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
+        run = Path(a.resume)
+        if not (run / CONFIG).is_file():
+            raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
+        cfg = C.build_config(C.load_yaml(run / CONFIG), source=str(run / CONFIG))
+        if (run / SUMMARY).exists():
+            print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+            return 0
+        summary = Trainer(build(cfg), run, progress=progress).run(resume=True)
+    else:
+        if not a.out:
+            raise ConfigError("train: --out RUN_DIR is required (or --resume RUN_DIR)")
+        run = Path(a.out)
+        if run.exists() and (not run.is_dir() or _is_run_dir(run)):
+            raise ConfigError(f"--out {run}: already holds a run; use --resume {run} or choose another directory")
+        cfg = C.resolve(preset=a.preset, file=a.config, flags=_flags(a), overrides=a.overrides)
+        summary = Trainer(build(cfg), run, progress=progress).run()
+    print(f"{run}: last acc {summary['last_acc']:.2f} | best acc {summary['best_acc']:.2f} (epoch {summary['best_epoch']})"
+          f" | ece {summary['ece']:.4f} | nll {summary['nll']:.4f} | {summary['seconds']:.1f}s")
+    return 0
+
+
+def cmd_methods(a: argparse.Namespace) -> int:
+    from ..methods import available_methods, method_class
+
+    names = a.names or available_methods()
+    for name in names:
+        cls = method_class(name)
+        print(f"{name}: {cls.formula}")
+        for key, field in cls.Params.model_fields.items():
+            print(f"    {key} = {field.default!r}  {field.description or ''}".rstrip())
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from ..models import available_models
+
+    print("\n".join(available_models()))
+    return 0
+
+
+def cmd_presets(a: argparse.Namespace) -> int:
+    import yaml
+
+    from ..engine.config import presets
+
+    for name, body in presets().items():
+        print(f"{name}:\n" + "".join(f"  {line}\n" for line in yaml.safe_dump(body, sort_keys=False).splitlines()))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out=a.out, epochs=a.epochs, seed=a.seed, progress=False if a.no_progress else None)
+
+
+def parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = argparse.ArgumentParser(prog="selfkd", description="Self-knowledge distillation: DLB and its family.")
+    p.add_argument("--version", action="version", version=f"selfkd {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    t = sub.add_parser("train", help="train one run", parents=[common])
+    _train_args(t)
+    t.set_defaults(func=cmd_train)
+    d = sub.add_parser("demo", help="CE vs DLB on digits, clean and 40%% symmetric noise", parents=[common])
+    d.add_argument("--out", metavar="DIR", help="keep the runs here (default: a temporary directory)")
+    d.add_argument("--epochs", type=int, default=30)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    m = sub.add_parser("methods", help="list methods, their hyper-parameters and formulas")
+    m.add_argument("names", nargs="*")
+    m.set_defaults(func=cmd_methods)
+    sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
+    sub.add_parser("presets", help="list named recipes").set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SelfKDError as err:
+        if args.debug:
+            raise
+        print(f"selfkd: error: {err}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("selfkd: interrupted", file=sys.stderr)
+        return 130

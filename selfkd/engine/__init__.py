@@ -1,0 +1,1 @@
+"""Training engine: config, trainer, checkpoints, metrics. Imports data, models and methods; never the CLI."""

@@ -1,0 +1,44 @@
+"""Evaluation metrics: top-k accuracy, NLL and expected calibration error."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def topk_correct(logits: Tensor, target: Tensor, k: int) -> int:
+    """Number of rows whose label is among the k highest logits (k is capped at the class count)."""
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return int((top == target[:, None]).any(dim=1).sum())
+
+
+def nll(logits: Tensor, target: Tensor) -> float:
+    """Mean negative log-likelihood of the labels (cross-entropy at T=1)."""
+    return float(F.cross_entropy(logits.float(), target))
+
+
+def ece(logits: Tensor, target: Tensor, bins: int = 15) -> float:
+    """Expected calibration error (Guo et al., 2017) over equal-width confidence bins.
+
+    ``ECE = Σ_b |B_b|/N · |acc(B_b) − conf(B_b)|``; bin b holds confidences in ``(b/bins, (b+1)/bins]``.
+    """
+    probs = logits.float().softmax(dim=1)
+    conf, pred = probs.max(dim=1)
+    correct = (pred == target).float()
+    idx = (torch.ceil(conf * bins).long() - 1).clamp(0, bins - 1)
+    n = float(len(target))
+    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf, dtype=torch.float64))
+    sum_conf = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, conf.double())
+    sum_acc = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, correct.double())
+    return float((sum_acc - sum_conf).abs().sum() / n)
+
+
+def classification_metrics(logits: Tensor, target: Tensor, bins: int = 15) -> dict[str, float]:
+    n = len(target)
+    return {
+        "acc": 100.0 * topk_correct(logits, target, 1) / n,
+        "top5": 100.0 * topk_correct(logits, target, 5) / n,
+        "nll": nll(logits, target),
+        "ece": ece(logits, target, bins),
+    }

@@ -1,0 +1,58 @@
+"""Progress: a tqdm bar with ETA, loss and images/s on a terminal; plain log lines otherwise."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+
+def _fmt(m: dict[str, Any]) -> str:
+    parts = [f"loss {m['train_loss']:.4f}"]
+    extra = [f"{k[6:]} {v:.4f}" for k, v in m.items() if k.startswith("train_") and k not in
+             ("train_loss", "train_acc", "train_seconds")]
+    if extra:
+        parts[0] += " (" + ", ".join(extra) + ")"
+    parts += [f"train acc {m['train_acc']:.2f}", f"test acc {m['test_acc']:.2f}", f"top5 {m['test_top5']:.2f}",
+              f"nll {m['test_nll']:.4f}", f"ece {m['test_ece']:.4f}",
+              f"{m['images_per_s']:.0f} img/s", f"{m['epoch_seconds']:.1f}s"]
+    return " | ".join(parts)
+
+
+class Progress:
+    """Context manager. ``enabled=None`` means: a bar only when stderr is a terminal."""
+
+    def __init__(self, total_steps: int, enabled: bool | None, log: Callable[[str], None]):
+        self.total_steps = total_steps
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.log = log
+        self.bar = None
+        self.epoch = self.epochs = 0
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        self.epoch, self.epochs = epoch, epochs
+        if self.enabled:
+            from tqdm import tqdm
+
+            self._close()
+            self.bar = tqdm(total=self.total_steps, desc=f"epoch {epoch}/{epochs}", unit="step",
+                            leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, loss: float, images_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+            self.bar.refresh()
+
+    def end_epoch(self, m: dict[str, Any]) -> None:
+        self._close()
+        self.log(f"epoch {self.epoch}/{self.epochs} | " + _fmt(m))

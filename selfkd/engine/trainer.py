@@ -1,0 +1,351 @@
+"""The reference trainer: one run of one method on one data set, crash-safe and exactly resumable.
+
+A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one object per epoch),
+``checkpoint.pt`` (everything needed to continue: model, optimiser, scheduler, every RNG, the
+method's state and the sampler position), ``best.pt`` (weights of the best epoch) and, once the run
+has finished, ``summary.json``. Every file is written atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from ..data import ArrayDataset, BatchAugment, apply_label_noise, load_dataset
+from ..errors import ConfigError, SelfKDError, TrainingError
+from ..methods import Batch, Method, build_method
+from ..models import build_model
+from . import checkpoint as ckpt
+from .config import Config, save_yaml
+from .metrics import classification_metrics
+from .progress import Progress
+from .schedule import lr_lambda
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+FORMAT = 1
+TIMING_KEYS = ("epoch_seconds", "train_seconds", "images_per_s", "samples_per_s", "peak_mem_mb")
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A fixed, class-balanced subset of ``n`` indices (round-robin over classes in a seeded order)."""
+    if n > len(labels):
+        raise ConfigError(f"data.subset={n} exceeds the {len(labels)} training images")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=g)
+    by_class: dict[int, list[int]] = {}
+    for i in perm.tolist():
+        by_class.setdefault(int(labels[i]), []).append(i)
+    # rank of each index within its class: take the lowest ranks first, classes interleaved
+    ranked = sorted(((r, c, i) for c, idx in by_class.items() for r, i in enumerate(idx)))
+    return torch.tensor(sorted(i for _, _, i in ranked[:n]), dtype=torch.int64)
+
+
+@dataclass
+class Setup:
+    """Everything built from a config before any file is written (so bad input writes nothing)."""
+
+    cfg: Config
+    device: torch.device
+    train: ArrayDataset
+    test: ArrayDataset
+    clean_labels: torch.Tensor
+    num_classes: int
+    augment: BatchAugment
+    model: nn.Module
+    method: Method
+    channels_last: bool
+    amp_dtype: torch.dtype | None
+
+
+def build(cfg: Config) -> Setup:
+    device = select_device(cfg.train.device)
+    bundle = load_dataset(
+        cfg.data.name, root=cfg.data.dir, download=cfg.data.download,
+        image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
+    )
+    train = bundle.train
+    if cfg.data.subset is not None:
+        idx = stratified_subset(train.labels, cfg.data.subset, cfg.data.subset_seed)
+        train = ArrayDataset(train.images[idx].contiguous(), train.labels[idx].contiguous())
+    clean = train.labels.clone()
+    noise = cfg.data.noise
+    if noise.kind != "none" and noise.rate > 0:
+        noisy = apply_label_noise(clean, bundle.num_classes, noise.kind, noise.rate, noise.seed, classes=bundle.classes)
+        train = train.with_labels(noisy)
+    aug = cfg.augment
+    augment = BatchAugment(
+        crop_padding=bundle.default_augment["crop_padding"] if aug.crop_padding is None else aug.crop_padding,
+        flip=bundle.default_augment["flip"] if aug.flip is None else aug.flip,
+        mean=bundle.mean, std=bundle.std,
+    )
+    torch.manual_seed(cfg.train.seed)  # model init is part of the seeded run
+    model = build_model(cfg.model.name, num_classes=bundle.num_classes, in_channels=bundle.channels)
+    method = build_method(cfg.method.name, **cfg.method.params())
+    model = method.prepare_model(model) if hasattr(method, "prepare_model") else model
+    cl = cfg.train.channels_last
+    channels_last = cl == "on" or (cl == "auto" and bundle.image_size >= 16)
+    amp = cfg.train.amp
+    amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
+    return Setup(cfg, device, train, bundle.test, clean, bundle.num_classes, augment, model, method, channels_last, amp_dtype)
+
+
+def _rng_state(gens: dict[str, torch.Generator]) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "generators": {k: g.get_state() for k, g in gens.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], gens: dict[str, torch.Generator]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
+    torch.set_rng_state(state["torch"])
+    for k, g in gens.items():
+        g.set_state(state["generators"][k])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+class Trainer:
+    """Train ``setup`` into ``run_dir``; :meth:`run` returns the summary."""
+
+    def __init__(self, setup: Setup, run_dir: str | Path, *, progress: bool | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.s = setup
+        self.cfg = setup.cfg
+        self.dir = Path(run_dir)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.progress = progress
+        dev = setup.device
+        self.model = setup.model.to(dev)
+        if setup.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward_model: nn.Module = torch.compile(self.model) if self.cfg.train.compile else self.model
+        self.method = setup.method
+        o = self.cfg.optim
+        params = list(self.model.parameters()) + list(getattr(self.method, "parameters", lambda: [])())
+        self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                                   weight_decay=o.weight_decay)
+        seed = self.cfg.train.seed
+        self.gens = {
+            "sampler": torch.Generator().manual_seed(seed + 1),
+            "loader": torch.Generator().manual_seed(seed + 2),
+            "augment": torch.Generator(device=dev).manual_seed(seed + 3),
+        }
+        self.batch_sampler = self.method.batch_sampler(
+            RandomSampler(setup.train, generator=self.gens["sampler"]), o.batch_size, drop_last=False
+        )
+        self.loader = DataLoader(
+            setup.train, batch_sampler=self.batch_sampler, num_workers=self.cfg.data.num_workers,
+            pin_memory=dev.type == "cuda", generator=self.gens["loader"],
+            persistent_workers=False,
+        )
+        self.steps_per_epoch = len(self.batch_sampler)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(self.cfg.schedule, self.cfg.train.epochs, self.steps_per_epoch, o.lr)
+        )
+        self.history: list[dict[str, Any]] = []
+        self.epoch = 0
+        self.global_step = 0
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": _rng_state(self.gens),
+            "history": self.history,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("format") != FORMAT:
+            raise SelfKDError(f"checkpoint format {state.get('format')!r} is not {FORMAT}")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        _set_rng_state(state["rng"], self.gens)
+        self.history = list(state["history"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+
+    def _write_metrics(self) -> None:
+        import json
+
+        ckpt.write_text(self.dir / METRICS, "".join(json.dumps(h) + "\n" for h in self.history))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.s.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.s.device.type, dtype=self.s.amp_dtype)
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.s.channels_last else x
+
+    def _train_epoch(self, bar: Progress) -> dict[str, float]:
+        s, dev = self.s, self.s.device
+        self.model.train()
+        self.method.on_epoch_start(self.epoch, self.cfg.train.epochs)
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(self.epoch)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        scored = rows = steps = 0
+        first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+        aug_gen = self.gens["augment"]
+
+        def augment(raw: torch.Tensor) -> torch.Tensor:
+            return self._prep(s.augment(raw, aug_gen))
+
+        t0 = time.perf_counter()
+        for x_raw, y, idx in self.loader:
+            x_raw = x_raw.to(dev, non_blocking=True)
+            y = y.to(dev, non_blocking=True)
+            batch = Batch(augment(x_raw), y, idx, raw=x_raw, augment=augment)
+            with self._autocast():
+                out = self.method.train_step(self.forward_model, batch)
+            self.opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.opt.step()
+            self.sched.step()
+            loss = out.loss.detach()
+            bad = ~torch.isfinite(loss) & (first_bad < 0)
+            first_bad = torch.where(bad, torch.full_like(first_bad, self.global_step), first_bad)
+            for k, v in (("loss", loss), *out.parts.items()):
+                sums[k] = sums.get(k, 0) + v.float()
+            if out.logits is not None:
+                correct += (out.logits.detach().argmax(1) == out.target).sum()
+                scored += out.target.shape[0]
+            rows += batch.x.shape[0]
+            steps += 1
+            self.global_step += 1
+            if steps % self.cfg.train.log_every == 0 or steps == self.steps_per_epoch:
+                self._check_finite(first_bad)
+                bar.update(steps, float(sums["loss"] / steps), rows / (time.perf_counter() - t0))
+        self._check_finite(first_bad)
+        seconds = time.perf_counter() - t0
+        out_m = {f"train_{k}": float(v / max(steps, 1)) for k, v in sums.items()}
+        out_m["train_acc"] = 100.0 * float(correct) / max(scored, 1)
+        out_m.update(train_seconds=seconds, images_per_s=rows / seconds, samples_per_s=len(s.train) / seconds,
+                     peak_mem_mb=_peak_mem_mb(dev), lr=self.opt.param_groups[0]["lr"])
+        return out_m
+
+    def _check_finite(self, first_bad: torch.Tensor) -> None:
+        bad = int(first_bad)
+        if bad >= 0:
+            step_in_epoch = bad - self.epoch * self.steps_per_epoch
+            last = f"epoch {self.epoch}" if self.epoch else "none yet"
+            raise TrainingError(
+                f"non-finite loss at epoch {self.epoch + 1} step {step_in_epoch + 1} (global step {bad + 1}); "
+                f"stopped; last good checkpoint: {self.dir / CHECKPOINT} ({last})"
+            )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        s, dev = self.s, self.s.device
+        bs = self.cfg.train.eval_batch_size
+        logits = []
+        for i in range(0, len(s.test), bs):
+            x = self._prep(s.augment.normalize(s.test.images[i : i + bs].to(dev)))
+            with self._autocast():
+                logits.append(self.forward_model(x).float().cpu())
+        return classification_metrics(torch.cat(logits), s.test.labels)
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if resume and (self.dir / CHECKPOINT).exists():
+            self._restore(ckpt.load(self.dir / CHECKPOINT))
+            self._write_metrics()  # drop lines of an epoch that never reached its checkpoint
+            self.log(f"resumed {self.dir} at epoch {self.epoch}/{self.cfg.train.epochs}")
+        else:
+            ckpt.write_text(self.dir / CONFIG, save_yaml(self.cfg))
+            self._write_metrics()
+        total = self.cfg.train.epochs
+        wall0 = time.perf_counter()
+        with Progress(total_steps=self.steps_per_epoch, enabled=self.progress, log=self.log) as bar:
+            while self.epoch < total:
+                t0 = time.perf_counter()
+                bar.start_epoch(self.epoch + 1, total)
+                m = {"epoch": self.epoch + 1}
+                m.update(self._train_epoch(bar))
+                m.update({f"test_{k}": v for k, v in self.evaluate().items()})
+                m["epoch_seconds"] = time.perf_counter() - t0
+                self.epoch += 1
+                self.history.append(m)
+                best = max(h["test_acc"] for h in self.history)
+                if m["test_acc"] >= best:
+                    ckpt.save(self.dir / BEST, {"epoch": self.epoch, "model": self.model.state_dict()})
+                ckpt.save(self.dir / CHECKPOINT, self._state())
+                self._write_metrics()
+                bar.end_epoch(m)
+        summary = self.summary()
+        summary["wall_seconds_this_session"] = time.perf_counter() - wall0
+        ckpt.write_json(self.dir / SUMMARY, summary)
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        h = self.history
+        last = h[-1]
+        best = max(h, key=lambda r: r["test_acc"])
+        train_s = sum(r["train_seconds"] for r in h)
+        rows = sum(r["images_per_s"] * r["train_seconds"] for r in h)
+        return {
+            "data": self.cfg.data.name, "model": self.cfg.model.name, "method": self.method.describe(),
+            "epochs": len(h), "seed": self.cfg.train.seed,
+            "last_acc": last["test_acc"], "best_acc": best["test_acc"], "best_epoch": best["epoch"],
+            "last_top5": last["test_top5"], "ece": last["test_ece"], "nll": last["test_nll"],
+            "seconds": sum(r["epoch_seconds"] for r in h), "train_seconds": train_s,
+            "images_per_s": rows / train_s if train_s else math.nan,
+            "samples_per_s": len(self.s.train) * len(h) / train_s if train_s else math.nan,
+            "peak_mem_mb": max(r["peak_mem_mb"] for r in h),
+            "forwards_per_sample": self.method.forwards_per_sample,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.s.device), "torch": torch.__version__, "python": platform.python_version(),
+        }

@@ -1,0 +1,132 @@
+"""The method contract: one object per self-distillation method.
+
+A method turns a model and a batch into a loss with named parts. It may own state (cached logits,
+per-sample memories, model snapshots); that state is first-class: ``state_dict()`` /
+``load_state_dict()`` and it is saved in every checkpoint.
+
+Two ways in:
+
+* plain loops call the method on logits: ``loss = method(model(x), y)``;
+* the reference trainer calls :meth:`Method.train_step`, which runs the forward pass(es) the
+  method needs (DLB's split forward, extra views, teachers) and returns a :class:`StepOutput`.
+
+Hyper-parameters are a pydantic model (``Params``) that forbids unknown names; the class
+docstring holds the formula, the paper and the defaults.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
+from torch.utils.data import BatchSampler, Sampler
+
+from ..errors import ConfigError
+
+
+class Params(BaseModel):
+    """Base of every method's hyper-parameters: unknown names are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class Batch:
+    """One training step's inputs, already on the training device.
+
+    ``x`` is the augmented float input; ``raw`` the uint8 images before augmentation and
+    ``augment`` the batched augmentation, for methods that need another view of the same images.
+    """
+
+    x: Tensor
+    y: Tensor
+    index: Tensor | None = None
+    raw: Tensor | None = None
+    augment: Callable[[Tensor], Tensor] | None = None
+
+
+@dataclass
+class StepOutput:
+    """A step's loss (with grad), its named parts (detached scalars) and the rows it scored."""
+
+    loss: Tensor
+    parts: dict[str, Tensor] = field(default_factory=dict)
+    logits: Tensor | None = None
+    target: Tensor | None = None
+
+
+def format_validation_error(owner: str, err: ValidationError) -> str:
+    """One line naming the offending key and what was expected."""
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{owner}: unknown key '{key}'"
+    got = first.get("input")
+    return f"{owner}: {key}: {first['msg']} (got {got!r})"
+
+
+class Method:
+    """Base class. Subclasses set ``name``, ``Params``, ``formula`` and implement :meth:`loss`."""
+
+    name: ClassVar[str] = ""
+    formula: ClassVar[str] = ""
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, **params: Any) -> None:
+        try:
+            self.hp = self.Params(**params)
+        except ValidationError as err:
+            known = ", ".join(self.Params.model_fields) or "none"
+            msg = format_validation_error(f"method '{self.name}'", err)
+            if "unknown key" in msg:
+                msg += f"; known hyper-parameters: {known}"
+            raise ConfigError(msg) from None
+
+    # -- cost accounting -------------------------------------------------------------------
+    @property
+    def forwards_per_sample(self) -> float:
+        """Forward passes per training sample per epoch (for equal-compute comparisons)."""
+        return 1.0
+
+    # -- data --------------------------------------------------------------------------------
+    def batch_sampler(
+        self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = False
+    ) -> Sampler[list[int]]:
+        """Batches of dataset indices. Methods that shape their batches override this."""
+        return BatchSampler(sampler, batch_size, drop_last)
+
+    # -- training ----------------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer before each epoch (schedules, memories)."""
+
+    def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        """Run the forward pass(es) this method needs and return the loss."""
+        return self.loss(model(batch.x), batch.y, index=batch.index)
+
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
+        raise NotImplementedError
+
+    def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Plain-loop entry point: the scalar loss to call ``backward()`` on."""
+        out = self.loss(logits, target)
+        self.last_parts = out.parts
+        return out.loss
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ConfigError(f"method '{self.name}' has no state but the checkpoint holds {sorted(state)}")
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.hp.model_dump().items())
+        return f"{self.name}({args})"
+
+
+def as_index_tensor(indices: Iterable[int] | Iterator[int]) -> Tensor:
+    return torch.as_tensor(list(indices), dtype=torch.int64)

@@ -1,0 +1,255 @@
+"""DLB: Self-Distillation from the Last Mini-Batch (Shen et al., CVPR 2022, arXiv 2203.16172).
+
+Semantics pinned to the official code (github.com/Meta-knowledge-Lab/DLB, dlb.py @8949a46):
+
+* each step's batch is ``[repeated rows | new rows]``; the repeated rows are the previous step's
+  new samples, fetched again from the Dataset, so a random augmentation gives them a fresh view;
+* ``L = CE(all rows) + α · T² · KL(softmax(z_prev/T) ‖ softmax(z_rep/T))``, the KL averaged over the
+  repeated rows (``batchmean``). ``z_prev`` are the logits the model produced for those samples one
+  step earlier (before that step's update), detached; only the current forward gets gradients;
+* the first step has no repeated rows; the state carries across epoch boundaries (the official
+  code initialises it once, before epoch 0); a short last batch works.
+
+``batch_size`` counts the *new* samples per step, as the official ``--batch_size`` does: a step
+holds up to ``batch_size`` repeated rows plus ``batch_size`` new ones, so the paper's mini-batch of
+``n`` rows is ``batch_size = n/2``. Every sample is forwarded twice per epoch.
+
+Only the last step's logits (``batch_size x K``) and labels are kept.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from ..errors import ConfigError, TrainingError
+from .base import Batch, Method, Params, StepOutput
+from .losses import cross_entropy, kd_kl
+from .registry import register
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the sampler built one batch: ``repeat`` leading rows, then ``new`` rows."""
+
+    repeat: int
+    new: int
+    position: int  # index of this batch within its epoch
+    new_index: Tensor  # dataset indices of the new rows
+
+
+class _Track:
+    """State shared by the sampler (producer of layouts) and the loss (consumer)."""
+
+    def __init__(self) -> None:
+        self.pending: deque[Layout] = deque()
+        self.order: Tensor | None = None  # the current epoch's sample order
+        self.position = 0  # batches of ``order`` consumed by the loss
+        self.prev_new = torch.empty(0, dtype=torch.int64)  # last consumed new rows
+        self.resume = False  # continue ``order`` at ``position`` on the next __iter__
+
+
+class DLBBatchSampler(Sampler[list[int]]):
+    """Yields ``[previous step's new indices | batch_size new indices]`` for each step.
+
+    Wraps any sampler of indices (``RandomSampler``, ``DistributedSampler``, ...). Each
+    ``__iter__`` is one epoch: the wrapped sampler's order is drawn once and kept so that the
+    position within the epoch can be saved and restored exactly.
+    """
+
+    def __init__(self, dlb: "DLB", sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"DLB batch_size must be a positive integer (got {batch_size!r})")
+        self.dlb = dlb
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to the wrapped sampler (e.g. ``DistributedSampler``)."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        track = self.dlb._track
+        track.pending.clear()  # layouts of an abandoned iterator were never consumed
+        if track.resume and track.order is not None and track.position < self._batches(track.order):
+            order, start = track.order, track.position
+        else:
+            order = torch.as_tensor(list(iter(self.sampler)), dtype=torch.int64)
+            start = 0
+            track.order, track.position = order, 0
+        track.resume = False
+        carry = self.dlb.hp.carry_over or start > 0
+        prev = track.prev_new if carry else torch.empty(0, dtype=torch.int64)
+        for b in range(start, self._batches(order)):
+            new = order[b * self.batch_size : (b + 1) * self.batch_size]
+            rep = prev[: self.dlb.repeat_count(len(prev))]
+            track.pending.append(Layout(len(rep), len(new), b, new))
+            yield torch.cat([rep, new]).tolist()
+            prev = new
+
+    def _batches(self, order: Tensor) -> int:
+        n = len(order)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+class DLBParams(Params):
+    temperature: float = Field(3.0, gt=0, description="softmax temperature T of the distillation term")
+    alpha: float = Field(1.0, ge=0, description="weight α of the distillation term")
+    repeat_fraction: float = Field(
+        1.0, gt=0, le=1, description="fraction of the previous step's new samples that repeat"
+    )
+    ce_rows: Literal["all", "new"] = Field("all", description="rows that receive cross-entropy")
+    carry_over: bool = Field(True, description="the first step of an epoch repeats the last step of the previous one")
+    forward: Literal["joint", "split"] = Field(
+        "joint",
+        description="joint: one forward over [repeated|new] (paper); split: new then repeated (official code, "
+        "BatchNorm sees two batches)",
+    )
+
+
+@register
+class DLB(Method):
+    """Self-Distillation from the Last Mini-Batch (Shen et al., CVPR 2022).
+
+    ``L = CE(z_all, y_all) + α · T² · KL(softmax(z_prev/T) ‖ softmax(z_rep/T))``
+
+    * ``z_rep``: this step's logits for the repeated rows (the previous step's new samples, freshly
+      augmented); ``z_prev``: the logits the model gave those samples one step earlier, detached.
+    * Defaults T=3, α=1 (the values third-party ports use; the official script has no defaults).
+    * ``ce_rows="new"`` puts cross-entropy on the new rows only (each sample gets CE once per epoch).
+    * ``forward="split"`` reproduces the official code's two forward passes (new rows, then repeated
+      rows): the loss is the same function of the logits, but BatchNorm normalises each half with its
+      own batch statistics and updates its running statistics twice per step. ``joint`` (default) is
+      the paper's single mini-batch.
+
+    Use the sampler from :meth:`batch_sampler`; the loss checks that each batch has the layout the
+    sampler produced, and that the repeated rows carry the labels of the cached ones.
+    """
+
+    name = "dlb"
+    formula = "CE(z, y) + α·T²·KL(softmax(z_prev/T) ‖ softmax(z_rep/T))"
+    Params = DLBParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._track = _Track()
+        self._cache_logits: Tensor | None = None
+        self._cache_labels: Tensor | None = None
+        self.steps = 0
+
+    @property
+    def temperature(self) -> float:
+        return self.hp.temperature
+
+    @property
+    def alpha(self) -> float:
+        return self.hp.alpha
+
+    @property
+    def forwards_per_sample(self) -> float:
+        return 1.0 + self.hp.repeat_fraction
+
+    def repeat_count(self, n_prev: int) -> int:
+        return int(math.floor(self.hp.repeat_fraction * n_prev + 0.5))
+
+    def batch_sampler(
+        self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = False
+    ) -> DLBBatchSampler:
+        """``batch_size`` new samples per step, preceded by the previous step's new samples."""
+        return DLBBatchSampler(self, sampler, batch_size, drop_last)
+
+    # -- training ----------------------------------------------------------------------------
+    def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        layout = self._peek()
+        r = layout.repeat
+        if self.hp.forward == "split" and r > 0:
+            z_new = model(batch.x[r:])
+            z_rep = model(batch.x[:r])
+            logits = torch.cat([z_rep, z_new])
+        else:
+            logits = model(batch.x)
+        return self.loss(logits, batch.y, index=batch.index)
+
+    def _peek(self) -> Layout:
+        if not self._track.pending:
+            raise TrainingError(
+                "DLB: no batch layout is pending: build the DataLoader with "
+                "batch_sampler=dlb.batch_sampler(sampler, batch_size) and call dlb once per batch"
+            )
+        return self._track.pending[0]
+
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
+        layout = self._peek()
+        r, rows = layout.repeat, layout.repeat + layout.new
+        if logits.shape[0] != rows or target.shape[0] != rows:
+            raise TrainingError(
+                f"DLB: the sampler built a batch of {rows} rows ({r} repeated + {layout.new} new) but the loss got "
+                f"{logits.shape[0]} logits and {target.shape[0]} labels; pass the whole batch, in loader order"
+            )
+        if r > 0:
+            cached = self._cache_logits
+            if cached is None or cached.shape[0] < r:
+                raise TrainingError(f"DLB: {r} repeated rows but only {0 if cached is None else cached.shape[0]} cached logits")
+            if not torch.equal(self._cache_labels[:r].to(target.device), target[:r]):
+                raise TrainingError(
+                    "DLB: the labels of the repeated rows differ from the previous step's new rows; "
+                    "the loader must not reorder or relabel samples (use dlb.batch_sampler, shuffle=False)"
+                )
+            if index is not None and not torch.equal(self._track.prev_new[:r], index[:r].cpu()):
+                raise TrainingError("DLB: the repeated rows are not the previous step's new samples")
+            kd = kd_kl(logits[:r], cached[:r].to(logits.device), self.hp.temperature)
+        else:
+            kd = logits.float().sum() * 0.0
+        ce_from = r if self.hp.ce_rows == "new" else 0
+        ce = cross_entropy(logits[ce_from:], target[ce_from:])
+        loss = ce + self.hp.alpha * kd
+
+        # commit: the new rows' logits become the next step's teacher
+        self._track.pending.popleft()
+        self._cache_logits = logits[r:].detach().float()
+        self._cache_labels = target[r:].detach().clone()
+        self._track.prev_new = layout.new_index
+        self._track.position = layout.position + 1
+        self.steps += 1
+        parts = {"ce": ce.detach(), "kd": kd.detach()}
+        return StepOutput(loss, parts, logits, target)
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Cached logits and labels, and the sampler's position (epoch order + consumed batches)."""
+        t = self._track
+        state: dict[str, Any] = {"steps": self.steps, "prev_new": t.prev_new.clone(), "position": t.position}
+        if t.order is not None:
+            state["order"] = t.order.clone()
+        if self._cache_logits is not None:
+            state["cache_logits"] = self._cache_logits.cpu().clone()
+            state["cache_labels"] = self._cache_labels.cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        known = {"steps", "prev_new", "position", "order", "cache_logits", "cache_labels"}
+        unknown = set(state) - known
+        if unknown:
+            raise ConfigError(f"DLB state: unknown keys {sorted(unknown)}")
+        t = self._track
+        t.pending.clear()
+        self.steps = int(state["steps"])
+        t.prev_new = state["prev_new"].to(torch.int64)
+        t.position = int(state["position"])
+        t.order = state.get("order")
+        t.resume = t.order is not None
+        self._cache_logits = state.get("cache_logits")
+        self._cache_labels = state.get("cache_labels")
