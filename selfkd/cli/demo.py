@@ -18,7 +18,7 @@ def demo_config(method: str, noise: float, epochs: int, seed: int):
         "model": {"name": "cnn_small"},
         "method": {"name": method},
         "optim": {"lr": 0.05, "batch_size": 32, "weight_decay": 5e-4},
-        "schedule": {"kind": "cosine", "warmup_epochs": 1},
+        "schedule": {"kind": "cosine", "warmup_epochs": 1 if epochs > 1 else 0},
         "train": {"epochs": epochs, "seed": seed, "device": "cpu"},
     }, source="demo")
 
@@ -42,7 +42,8 @@ def run_demo(out: str | None, epochs: int, seed: int, progress: bool | None) -> 
     print(head)
     print("|---|---|---|---|---|---|---|")
     for method, noise, s in rows:
-        print(f"| {method} | {noise:.0%} symmetric | {s['last_acc']:.2f} | {s['best_acc']:.2f} | "
+        label = f"{noise:.0%} symmetric" if noise else "clean"
+        print(f"| {method} | {label} | {s['last_acc']:.2f} | {s['best_acc']:.2f} | "
               f"{s['ece']:.4f} | {s['nll']:.4f} | {s['seconds']:.1f} |")
     print("\nSame epochs for both methods: DLB forwards every sample twice per epoch. One seed; see "
           "benchmarks/ for multi-seed comparisons.", file=sys.stderr)

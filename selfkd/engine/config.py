@@ -57,7 +57,8 @@ class MethodCfg(Section):
 
     @model_validator(mode="after")
     def _check_params(self) -> "MethodCfg":
-        method_class(self.name)(**self.params())  # raises ConfigError naming the bad key
+        method = method_class(self.name)(**self.params())  # raises ConfigError naming the bad key
+        self.__pydantic_extra__ = method.hp.model_dump()  # resolved: defaults filled in
         return self
 
     def params(self) -> dict[str, Any]:

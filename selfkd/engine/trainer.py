@@ -90,7 +90,7 @@ def build(cfg: Config) -> Setup:
     train = bundle.train
     if cfg.data.subset is not None:
         idx = stratified_subset(train.labels, cfg.data.subset, cfg.data.subset_seed)
-        train = ArrayDataset(train.images[idx].contiguous(), train.labels[idx].contiguous())
+        train = train.subset(idx)
     clean = train.labels.clone()
     noise = cfg.data.noise
     if noise.kind != "none" and noise.rate > 0:
@@ -105,7 +105,8 @@ def build(cfg: Config) -> Setup:
     torch.manual_seed(cfg.train.seed)  # model init is part of the seeded run
     model = build_model(cfg.model.name, num_classes=bundle.num_classes, in_channels=bundle.channels)
     method = build_method(cfg.method.name, **cfg.method.params())
-    model = method.prepare_model(model) if hasattr(method, "prepare_model") else model
+    method.setup(num_samples=len(train), num_classes=bundle.num_classes, epochs=cfg.train.epochs)
+    model = method.prepare_model(model)
     cl = cfg.train.channels_last
     channels_last = cl == "on" or (cl == "auto" and bundle.image_size >= 16)
     amp = cfg.train.amp
@@ -161,8 +162,7 @@ class Trainer:
         self.forward_model: nn.Module = torch.compile(self.model) if self.cfg.train.compile else self.model
         self.method = setup.method
         o = self.cfg.optim
-        params = list(self.model.parameters()) + list(getattr(self.method, "parameters", lambda: [])())
-        self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
                                    weight_decay=o.weight_decay)
         seed = self.cfg.train.seed
         self.gens = {
@@ -171,7 +171,8 @@ class Trainer:
             "augment": torch.Generator(device=dev).manual_seed(seed + 3),
         }
         self.batch_sampler = self.method.batch_sampler(
-            RandomSampler(setup.train, generator=self.gens["sampler"]), o.batch_size, drop_last=False
+            RandomSampler(setup.train, generator=self.gens["sampler"]), o.batch_size, drop_last=False,
+            labels=setup.train.labels,
         )
         self.loader = DataLoader(
             setup.train, batch_sampler=self.batch_sampler, num_workers=self.cfg.data.num_workers,

@@ -61,11 +61,13 @@ class StepOutput:
 def format_validation_error(owner: str, err: ValidationError) -> str:
     """One line naming the offending key and what was expected."""
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"{owner}: unknown key '{key}'"
-    got = first.get("input")
-    return f"{owner}: {key}: {first['msg']} (got {got!r})"
+    msg = first["msg"].removeprefix("Value error, ")
+    if not key:  # a check across keys: the message names them
+        return f"{owner}: {msg}"
+    return f"{owner}: {key}: {msg} (got {first.get('input')!r})"
 
 
 class Method:
@@ -91,16 +93,29 @@ class Method:
         """Forward passes per training sample per epoch (for equal-compute comparisons)."""
         return 1.0
 
+    # -- set-up ------------------------------------------------------------------------------
+    def setup(self, *, num_samples: int, num_classes: int, epochs: int) -> None:
+        """Called once before training with the training-set size, class count and epoch count
+        (per-sample memories, schedules). Plain loops that use such a method call it themselves."""
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Return the model to train, e.g. wrapped with auxiliary exits. Anything trainable the
+        method adds belongs in that wrapper, so it moves to the device, is optimised and is saved
+        with the model. Default: unchanged."""
+        return model
+
     # -- data --------------------------------------------------------------------------------
     def batch_sampler(
-        self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = False
+        self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = False,
+        labels: Tensor | None = None,
     ) -> Sampler[list[int]]:
-        """Batches of dataset indices. Methods that shape their batches override this."""
+        """Batches of dataset indices. Methods that shape their batches override this;
+        ``labels`` (the training labels, indexed like the data set) serve class-aware samplers."""
         return BatchSampler(sampler, batch_size, drop_last)
 
     # -- training ----------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        """Called by the trainer before each epoch (schedules, memories)."""
+        """Called by the trainer before each epoch (schedules, memories); ``epoch`` counts from 0."""
 
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         """Run the forward pass(es) this method needs and return the loss."""

@@ -166,7 +166,8 @@ class DLB(Method):
         return int(math.floor(self.hp.repeat_fraction * n_prev + 0.5))
 
     def batch_sampler(
-        self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = False
+        self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = False,
+        labels: Tensor | None = None,
     ) -> DLBBatchSampler:
         """``batch_size`` new samples per step, preceded by the previous step's new samples."""
         return DLBBatchSampler(self, sampler, batch_size, drop_last)

@@ -1,0 +1,20 @@
+"""Data sets held in memory as uint8 tensors, batched augmentation on the device, and label noise.
+
+    from selfkd.data import load_dataset, BatchAugment
+    bundle = load_dataset("cifar10", root="data", download=True)
+    augment = BatchAugment(**bundle.default_augment, mean=bundle.mean, std=bundle.std)
+    for x, y, idx in DataLoader(bundle.train, batch_size=128, shuffle=True):
+        x = augment(x.to(device), generator)   # float32, normalised
+
+Importing this package has no side effects: no environment reads, no network, no terminal probes.
+"""
+from .augment import BatchAugment
+from .cifar import SOURCES, download_cifar
+from .dataset import ArrayDataset, DataBundle
+from .loaders import KNOWN_DATASETS, load_dataset
+from .noise import NOISE_KINDS, apply_label_noise
+
+__all__ = [
+    "ArrayDataset", "BatchAugment", "DataBundle", "KNOWN_DATASETS", "NOISE_KINDS", "SOURCES",
+    "apply_label_noise", "download_cifar", "load_dataset",
+]

@@ -1,0 +1,150 @@
+"""Small helpers shared by the loaders: cache location, atomic writes, archive member checks,
+progress bars and per-channel statistics. Nothing here runs at import time."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import warnings
+from pathlib import Path, PurePosixPath
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/selfkd`` or ``~/.cache/selfkd``, read when called (never at import)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "selfkd"
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    return default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+
+
+def stderr_is_tty() -> bool:
+    stream = sys.stderr
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int | None, desc: str, unit: str = "it", unit_scale: bool = False):
+    """A tqdm bar on stderr when stderr is a terminal (checked now), otherwise a no-op object."""
+    if not stderr_is_tty():
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency, but never required
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=False, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` atomically,
+    on failure it is removed. Readers see either the old file, or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the complete directory ``src`` onto ``dst`` (same file system), replacing any old ``dst``."""
+    trash = None
+    if dst.exists() or dst.is_symlink():
+        trash = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
+        os.replace(dst, trash / "old")
+    os.replace(src, dst)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def check_member(member: tarfile.TarInfo, archive: str) -> str:
+    """The member's normalised relative POSIX name; DataError for absolute paths, ``..``, links and
+    anything that is neither a regular file nor a directory."""
+    name = member.name
+    p = PurePosixPath(name)
+    if name.startswith(("/", "\\")) or p.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        raise DataError(f"{archive}: refusing archive member '{name}' (absolute path)")
+    if ".." in p.parts:
+        raise DataError(f"{archive}: refusing archive member '{name}' (path with '..')")
+    if member.issym() or member.islnk():
+        raise DataError(f"{archive}: refusing archive member '{name}' (links are not allowed)")
+    if not (member.isfile() or member.isdir()):
+        raise DataError(f"{archive}: refusing archive member '{name}' (not a regular file or folder)")
+    parts = [x for x in p.parts if x not in ("", ".")]
+    return "/".join(parts)
+
+
+def safe_extract(tar: tarfile.TarFile, dest: Path, archive: str) -> None:
+    """Extract every member of ``tar`` below ``dest`` after checking each with :func:`check_member`
+    (and tarfile's own ``filter="data"`` where this Python has it)."""
+    members = tar.getmembers()
+    for m in members:
+        check_member(m, archive)
+    try:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, members=members, filter="data")
+        else:  # pragma: no cover - Python without extraction filters; members were checked above
+            tar.extractall(dest, members=members)
+    except tarfile.TarError as e:  # FilterError and friends
+        raise DataError(f"{archive}: refusing to extract ({type(e).__name__}: {e})") from None
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images [N, C, H, W], in [0, 1] units.
+
+    Exact: per-channel histograms of the 256 values are accumulated in int64 and combined in float64,
+    in chunks, so no float copy of the data set is ever made. A constant channel gets std 1/255."""
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise DataError(f"cannot compute statistics of an image array of shape {tuple(images.shape)}")
+    c = images.shape[1]
+    hist = np.zeros((c, 256), dtype=np.int64)
+    for s in range(0, images.shape[0], chunk):
+        block = images[s : s + chunk]
+        for k in range(c):
+            hist[k] += np.bincount(np.ascontiguousarray(block[:, k]).reshape(-1), minlength=256)
+    v = np.arange(256, dtype=np.float64) / 255.0
+    n = hist.sum(axis=1).astype(np.float64)
+    mean = (hist @ v) / n
+    var = (hist @ (v * v)) / n - mean * mean
+    # a constant channel would make normalisation divide by zero: floor std at one grey level
+    std = np.maximum(np.sqrt(np.maximum(var, 0.0)), 1.0 / 255.0)
+    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
+
+
+def warn(msg: str) -> None:
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def check_image_size(image_size: object) -> int | None:
+    """None, or a positive int; ConfigError otherwise."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ConfigError(f"image_size: expected a positive integer or None, got {image_size!r}")
+    return int(image_size)

@@ -1,0 +1,85 @@
+"""``load_dataset``: one entry point for every data set the trainer knows."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ._util import channel_stats, check_image_size, default_cache_dir
+from .dataset import ArrayDataset, DataBundle, resize_uint8
+
+KNOWN_DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+
+DIGITS_TEST_SIZE = 0.25
+DIGITS_SPLIT_SEED = 0
+
+
+def load_digits() -> DataBundle:
+    """scikit-learn's bundled 8x8 digits (1797 images, values 0..16 scaled to 0..255 and rounded).
+
+    The split is fixed: ``train_test_split(test_size=0.25, stratify=y, random_state=0)`` over the
+    sample indices, giving 1347 training and 450 test images in that function's (shuffled) order.
+    """
+    from sklearn.datasets import load_digits as _sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = _sk_load_digits()
+    x = np.rint(d.images.astype(np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    y = d.target.astype(np.int64)
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=DIGITS_TEST_SIZE, stratify=y, random_state=DIGITS_SPLIT_SEED)
+    mean, std = channel_stats(x[tr])
+    return DataBundle(
+        name="digits",
+        train=ArrayDataset(torch.from_numpy(np.ascontiguousarray(x[tr])), torch.from_numpy(y[tr]), 10),
+        test=ArrayDataset(torch.from_numpy(np.ascontiguousarray(x[te])), torch.from_numpy(y[te]), 10),
+        classes=[str(i) for i in range(10)], mean=mean, std=std,
+        default_augment={"crop_padding": 1, "flip": False},
+    )
+
+
+def _resized(bundle: DataBundle, size: int | None) -> DataBundle:
+    """Array data sets at another square size (bilinear, antialiased); statistics recomputed."""
+    if size is None or size == bundle.image_size:
+        return bundle
+    k = bundle.train.num_classes
+    train = ArrayDataset(resize_uint8(bundle.train.images, size), bundle.train.labels, k)
+    test = ArrayDataset(resize_uint8(bundle.test.images, size), bundle.test.labels, k)
+    mean, std = channel_stats(train.images.numpy())
+    return DataBundle(bundle.name, train, test, bundle.classes, mean, std, dict(bundle.default_augment))
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False,
+                 image_size: int | None = None, cache_dir: str | os.PathLike | None = None) -> DataBundle:
+    """Load a data set by name into memory.
+
+    - ``digits``: scikit-learn's 8x8 digits, bundled (``root``, ``download`` and ``cache_dir`` unused).
+    - ``cifar10`` / ``cifar100``: the python-pickle layout under ``root`` (default
+      ``<cache dir>/datasets``); ``download=True`` fetches it first when missing.
+    - ``imagefolder``: ``root`` is a folder (or tar archive) with ``train/`` and ``val/`` or ``test/``;
+      decoded images are cached in ``cache_dir`` (default ``$XDG_CACHE_HOME/selfkd``).
+
+    ``image_size`` resizes to a square of that side (bilinear, antialiased); ``None`` keeps the
+    native size. Unknown names and bad option values raise ConfigError, bad data DataError.
+    """
+    key = name.strip().lower() if isinstance(name, str) else None
+    if key not in KNOWN_DATASETS:
+        raise ConfigError(f"unknown data set {name!r}; known: {', '.join(KNOWN_DATASETS)}")
+    size = check_image_size(image_size)
+    if key == "digits":
+        return _resized(load_digits(), size)
+    if key in ("cifar10", "cifar100"):
+        from .cifar import download_cifar, load_cifar
+
+        data_root = Path(root).expanduser() if root is not None else default_cache_dir() / "datasets"
+        if download:
+            download_cifar(key, data_root)
+        return _resized(load_cifar(key, data_root), size)
+    if download:
+        raise ConfigError("download: only cifar10 and cifar100 can be downloaded; imagefolder reads a local folder or archive")
+    from .imagefolder import load_imagefolder
+
+    return load_imagefolder(root, image_size=size, cache_dir=cache_dir)

@@ -1,0 +1,209 @@
+"""The reference trainer and CLI: run files, bit-identical seeds, kill-and-resume, NaN stops, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfkd.cli import main
+from selfkd.engine import checkpoint as ckpt
+from selfkd.engine.config import build_config
+from selfkd.engine.trainer import TIMING_KEYS, Trainer, build
+from selfkd.errors import TrainingError
+from selfkd.methods import CE, register
+
+BASE = ["--data", "digits", "--model", "cnn_small", "--seed", "0", "--no-progress"]
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def weights(run: Path) -> dict:
+    return ckpt.load(run / "checkpoint.pt")["model"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_writes_run_files(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *BASE, "--method", "dlb", "--epochs", "2", "--out", str(run)]) == 0
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "best.pt"}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "train_ce", "train_kd", "test_acc", "test_top5", "test_nll", "test_ece",
+                "images_per_s", "peak_mem_mb"):
+        assert key in rows[0], key
+    assert rows[1]["train_kd"] > 0
+    s = json.loads((run / "summary.json").read_text())
+    for key in ("last_acc", "best_acc", "best_epoch", "ece", "nll", "epochs", "seconds", "images_per_s"):
+        assert key in s, key
+    assert s["epochs"] == 2 and s["last_acc"] == rows[-1]["test_acc"] and s["best_acc"] == max(r["test_acc"] for r in rows)
+    assert s["forwards_per_sample"] == 2.0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and "cache_logits" in state["method"]
+    assert "method:\n  name: dlb\n  temperature: 3.0" in (run / "config.yaml").read_text()
+    err = capsys.readouterr().err
+    assert "epoch 1/2 | loss" in err and "epoch 2/2 | loss" in err
+
+
+def test_same_seed_is_bit_identical(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        assert main(["train", *BASE, "--method", "dlb", "--epochs", "2", "--out", str(run)]) == 0
+    assert metrics(a) == metrics(b)
+    assert same_weights(weights(a), weights(b))
+    c = tmp_path / "c"
+    other_seed = ["--data", "digits", "--model", "cnn_small", "--seed", "1", "--no-progress"]
+    assert main(["train", *other_seed, "--method", "dlb", "--epochs", "2", "--out", str(c)]) == 0
+    assert metrics(c) != metrics(a)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "selfkd", *args]
+
+
+@pytest.mark.parametrize("method", ["ce", "dlb"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, method):
+    args = [*BASE, "--method", method, "--epochs", "4", "--batch-size", "8"]
+    ref = tmp_path / "ref"
+    subprocess.run(_cli("train", *args, "--out", str(ref)), check=True, capture_output=True, timeout=300)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("train", *args, "--out", str(run)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until epoch 2 is checkpointed, then kill inside epoch 3
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    done = len((run / "metrics.jsonl").read_text().splitlines())
+    assert 2 <= done < 4
+
+    res = subprocess.run(_cli("train", "--resume", str(run), "--no-progress"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"resumed {run} at epoch {done}/4" in res.stderr
+    assert metrics(run) == metrics(ref)
+    assert same_weights(weights(run), weights(ref))
+    assert torch.equal(ckpt.load(run / "best.pt")["model"]["fc.weight"], ckpt.load(ref / "best.pt")["model"]["fc.weight"])
+
+
+class NaNAt(CE):
+    """CE that turns non-finite at a given global step (to test the stop)."""
+
+    name = "test-nan"
+    at = 1_000_000
+
+    def loss(self, logits, target, index=None):
+        out = super().loss(logits, target, index)
+        NaNAt.calls = getattr(NaNAt, "calls", 0) + 1
+        if NaNAt.calls == NaNAt.at:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+register(NaNAt)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = build_config({"method": {"name": "test-nan"}, "train": {"epochs": 3, "device": "cpu", "log_every": 5},
+                        "optim": {"batch_size": 64}})
+    run = tmp_path / "run"
+    setup = build(cfg)
+    steps = -(-len(setup.train) // 64)  # 22 steps per epoch
+    NaNAt.calls, NaNAt.at = 0, steps + 3  # epoch 2, step 3
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2 step 3 \(global step 25\)"):
+        Trainer(setup, run, progress=False, log=lambda m: None).run()
+    state = ckpt.load(run / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (run / "summary.json").exists()
+
+
+def _run_cli(args, capsys):
+    code = main(args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "resnet9"], "unknown model 'resnet9'"),
+    (["--method", "dbl"], "unknown method 'dbl'"),
+    (["--set", "method.name=dlb", "--set", "method.temperature=0"], "temperature"),
+    (["--set", "method.name=dlb", "--set", "method.alpha=-1"], "alpha"),
+    (["--batch-size", "1"], "optim.batch_size"),
+    (["--set", "optim.lrr=1"], "unknown key 'optim.lrr'"),
+    (["--data", "cifar10", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["--data", "imagenet"], "imagenet"),
+    (["--epochs", "0"], "train.epochs"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
+    run = tmp_path / "run"
+    code, out, err = _run_cli(["train", "--data", "digits", "--out", str(run), "--no-progress", *args], capsys)
+    assert code == 2
+    assert err.startswith("selfkd: error: ") and err.count("\n") == 1 and needle in err, err
+    assert "Traceback" not in err
+    assert not run.exists()
+
+
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *BASE, "--epochs", "1", "--out", str(run)]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    code, _, err = _run_cli(["train", *BASE, "--epochs", "1", "--out", str(run)], capsys)
+    assert code == 2 and "already holds a run" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    code, out, _ = _run_cli(["train", "--resume", str(run)], capsys)
+    assert code == 0 and "already finished" in out
+    code, _, err = _run_cli(["train", "--resume", str(run), "--epochs", "3"], capsys)
+    assert code == 2 and "--resume uses the run's own config.yaml" in err
+    code, _, err = _run_cli(["train", "--resume", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "not a run directory" in err
+
+
+def test_debug_shows_traceback(tmp_path):
+    with pytest.raises(Exception, match="unknown model"):
+        main(["train", "--data", "digits", "--model", "resnet9", "--out", str(tmp_path / "r"), "--debug"])
+
+
+def test_split_forward_and_options_run(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *BASE, "--method", "dlb", "--epochs", "1", "--out", str(run),
+                 "--set", "method.forward=split", "--set", "method.ce_rows=new",
+                 "--set", "data.noise.kind=symmetric", "--set", "data.noise.rate=0.4"]) == 0
+    assert json.loads((run / "summary.json").read_text())["method"].startswith("dlb(temperature=3.0")
+
+
+def test_list_commands(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "dlb: CE(z, y) + α·T²·KL" in out and "temperature = 3.0" in out and "ce: CE(z, y)" in out
+    assert main(["models"]) == 0
+    assert "resnet32" in capsys.readouterr().out
+    assert main(["presets"]) == 0
+    assert "dlb-cifar" in capsys.readouterr().out
+
+
+def test_module_entry_point_and_version():
+    res = subprocess.run([sys.executable, "-m", "selfkd", "--version"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("selfkd ")
+
+
+def test_demo_prints_side_by_side_table(tmp_path, capsys):
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | label noise | last acc % | best acc % | ECE | NLL | seconds |" in out
+    for row in ("| ce | clean", "| dlb | clean", "| ce | 40% symmetric", "| dlb | 40% symmetric"):
+        assert row in out
