@@ -307,3 +307,47 @@ def test_plain_loop_contract_three_lines():
             opt.step()
     assert set(dlb.last_parts) == {"ce", "kd"}
     assert (model(x).argmax(1) == y).float().mean() > 0.9
+
+
+def test_label_smoothing_in_the_ce_term():
+    dlb = selfkd.DLB(label_smoothing=0.2)
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
+    (out,) = drive(dlb, [(z, torch.tensor([0, 1]))])
+
+    def ls_ce(row, y, eps=0.2):
+        lse = math.log(sum(math.exp(a) for a in row))
+        return sum(-((1 - eps) * (k == y) + eps / 3) * (a - lse) for k, a in enumerate(row))
+
+    assert out.loss.item() == pytest.approx((ls_ce([2, 0, -1], 0) + ls_ce([0, 1, 0.5], 1)) / 2, rel=1e-6)
+
+
+def test_linear_schedule_ramps_alpha_and_temperature_with_epoch_progress():
+    dlb = selfkd.DLB(schedule="linear", ramp_epochs=2, alpha=1.0, alpha_start=0.0, temperature=3.0,
+                     temperature_start=5.0)
+    sampler = dlb.batch_sampler(SequentialSampler(range(8)), batch_size=4)  # 2 steps per epoch
+    seen = []
+    for _ in range(3):
+        for idx in sampler:
+            out = dlb.loss(torch.zeros(len(idx), 3), torch.tensor([i % 3 for i in idx]))
+            if "alpha" in out.parts:
+                seen.append((out.parts["alpha"].item(), out.parts["temperature"].item()))
+    # progress of the steps with repeated rows: 0.5, 1.0, 1.5, 2.0, 2.5
+    expected = [(0.25, 4.5), (0.5, 4.0), (0.75, 3.5), (1.0, 3.0), (1.0, 3.0)]
+    assert [a for a, _ in seen] == pytest.approx([a for a, _ in expected])
+    assert [t for _, t in seen] == pytest.approx([t for _, t in expected])
+
+
+def test_dynamic_schedule_follows_teacher_confidence():
+    dlb = selfkd.DLB(schedule="dynamic", alpha=2.0, temperature=3.0)
+    z0 = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
+    z1 = torch.zeros(4, 3)
+    y1 = torch.tensor([0, 1, 2, 0])
+    _, out1 = drive(dlb, [(z0, torch.tensor([0, 1])), (z1, y1)])
+    p0 = math.exp(2) / (math.exp(2) + 1 + math.exp(-1))
+    p1 = math.exp(1) / (1 + math.exp(1) + math.exp(0.5))
+    c = (p0 + p1) / 2
+    assert out1.parts["alpha"].item() == pytest.approx(2.0 * c, rel=1e-6)
+    assert out1.parts["temperature"].item() == pytest.approx(3.0 * (2 - c), rel=1e-6)
+    t = 3.0 * (2 - c)
+    kl = (hand_kl([2, 0, -1], [0, 0, 0], t) + hand_kl([0, 1, 0.5], [0, 0, 0], t)) / 2
+    assert out1.parts["kd"].item() == pytest.approx(t * t * kl, rel=1e-5)

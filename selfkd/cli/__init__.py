@@ -59,7 +59,7 @@ def _is_run_dir(path: Path) -> bool:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from ..engine import config as C
-    from ..engine.trainer import CONFIG, SUMMARY, Trainer, build
+    from ..engine.trainer import CONFIG, SUMMARY, train_run
 
     progress = False if a.no_progress else None
     if a.resume:
@@ -74,7 +74,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         if (run / SUMMARY).exists():
             print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
             return 0
-        summary = Trainer(build(cfg), run, progress=progress).run(resume=True)
+        summary = train_run(cfg, run, resume=True, progress=progress)
     else:
         if not a.out:
             raise ConfigError("train: --out RUN_DIR is required (or --resume RUN_DIR)")
@@ -82,7 +82,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         if run.exists() and (not run.is_dir() or _is_run_dir(run)):
             raise ConfigError(f"--out {run}: already holds a run; use --resume {run} or choose another directory")
         cfg = C.resolve(preset=a.preset, file=a.config, flags=_flags(a), overrides=a.overrides)
-        summary = Trainer(build(cfg), run, progress=progress).run()
+        summary = train_run(cfg, run, progress=progress)
     print(f"{run}: last acc {summary['last_acc']:.2f} | best acc {summary['best_acc']:.2f} (epoch {summary['best_epoch']})"
           f" | ece {summary['ece']:.4f} | nll {summary['nll']:.4f} | {summary['seconds']:.1f}s")
     return 0

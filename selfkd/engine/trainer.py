@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from ..data import ArrayDataset, BatchAugment, apply_label_noise, load_dataset
 from ..errors import ConfigError, SelfKDError, TrainingError
-from ..methods import Batch, Method, build_method
+from ..methods import Batch, Method, build_method, method_class
 from ..models import build_model
 from . import checkpoint as ckpt
-from .config import Config, save_yaml
+from .config import Config, MethodCfg, save_yaml
 from .metrics import classification_metrics
 from .progress import Progress
 from .schedule import lr_lambda
@@ -236,8 +236,12 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
         correct = torch.zeros((), dtype=torch.int64, device=dev)
-        scored = rows = steps = 0
+        scored = steps = 0
+        # images/s counts forward passes in images, comparable across methods: DLB forwards each
+        # sample twice per epoch, CS-KD its partners, DDGSD a second view
+        images_per_epoch = len(s.train) * self.method.forwards_per_sample
         first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
         aug_gen = self.gens["augment"]
 
@@ -260,20 +264,21 @@ class Trainer:
             first_bad = torch.where(bad, torch.full_like(first_bad, self.global_step), first_bad)
             for k, v in (("loss", loss), *out.parts.items()):
                 sums[k] = sums.get(k, 0) + v.float()
+                counts[k] = counts.get(k, 0) + 1  # a part may be absent on some steps (DLB's first)
             if out.logits is not None:
                 correct += (out.logits.detach().argmax(1) == out.target).sum()
                 scored += out.target.shape[0]
-            rows += batch.x.shape[0]
             steps += 1
             self.global_step += 1
             if steps % self.cfg.train.log_every == 0 or steps == self.steps_per_epoch:
                 self._check_finite(first_bad)
-                bar.update(steps, float(sums["loss"] / steps), rows / (time.perf_counter() - t0))
+                done = images_per_epoch * steps / self.steps_per_epoch
+                bar.update(steps, float(sums["loss"] / counts["loss"]), done / (time.perf_counter() - t0))
         self._check_finite(first_bad)
         seconds = time.perf_counter() - t0
-        out_m = {f"train_{k}": float(v / max(steps, 1)) for k, v in sums.items()}
+        out_m = {f"train_{k}": float(v / counts[k]) for k, v in sums.items()}
         out_m["train_acc"] = 100.0 * float(correct) / max(scored, 1)
-        out_m.update(train_seconds=seconds, images_per_s=rows / seconds, samples_per_s=len(s.train) / seconds,
+        out_m.update(train_seconds=seconds, images_per_s=images_per_epoch / seconds, samples_per_s=len(s.train) / seconds,
                      peak_mem_mb=_peak_mem_mb(dev), lr=self.opt.param_groups[0]["lr"])
         return out_m
 
@@ -292,12 +297,19 @@ class Trainer:
         self.model.eval()
         s, dev = self.s, self.s.device
         bs = self.cfg.train.eval_batch_size
-        logits = []
+        multi = hasattr(self.model, "forward_exits")  # multi-exit models: score every exit, the deepest is the model
+        outs: list[list[torch.Tensor]] = []
         for i in range(0, len(s.test), bs):
             x = self._prep(s.augment.normalize(s.test.images[i : i + bs].to(dev)))
             with self._autocast():
-                logits.append(self.forward_model(x).float().cpu())
-        return classification_metrics(torch.cat(logits), s.test.labels)
+                z = self.model.forward_exits(x) if multi else [self.forward_model(x)]
+            outs.append([e.float().cpu() for e in z])
+        exits = [torch.cat(col) for col in zip(*outs)]
+        metrics = classification_metrics(exits[-1], s.test.labels)
+        if multi:
+            for k, z in enumerate(exits, start=1):
+                metrics[f"acc_exit{k}"] = classification_metrics(z, s.test.labels)["acc"]
+        return metrics
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -350,3 +362,28 @@ class Trainer:
             "params": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.s.device), "torch": torch.__version__, "python": platform.python_version(),
         }
+
+
+def train_run(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``, first training a CE teacher when the method needs one.
+
+    A method with ``needs_teacher`` and no ``method.teacher`` gets ``RUN/teacher``: a CE run of the
+    same config (model, data, seed, epochs). ``config.yaml`` is written before the teacher trains,
+    so ``--resume`` works at any point: an unfinished teacher is resumed first.
+    """
+    run = Path(run_dir)
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if getattr(method_class(cfg.method.name), "needs_teacher", False):
+        own = run / "teacher"
+        if cfg.method.params().get("teacher") is None:
+            params = cfg.method.params() | {"teacher": str(own)}
+            cfg = cfg.model_copy(update={"method": MethodCfg(name=cfg.method.name, **params)})
+        if Path(cfg.method.params()["teacher"]).resolve() == own.resolve() and not (own / SUMMARY).exists():
+            teacher_cfg = cfg.model_copy(update={"method": MethodCfg(name="ce")})
+            setup = build(teacher_cfg)  # validate data and model before anything is written
+            if not resume:
+                ckpt.write_text(run / CONFIG, save_yaml(cfg))
+            say(f"training the CE teacher first: {own}")
+            Trainer(setup, own, progress=progress, log=log).run(resume=(own / CHECKPOINT).exists())
+    return Trainer(build(cfg), run, progress=progress, log=log).run(resume=resume)

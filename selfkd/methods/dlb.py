@@ -43,6 +43,7 @@ class Layout:
     new: int
     position: int  # index of this batch within its epoch
     new_index: Tensor  # dataset indices of the new rows
+    progress: float  # epochs done when this batch starts: pass number + position / batches per pass
 
 
 class _Track:
@@ -54,6 +55,7 @@ class _Track:
         self.position = 0  # batches of ``order`` consumed by the loss
         self.prev_new = torch.empty(0, dtype=torch.int64)  # last consumed new rows
         self.resume = False  # continue ``order`` at ``position`` on the next __iter__
+        self.epoch = -1  # passes started over the data (drives the alpha/T schedules)
 
 
 class DLBBatchSampler(Sampler[list[int]]):
@@ -90,13 +92,15 @@ class DLBBatchSampler(Sampler[list[int]]):
             order = torch.as_tensor(list(iter(self.sampler)), dtype=torch.int64)
             start = 0
             track.order, track.position = order, 0
+            track.epoch += 1
         track.resume = False
         carry = self.dlb.hp.carry_over or start > 0
         prev = track.prev_new if carry else torch.empty(0, dtype=torch.int64)
-        for b in range(start, self._batches(order)):
+        n = self._batches(order)
+        for b in range(start, n):
             new = order[b * self.batch_size : (b + 1) * self.batch_size]
             rep = prev[: self.dlb.repeat_count(len(prev))]
-            track.pending.append(Layout(len(rep), len(new), b, new))
+            track.pending.append(Layout(len(rep), len(new), b, new, track.epoch + b / n))
             yield torch.cat([rep, new]).tolist()
             prev = new
 
@@ -118,6 +122,13 @@ class DLBParams(Params):
         description="joint: one forward over [repeated|new] (paper); split: new then repeated (official code, "
         "BatchNorm sees two batches)",
     )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="ε of label smoothing in the CE term (ε/K on every class)")
+    schedule: Literal["constant", "linear", "dynamic"] = Field(
+        "constant", description="alpha/T over training: constant, linear ramp, or confidence-driven (DynSDPB-style)"
+    )
+    ramp_epochs: float = Field(0.0, ge=0, description="linear: epochs over which alpha and T move to their final values")
+    alpha_start: float = Field(0.0, ge=0, description="linear: alpha at the start of the ramp")
+    temperature_start: float | None = Field(None, gt=0, description="linear: T at the start of the ramp (None: T)")
 
 
 @register
@@ -134,6 +145,17 @@ class DLB(Method):
       rows): the loss is the same function of the logits, but BatchNorm normalises each half with its
       own batch statistics and updates its running statistics twice per step. ``joint`` (default) is
       the paper's single mini-batch.
+    * ``label_smoothing=ε`` combines DLB with label smoothing: the CE term uses targets
+      ``(1−ε)·onehot + ε/K`` (PyTorch's form); the distillation term is unchanged.
+    * ``schedule`` moves α and T over training (progress ``p`` = epochs done, counted by the sampler):
+
+      - ``constant``: α, T as given;
+      - ``linear``: ``α_p = α_0 + (α − α_0)·min(p/R, 1)``, likewise T from ``temperature_start``, with
+        ``R = ramp_epochs`` (``α_0 = alpha_start``);
+      - ``dynamic`` (in the spirit of DynSDPB, Fu et al. 2024, whose formulas we could not retrieve):
+        per step, ``c`` = the cached teacher's mean probability of the true label on the repeated rows
+        (at T=1); ``α_t = α·c`` and ``T_t = T·(2 − c)``: an unreliable early teacher is trusted less and
+        softened more; a confident one gets the full α at temperature T.
 
     Use the sampler from :meth:`batch_sampler`; the loss checks that each batch has the layout the
     sampler produced, and that the repeated rows carry the labels of the cached ones.
@@ -200,6 +222,7 @@ class DLB(Method):
                 f"DLB: the sampler built a batch of {rows} rows ({r} repeated + {layout.new} new) but the loss got "
                 f"{logits.shape[0]} logits and {target.shape[0]} labels; pass the whole batch, in loader order"
             )
+        alpha, temp = self.hp.alpha, self.hp.temperature
         if r > 0:
             cached = self._cache_logits
             if cached is None or cached.shape[0] < r:
@@ -211,12 +234,14 @@ class DLB(Method):
                 )
             if index is not None and not torch.equal(self._track.prev_new[:r], index[:r].cpu()):
                 raise TrainingError("DLB: the repeated rows are not the previous step's new samples")
-            kd = kd_kl(logits[:r], cached[:r].to(logits.device), self.hp.temperature)
+            teacher = cached[:r].to(logits.device)
+            alpha, temp = self.schedule_values(layout.progress, teacher, target[:r])
+            kd = kd_kl(logits[:r], teacher, temp)
         else:
             kd = logits.float().sum() * 0.0
         ce_from = r if self.hp.ce_rows == "new" else 0
-        ce = cross_entropy(logits[ce_from:], target[ce_from:])
-        loss = ce + self.hp.alpha * kd
+        ce = cross_entropy(logits[ce_from:], target[ce_from:], self.hp.label_smoothing)
+        loss = ce + alpha * kd
 
         # commit: the new rows' logits become the next step's teacher
         self._track.pending.popleft()
@@ -226,13 +251,28 @@ class DLB(Method):
         self._track.position = layout.position + 1
         self.steps += 1
         parts = {"ce": ce.detach(), "kd": kd.detach()}
+        if self.hp.schedule != "constant" and r > 0:
+            parts.update(alpha=torch.tensor(float(alpha)), temperature=torch.tensor(float(temp)))
         return StepOutput(loss, parts, logits, target)
+
+    def schedule_values(self, progress: float, teacher: Tensor, labels: Tensor) -> tuple[float | Tensor, float | Tensor]:
+        """(α, T) for a step at ``progress`` epochs, given the teacher logits of the repeated rows."""
+        hp = self.hp
+        if hp.schedule == "linear":
+            f = min(progress / hp.ramp_epochs, 1.0) if hp.ramp_epochs > 0 else 1.0
+            t0 = hp.temperature if hp.temperature_start is None else hp.temperature_start
+            return hp.alpha_start + (hp.alpha - hp.alpha_start) * f, t0 + (hp.temperature - t0) * f
+        if hp.schedule == "dynamic":
+            conf = float(teacher.float().softmax(dim=1).gather(1, labels[:, None]).mean())
+            return hp.alpha * conf, hp.temperature * (2.0 - conf)
+        return hp.alpha, hp.temperature
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Cached logits and labels, and the sampler's position (epoch order + consumed batches)."""
         t = self._track
-        state: dict[str, Any] = {"steps": self.steps, "prev_new": t.prev_new.clone(), "position": t.position}
+        state: dict[str, Any] = {"steps": self.steps, "prev_new": t.prev_new.clone(), "position": t.position,
+                                 "epoch": t.epoch}
         if t.order is not None:
             state["order"] = t.order.clone()
         if self._cache_logits is not None:
@@ -241,7 +281,7 @@ class DLB(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        known = {"steps", "prev_new", "position", "order", "cache_logits", "cache_labels"}
+        known = {"steps", "prev_new", "position", "epoch", "order", "cache_logits", "cache_labels"}
         unknown = set(state) - known
         if unknown:
             raise ConfigError(f"DLB state: unknown keys {sorted(unknown)}")
@@ -250,6 +290,7 @@ class DLB(Method):
         self.steps = int(state["steps"])
         t.prev_new = state["prev_new"].to(torch.int64)
         t.position = int(state["position"])
+        t.epoch = int(state["epoch"])
         t.order = state.get("order")
         t.resume = t.order is not None
         self._cache_logits = state.get("cache_logits")

@@ -26,9 +26,10 @@ def kd_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * (t * t)
 
 
-def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Hard-label cross-entropy, mean over rows, computed in float32."""
-    return F.cross_entropy(logits.float(), target)
+def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Hard-label cross-entropy, mean over rows, in float32; ``label_smoothing=ε`` targets
+    ``(1−ε)·onehot + ε/K`` (PyTorch's form)."""
+    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:

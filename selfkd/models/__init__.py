@@ -72,4 +72,6 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         raise ConfigError(f"unknown model {name!r}; known: {', '.join(available_models())}")
     num_classes = _check_int("num_classes", num_classes, 2)
     in_channels = _check_int("in_channels", in_channels, 1)
-    return factory(num_classes, in_channels)
+    model = factory(num_classes, in_channels)
+    model.registry_name = name  # lets error messages name the model as the user spelled it
+    return model

@@ -1,0 +1,386 @@
+"""BYOT: Be Your Own Teacher (Zhang et al., ICCV 2019, arXiv 1905.08094), multi-exit self-distillation.
+
+Semantics pinned to the authors' journal-version code (github.com/ArchipLab-LinfengZhang/
+pytorch-self-distillation-final, ``train.py`` and ``resnet.py``):
+
+* the network gets a classifier ("exit") after each stage; the deepest exit is the teacher of the
+  shallower ones;
+* ``L = CE(z_deep, y) + Σ_{shallow i} [ c·H(softmax(z_deep/T).detach(), softmax(z_i/T)) + (1−c)·CE(z_i, y) ]``
+  with ``H(p, q) = −Σ_k p_k log q_k`` (a soft cross-entropy, mean over rows), c=0.3, T=3 and **no T²
+  factor**; the deepest exit gets its CE only (it is the detached teacher of the soft terms);
+* each shallow exit is a stack of SepConv blocks (depthwise-separable 3x3 conv pairs with BN+ReLU), one
+  per downsampling step between its stage and the last one, taking the stage's channels to the next
+  stages' channels; then global average pooling and a linear layer.
+
+What we build (:class:`MultiExit`, via :meth:`BYOT.prepare_model`):
+
+* any model exposing ``features(x) -> list[Tensor]`` (stage outputs, shallow to deep),
+  ``stage_channels`` and a final ``pool`` plus ``fc`` (ResNets, WRN; DenseNet's ``norm`` is applied
+  before the pool as in its own forward) or ``pool`` plus ``classifier`` (VGG) is supported: S stages
+  give S exits (ResNets/WRN/DenseNet 3, VGG 5). ``cnn_small`` has no stages and is refused.
+* The deepest exit *is* the model's own head, so ``MultiExit.forward`` is the plain classifier.
+* Shallow exit of stage i: for each later stage j+1 it repeats the trunk's step from stage j to j+1:
+  ``log2(H_j / H_{j+1})`` stride-2 blocks (the first takes ``C_j -> C_{j+1}``), or one stride-1 block when
+  only the channels change; at least one block. Block = ``head="sepconv"`` (default, the official
+  SepConv: dw3x3(stride)-pw1x1-BN-ReLU-dw3x3-pw1x1-BN-ReLU) or ``head="conv"`` (3x3 conv(stride)-BN-ReLU).
+  Then adaptive average pool to 1x1 and one ``Linear(C_last, K)`` (also where the model's own head is an
+  MLP, as VGG's 512-512-K: the journal code's exits are single linear layers). Resolutions are read from one probe
+  forward at 32x32 in eval mode under ``no_grad`` (BN statistics and RNG untouched).
+* ``attention=True`` adds the journal code's attention gate before each shallow exit:
+  ``x · sigmoid(upsample(block(x, stride 2)))``; the trunk continues with the ungated ``x``. The ICCV
+  paper has no such gate, so the default is off.
+* ``t2_scaling=True`` replaces each soft term by the library's ``kd_kl`` = ``T²·KL(softmax(z_deep/T) ‖
+  softmax(z_i/T))``: the gradient is T² times the official one (KL and H differ by the teacher's entropy,
+  a constant for the student), so the reported ``kd`` value differs too. Default False = official.
+* ``hint_weight`` λ adds the ICCV paper's feature hint (absent from the journal code):
+  ``λ · Σ_i mean_rows ||F_i − F_deep.detach()||²``, ``F_i`` the output of exit i's blocks (the features it
+  pools) and ``F_deep`` the tensor the deepest exit pools; a squared L2 norm summed over C·H·W per row
+  (batchmean, like every loss here). Where a shallow map's size differs from the deep one (odd input
+  sizes) it is average-pooled to the deep size. The deep features are the detached teacher, as the deep
+  logits are. Default 0 (off, as in the official code).
+* Not reproduced: the journal code's extra "ensemble" output (the mean of the exits), which is only
+  reported, never trained.
+
+Parts reported: ``ce`` (deepest exit's CE), ``kd`` (sum over shallow exits of the soft term, before ``c``),
+``ce_aux`` (sum over shallow exits of their CE, before ``1−c``) and, when ``hint_weight > 0``, ``hint``
+(sum over shallow exits, before λ). ``loss = ce + c·kd + (1−c)·ce_aux + λ·hint``.
+
+Checkpoints: the wrapper's ``state_dict`` holds the base model under ``net.`` (``net.stem.0.weight``,
+``net.fc.weight``, ...) and the shallow exits under ``exits.<i>.`` (``exits.0`` is the shallowest);
+:meth:`MultiExit.base_state_dict` strips a checkpoint back to the plain model's keys. The method itself
+has no state. Compute: one trunk forward per step (``forwards_per_sample`` = 1) plus the exit heads.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..errors import ConfigError, TrainingError
+from ..models._common import init_conv_bn
+from .base import Batch, Method, Params, StepOutput
+from .losses import cross_entropy, kd_kl, soft_cross_entropy
+from .registry import register
+
+PROBE_SIZE = 32  # spatial size of the probe input that measures each stage's resolution
+
+
+# -- exit heads ----------------------------------------------------------------------------------
+class SepConv(nn.Module):
+    """Two depthwise-separable 3x3 convs: dw(stride)-pw-BN-ReLU-dw-pw(C_in -> C_out)-BN-ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_in, 1, bias=False),
+            nn.BatchNorm2d(c_in),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_in, 3, stride=1, padding=1, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=False),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+def _block(kind: str, c_in: int, c_out: int, stride: int) -> nn.Module:
+    if kind == "sepconv":
+        return SepConv(c_in, c_out, stride)
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=False)
+    )
+
+
+class Attention(nn.Module):
+    """The journal code's gate: ``x · sigmoid(upsample(block(x, stride 2)))``."""
+
+    def __init__(self, kind: str, channels: int) -> None:
+        super().__init__()
+        self.block = _block(kind, channels, channels, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = F.interpolate(self.block(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return x * torch.sigmoid(a)
+
+
+class Exit(nn.Module):
+    """One shallow exit: [attention], blocks to the deepest channels/resolution, GAP, linear."""
+
+    def __init__(self, blocks: list[nn.Module], channels: int, num_classes: int, attention: nn.Module | None) -> None:
+        super().__init__()
+        self.attention = attention
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        if self.attention is not None:
+            x = self.attention(x)
+        return self.blocks(x)
+
+    def classify(self, f: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.pool(f), 1))
+
+
+def _model_label(model: nn.Module) -> str:
+    """The registry name ``build_model`` gave ``model`` (e.g. ``cnn_small``), else its class name."""
+    return getattr(model, "registry_name", type(model).__name__)
+
+
+class MultiExit(nn.Module):
+    """``net`` with a classifier after every stage; the deepest exit is ``net``'s own head.
+
+    ``forward(x)`` returns the deepest exit's logits (the plain classifier); ``forward_exits(x)`` all exits'
+    logits, shallow to deep. ``state_dict`` keys: ``net.*`` (the base model) and ``exits.<i>.*``.
+    """
+
+    def __init__(self, net: nn.Module, *, head: Literal["sepconv", "conv"] = "sepconv", attention: bool = False) -> None:
+        super().__init__()
+        label = _model_label(net)
+        stage_channels = getattr(net, "stage_channels", None)
+        if not callable(getattr(net, "features", None)) or not stage_channels:
+            raise ConfigError(
+                f"byot needs a model with stages (resnet*, wrn20_8, vgg16/19, densenet40: features(x) and "
+                f"stage_channels); got {label}"
+            )
+        if not isinstance(getattr(net, "pool", None), nn.Module) or not (
+            isinstance(getattr(net, "fc", None), nn.Module) or isinstance(getattr(net, "classifier", None), nn.Module)
+        ):
+            raise ConfigError(f"byot needs a model whose head is pool + fc (or pool + classifier); got {label}")
+        if len(stage_channels) < 2:
+            raise ConfigError(f"byot needs a model with at least 2 stages; {label} has {len(stage_channels)}")
+        self.net = net
+        self._head_name = "fc" if isinstance(getattr(net, "fc", None), nn.Module) else "classifier"
+        channels = list(stage_channels)
+        sizes, num_classes = self._probe(net, label, channels)
+        exits = []
+        for i in range(len(channels) - 1):
+            blocks: list[nn.Module] = []
+            c = channels[i]
+            for j in range(i, len(channels) - 1):
+                steps = _downsamplings(sizes[j], sizes[j + 1], label)
+                for _ in range(steps):
+                    blocks.append(_block(head, c, channels[j + 1], 2))
+                    c = channels[j + 1]
+                if steps == 0 and c != channels[j + 1]:
+                    blocks.append(_block(head, c, channels[j + 1], 1))
+                    c = channels[j + 1]
+            if not blocks:
+                blocks.append(_block(head, c, c, 1))
+            gate = Attention(head, channels[i]) if attention else None
+            exits.append(Exit(blocks, channels[-1], num_classes, gate))
+        self.exits = nn.ModuleList(exits)
+        init_conv_bn(self.exits)  # convs Kaiming (fan_out), BN 1/0; linears keep PyTorch's default init
+        ref = next(net.parameters(), None)
+        if ref is not None:
+            self.exits.to(device=ref.device, dtype=ref.dtype)
+
+    # -- construction helpers ------------------------------------------------------------------
+    def _probe(self, net: nn.Module, label: str, channels: list[int]) -> tuple[list[int], int]:
+        """Stage resolutions on a PROBE_SIZE input and the class count; checks the deep head reproduces ``net``."""
+        conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            raise ConfigError(f"byot: {label} has no Conv2d to infer its input channels from")
+        ref = next(net.parameters())
+        n = conv.in_channels * PROBE_SIZE * PROBE_SIZE
+        x = torch.sin(torch.arange(2 * n, dtype=torch.float32) * 0.37).reshape(2, conv.in_channels, PROBE_SIZE, PROBE_SIZE)
+        x = x.to(device=ref.device, dtype=ref.dtype)
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                feats = net.features(x)
+                deep = self._deep(feats[-1])[1]
+                plain = net(x)
+        except Exception as err:
+            raise ConfigError(f"byot: probing {label} with a {PROBE_SIZE}x{PROBE_SIZE} input failed: {err}") from None
+        finally:
+            net.train(was_training)
+        got = [f.shape[1] for f in feats]
+        if got != channels:
+            raise ConfigError(f"byot: {label}.features() gives channels {got} but stage_channels says {channels}")
+        if not torch.allclose(deep, plain, rtol=1e-4, atol=1e-5):
+            raise ConfigError(f"byot: {label}'s forward is not its head applied to features(x)[-1]; cannot attach exits")
+        return [f.shape[-1] for f in feats], plain.shape[1]
+
+    # -- the deep exit ---------------------------------------------------------------------------
+    def _deep(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        """(features the deepest exit pools, its logits): ``net``'s own head on the last stage."""
+        norm = getattr(self.net, "norm", None)
+        if isinstance(norm, nn.Module):
+            f = norm(f)
+        head = getattr(self.net, self._head_name)
+        return f, head(torch.flatten(self.net.pool(f), 1))
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """The deepest exit's logits (the model's own classifier)."""
+        return self._deep(self.net.features(x)[-1])[1]
+
+    def forward_exits(self, x: Tensor, with_features: bool = False) -> Any:
+        """All exits' logits, shallow to deep (the last equals ``forward(x)``).
+
+        With ``with_features=True`` returns ``(logits, features)``: the tensors each exit pools.
+        """
+        stages = self.net.features(x)
+        logits, feats = [], []
+        for ex, s in zip(self.exits, stages[:-1]):
+            f = ex.features(s)
+            feats.append(f)
+            logits.append(ex.classify(f))
+        f, z = self._deep(stages[-1])
+        feats.append(f)
+        logits.append(z)
+        return (logits, feats) if with_features else logits
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits) + 1
+
+    @staticmethod
+    def base_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The base model's weights from a wrapper ``state_dict`` (``net.`` keys, prefix stripped)."""
+        return {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+
+
+def _downsamplings(h_from: int, h_to: int, label: str) -> int:
+    if h_to > h_from or h_to < 1:
+        raise ConfigError(f"byot: {label}'s stages must not grow in resolution ({h_from} -> {h_to})")
+    return int(round(math.log2(h_from / h_to)))
+
+
+# -- the loss ------------------------------------------------------------------------------------
+def byot_loss(
+    exits: Sequence[Tensor],
+    target: Tensor,
+    *,
+    kd_weight: float = 0.3,
+    temperature: float = 3.0,
+    t2_scaling: bool = False,
+    hint_weight: float = 0.0,
+    features: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """BYOT's loss on the exits' logits (shallow to deep); returns ``(loss, parts)``.
+
+    ``loss = CE(z_deep) + c·kd + (1−c)·ce_aux + λ·hint`` with ``kd = Σ_i H(softmax(z_deep/T), softmax(z_i/T))``
+    (or ``Σ_i T²·KL(...)`` with ``t2_scaling``), ``ce_aux = Σ_i CE(z_i)``, ``hint = Σ_i mean_rows ||F_i − F_deep||²``
+    over the shallow exits i. The deep logits and features are detached teachers of those terms.
+    """
+    if len(exits) < 2:
+        raise TrainingError(f"byot: needs at least 2 exits (shallow ones and the deepest), got {len(exits)}")
+    deep = exits[-1]
+    teacher = F.softmax(deep.detach().float() / temperature, dim=1)
+    ce = cross_entropy(deep, target)
+    kd = ce.new_zeros(())
+    ce_aux = ce.new_zeros(())
+    for z in exits[:-1]:
+        if t2_scaling:
+            kd = kd + kd_kl(z, deep, temperature)
+        else:
+            kd = kd + soft_cross_entropy(z.float() / temperature, teacher)
+        ce_aux = ce_aux + cross_entropy(z, target)
+    loss = ce + kd_weight * kd + (1.0 - kd_weight) * ce_aux
+    parts = {"ce": ce.detach(), "kd": kd.detach(), "ce_aux": ce_aux.detach()}
+    if hint_weight > 0:
+        if features is None or len(features) != len(exits):
+            raise TrainingError(
+                f"byot: hint_weight > 0 needs one feature map per exit ({len(exits)}), "
+                f"got {None if features is None else len(features)}"
+            )
+        f_deep = features[-1].detach().float()
+        hint = ce.new_zeros(())
+        for f in features[:-1]:
+            f = f.float()
+            if f.shape[-2:] != f_deep.shape[-2:]:
+                f = F.adaptive_avg_pool2d(f, f_deep.shape[-2:])
+            hint = hint + (f - f_deep).pow(2).flatten(1).sum(1).mean()
+        loss = loss + hint_weight * hint
+        parts["hint"] = hint.detach()
+    return loss, parts
+
+
+# -- the method ----------------------------------------------------------------------------------
+class BYOTParams(Params):
+    kd_weight: float = Field(
+        0.3, ge=0, le=1, description="c: weight of each shallow exit's soft term; its CE gets 1−c (official 0.3)"
+    )
+    temperature: float = Field(3.0, gt=0, description="softmax temperature T of the soft terms (official 3)")
+    t2_scaling: bool = Field(
+        False, description="use T²·KL (kd_kl) as the soft term instead of the official unscaled soft cross-entropy"
+    )
+    hint_weight: float = Field(
+        0.0, ge=0, description="λ of the paper's L2 feature hint between each shallow exit's features and the deepest "
+        "(batchmean of the squared L2 norm; 0 = off, as in the official code)",
+    )
+    head: Literal["sepconv", "conv"] = Field(
+        "sepconv", description="exit block per downsampling step: sepconv (official SepConv) or conv (3x3 conv-BN-ReLU)"
+    )
+    attention: bool = Field(False, description="the journal code's sigmoid attention gate before each shallow exit")
+
+
+@register
+class BYOT(Method):
+    """Be Your Own Teacher (Zhang et al., ICCV 2019): multi-exit self-distillation, deepest exit as teacher.
+
+    ``L = CE(z_S, y) + Σ_{i<S} [ c·H(softmax(z_S/T).detach(), softmax(z_i/T)) + (1−c)·CE(z_i, y) ] (+ λ·hint)``
+
+    * Defaults as the journal code: c = ``kd_weight`` = 0.3, T = 3, no T² (``t2_scaling=False``), no
+      feature hint (``hint_weight=0``), SepConv exit heads, no attention gate.
+    * :meth:`prepare_model` wraps the model in :class:`MultiExit` (exits after every stage; see the module
+      docstring for the head layout); train that wrapper. ``forward`` is the deepest exit, so evaluation and
+      plain use see the normal classifier; ``forward_exits`` gives every exit.
+    * One trunk forward per step; the exits add their heads' cost. No method state.
+    """
+
+    name = "byot"
+    needs_stages = True  # the model must expose features(x) and stage_channels (not cnn_small)
+    formula = "CE(z_S, y) + Σ_{i<S} [c·H(softmax(z_S/T).detach(), softmax(z_i/T)) + (1−c)·CE(z_i, y)]"
+    Params = BYOTParams
+
+    @property
+    def forwards_per_sample(self) -> float:
+        return 1.0
+
+    def prepare_model(self, model: nn.Module) -> MultiExit:
+        """Wrap ``model`` with an exit after each stage (a model already wrapped is returned as is)."""
+        if isinstance(model, MultiExit):
+            return model
+        return MultiExit(model, head=self.hp.head, attention=self.hp.attention)
+
+    def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        if not callable(getattr(model, "forward_exits", None)):
+            raise TrainingError(
+                "byot: the model has no forward_exits(); train the model returned by method.prepare_model(model)"
+            )
+        if self.hp.hint_weight > 0:
+            exits, feats = model.forward_exits(batch.x, with_features=True)
+        else:
+            exits, feats = model.forward_exits(batch.x), None
+        return self._score(exits, batch.y, feats)
+
+    def loss(self, logits: Any, target: Tensor, index: Tensor | None = None) -> StepOutput:
+        """``logits``: the exits' logits, shallow to deep (a list, as ``forward_exits`` returns, or an E x N x K tensor)."""
+        if isinstance(logits, Tensor):
+            if logits.dim() != 3:
+                raise TrainingError(
+                    f"byot: scores the logits of every exit (model.forward_exits(x), shallow to deep), "
+                    f"got one tensor of shape {tuple(logits.shape)}"
+                )
+            logits = list(logits.unbind(0))
+        return self._score(list(logits), target, None)
+
+    def _score(self, exits: list[Tensor], target: Tensor, feats: list[Tensor] | None) -> StepOutput:
+        hp = self.hp
+        loss, parts = byot_loss(
+            exits, target, kd_weight=hp.kd_weight, temperature=hp.temperature, t2_scaling=hp.t2_scaling,
+            hint_weight=hp.hint_weight, features=feats,
+        )
+        return StepOutput(loss, parts, exits[-1], target)

@@ -1,0 +1,253 @@
+"""CS-KD: class-wise self-knowledge distillation (Yun, Park, Lee, Shin, CVPR 2020, arXiv 2003.13964).
+
+"Regularizing Class-wise Predictions via Self-knowledge Distillation". Semantics pinned to the
+official code (github.com/alinlab/cs-kd, ``datasets.py`` ``PairBatchSampler`` and ``train.py``):
+
+* each step's batch is ``[B anchors | B partners]``: the anchors are the next ``batch_size`` samples
+  of the (shuffled) epoch order, and each partner is a random sample of its anchor's class;
+* ``L = CE(f(x_anchor), y) + λ · T² · KL(softmax(f(x_partner)/T) ‖ softmax(f(x_anchor)/T))``: the
+  anchors are forwarded with gradients, the partners in a second forward under ``torch.no_grad()``;
+  cross-entropy is on the anchors only; the KL is a ``batchmean`` over the anchors (the official
+  ``KLDivLoss(reduction="sum") · T² / B`` is the same number);
+* a short last batch works (``drop_last=False``, as the official sampler).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from ..errors import ConfigError, TrainingError
+from .base import Batch, Method, Params, StepOutput
+from .losses import cross_entropy, kd_kl
+from .registry import register
+
+
+class _ClassIndex:
+    """Dataset indices grouped by class, for drawing same-class partners in one vectorised step."""
+
+    def __init__(self, labels: Tensor | None):
+        if labels is None:
+            raise TrainingError(
+                "CS-KD: batch_sampler needs the training labels to pair samples of the same class: "
+                "call cskd.batch_sampler(sampler, batch_size, labels=train_labels)"
+            )
+        labels = torch.as_tensor(labels)
+        bad_type = labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool
+        if labels.dim() != 1 or bad_type or labels.numel() == 0:
+            raise TrainingError(
+                f"CS-KD: labels must be a non-empty 1-D integer tensor (got {labels.dtype} of shape {tuple(labels.shape)})"
+            )
+        labels = labels.detach().to("cpu", torch.int64)
+        if int(labels.min()) < 0:
+            raise TrainingError(f"CS-KD: labels must be >= 0 (got {int(labels.min())})")
+        self.labels = labels
+        self.sorted = torch.argsort(labels, stable=True)  # indices grouped by class, ascending within a class
+        self.counts = torch.bincount(labels)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.rank = torch.empty_like(labels)  # position of each index within its class
+        self.rank[self.sorted] = torch.arange(len(labels)) - self.starts[labels[self.sorted]]
+        self.singleton_classes = int((self.counts == 1).sum())
+
+    def partners(self, anchors: Tensor, generator: torch.Generator, mode: str) -> Tensor:
+        if anchors.numel() and int(anchors.max()) >= len(self.labels):
+            raise TrainingError(
+                f"CS-KD: the sampler yielded index {int(anchors.max())} but only {len(self.labels)} labels were given"
+            )
+        cls = self.labels[anchors]
+        n = self.counts[cls]
+        u = torch.rand(anchors.numel(), generator=generator, dtype=torch.float64)
+        if mode == "other":
+            m = (n - 1).clamp_min(1)
+            j = torch.minimum((u * m).long(), m - 1)  # uniform in [0, n-1): skip the anchor's own slot
+            j = j + (j >= self.rank[anchors]).long()
+            j = torch.where(n > 1, j, torch.zeros_like(j))  # a class of one sample: the anchor itself
+        else:
+            j = torch.minimum((u * n).long(), n - 1)
+        return self.sorted[self.starts[cls] + j]
+
+
+class PairBatchSampler(Sampler[list[int]]):
+    """Yields ``[batch_size anchors | one same-class partner per anchor]`` for each step.
+
+    Wraps any sampler of indices (``RandomSampler``, ``DistributedSampler``, ...). Each
+    ``__iter__`` is one epoch: the wrapped sampler's order and all the epoch's partners are drawn
+    once, at its start, and kept in the method's state, so a run resumes mid-epoch exactly.
+    """
+
+    def __init__(self, cskd: "CSKD", sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool,
+                 labels: Tensor | None):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ConfigError(f"CS-KD batch_size must be a positive integer (got {batch_size!r})")
+        self.cskd = cskd
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.index = _ClassIndex(labels)
+        cskd._labels = self.index.labels
+
+    def __len__(self) -> int:
+        return self._batches(len(self.sampler))  # type: ignore[arg-type]
+
+    def _batches(self, n: int) -> int:
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to the wrapped sampler (e.g. ``DistributedSampler``)."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        m = self.cskd
+        if m._resume and m._order is not None and m._position < self._batches(len(m._order)):
+            order, partners, start = m._order, m._partners, m._position
+        else:
+            order = torch.as_tensor(list(iter(self.sampler)), dtype=torch.int64)
+            partners = self.index.partners(order, m._gen, m.hp.partner)
+            start = 0
+            m._order, m._partners, m._position = order, partners, 0
+        m._resume = False
+        bs = self.batch_size
+        for b in range(start, self._batches(len(order))):
+            yield torch.cat([order[b * bs : (b + 1) * bs], partners[b * bs : (b + 1) * bs]]).tolist()
+
+
+class CSKDParams(Params):
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T of the distillation term")
+    lam: float = Field(1.0, ge=0, description="weight λ of the class-wise distillation term (official --lamda)")
+    partner: Literal["other", "any"] = Field(
+        "other",
+        description="other: a different sample of the anchor's class (paper); any: any sample of the class, "
+        "the anchor included (official random.choice)",
+    )
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of the generator that draws the partners")
+
+
+@register
+class CSKD(Method):
+    """Class-wise self-knowledge distillation (Yun et al., CVPR 2020).
+
+    ``L = CE(z_a, y) + λ · T² · KL(softmax(z_p/T) ‖ softmax(z_a/T))``
+
+    * ``z_a``: logits of the anchors (with gradients); ``z_p``: logits of their same-class partners,
+      from a second forward pass under ``torch.no_grad()`` (official); in train mode, so BatchNorm
+      updates its running statistics with both halves, as in the official code.
+    * Defaults T=4, λ=1 (official CIFAR/TinyImageNet; the README uses λ=3 for CUB-200).
+    * ``batch_size`` counts the *anchors*, as the official ``--batch-size`` does: a step loads
+      ``2·batch_size`` images. Every sample is forwarded twice per epoch on average, once without
+      backward (``forwards_per_sample`` = 2).
+    * ``partner="other"`` (default) draws a partner uniformly among the *other* samples of the
+      anchor's class, as the paper says; ``"any"`` draws among all of them, the anchor included, as
+      the official ``random.choice(classwise_indices[y])`` does (the same up to 1/class-size). A class
+      with a single sample pairs it with itself (its partner row is then the same image under another
+      augmentation), in both modes.
+    * Partners are drawn from a ``torch.Generator`` the method owns (``seed``), once per epoch for the
+      whole epoch order; the generator, the order, the partners and the position in the epoch are in
+      ``state_dict``, so a resumed run draws identically, mid-epoch included.
+
+    Use the sampler from :meth:`batch_sampler` (it needs ``labels``). The loss checks that the batch
+    has an even row count and that the partners carry their anchors' labels. In a plain loop,
+    ``cskd(model(x), y)`` on the whole ``[anchors | partners]`` batch also works (one joint forward;
+    the partner rows are detached, so they get no gradient).
+    """
+
+    name = "cskd"
+    formula = "CE(z_a, y) + λ·T²·KL(softmax(z_p/T) ‖ softmax(z_a/T))"
+    Params = CSKDParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._gen = torch.Generator().manual_seed(self.hp.seed)
+        self._labels: Tensor | None = None  # training labels, set by batch_sampler
+        self._order: Tensor | None = None  # the current epoch's anchor order
+        self._partners: Tensor | None = None  # the partner of each anchor in ``_order``
+        self._position = 0  # batches of ``_order`` consumed by the loss
+        self._resume = False  # continue ``_order`` at ``_position`` on the next __iter__
+        self.steps = 0
+
+    @property
+    def forwards_per_sample(self) -> float:
+        return 2.0
+
+    def batch_sampler(
+        self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = False,
+        labels: Tensor | None = None,
+    ) -> PairBatchSampler:
+        """``batch_size`` anchors per step, followed by one same-class partner each."""
+        return PairBatchSampler(self, sampler, batch_size, drop_last, labels)
+
+    # -- training ----------------------------------------------------------------------------
+    def _check_pairs(self, rows: int, target: Tensor, index: Tensor | None) -> int:
+        if rows % 2 or rows == 0 or target.shape[0] != rows:
+            raise TrainingError(
+                f"CS-KD: a batch must be [anchors | partners] with an even, equal number of logits and labels "
+                f"(got {rows} rows and {target.shape[0]} labels); build the DataLoader with "
+                "batch_sampler=cskd.batch_sampler(sampler, batch_size, labels=train_labels)"
+            )
+        b = rows // 2
+        labels = self._labels
+        if index is not None and labels is not None and index.device.type == "cpu" and index.shape[0] == rows:
+            # the sampler's labels, looked up on the CPU: no device synchronisation per step
+            if int(index.max()) >= len(labels) or int(index.min()) < 0:
+                raise TrainingError(f"CS-KD: batch index out of range for {len(labels)} training labels")
+            pair_labels = labels[index]
+            ok = torch.equal(pair_labels[:b], pair_labels[b:])
+        else:
+            ok = torch.equal(target[:b], target[b:])
+        if not ok:
+            raise TrainingError(
+                "CS-KD: the partner rows' labels differ from their anchors'; the second half of each batch must "
+                "be same-class partners (use cskd.batch_sampler and do not reorder or relabel rows)"
+            )
+        return b
+
+    def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        b = self._check_pairs(batch.x.shape[0], batch.y, batch.index)
+        z_anchor = model(batch.x[:b])
+        with torch.no_grad():
+            z_partner = model(batch.x[b:])
+        return self._loss(z_anchor, z_partner, batch.y[:b])
+
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
+        """``logits``/``target`` hold the whole batch ``[anchors | partners]``; partner rows are detached."""
+        b = self._check_pairs(logits.shape[0], target, index)
+        return self._loss(logits[:b], logits[b:].detach(), target[:b])
+
+    def _loss(self, z_anchor: Tensor, z_partner: Tensor, y: Tensor) -> StepOutput:
+        ce = cross_entropy(z_anchor, y)
+        kd = kd_kl(z_anchor, z_partner, self.hp.temperature)
+        loss = ce + self.hp.lam * kd
+        if self._order is not None:
+            self._position += 1
+        self.steps += 1
+        return StepOutput(loss, {"ce": ce.detach(), "kd": kd.detach()}, z_anchor, y)
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The partner generator, and the sampler's position (epoch order, partners, consumed batches)."""
+        state: dict[str, Any] = {"steps": self.steps, "generator": self._gen.get_state(), "position": self._position}
+        if self._order is not None:
+            state["order"] = self._order.clone()
+            state["partners"] = self._partners.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        known = {"steps", "generator", "position", "order", "partners"}
+        unknown = set(state) - known
+        if unknown:
+            raise ConfigError(f"CS-KD state: unknown keys {sorted(unknown)}")
+        missing = {"steps", "generator", "position"} - set(state)
+        if missing or (("order" in state) != ("partners" in state)):
+            raise ConfigError(f"CS-KD state: missing keys {sorted(missing or {'order', 'partners'})}")
+        self.steps = int(state["steps"])
+        self._gen.set_state(state["generator"].to("cpu", torch.uint8))
+        self._position = int(state["position"])
+        order = state.get("order")
+        self._order = None if order is None else order.to("cpu", torch.int64)
+        self._partners = None if order is None else state["partners"].to("cpu", torch.int64)
+        self._resume = self._order is not None

@@ -1,0 +1,65 @@
+"""LsrKD with Teacher Correction (TC): the uniform teacher gets a fixed larger share on the true class.
+
+Wang, Zhang, Pang, Li, arXiv 2009.05226 (2020), "Teacher Correction"; journal version LSR-OS-TC
+(Appl. Sci. 11(10) 4699, 2021).
+"""
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from .ls import check_share, peaked_target
+from .lsrkd import LsrKD, LsrKDParams
+from .registry import register
+
+
+class LsrKDTCParams(LsrKDParams):
+    a: float = Field(0.9, gt=0, lt=1, description="teacher's share on the true class; must exceed 1/K")
+    soften_teacher: bool = Field(
+        True,
+        description="True: the teacher has logits log p^c and is softened by T like the student (standard KD); "
+        "False: p^c is the target as is, only the student is softened",
+    )
+
+
+@register
+class LsrKDTC(LsrKD):
+    """LsrKD whose uniform teacher is corrected towards the true class (Teacher Correction).
+
+    ``L = (1−α)·CE(z, y) + α·T²·KL(p^c_T ‖ softmax(z/T))``, ``p^c[y] = a``, ``p^c[k≠y] = (1−a)/(K−1)``
+
+    * ``p^c_T``: how TC meets the temperature was not retrieved. Default (``soften_teacher=True``):
+      p^c is a KD teacher with logits ``log p^c``, softened by T like the student,
+      ``p^c_T = softmax(log p^c / T)`` (standard KD; the uniform teacher of ``lsrkd`` is T-invariant,
+      so ``a → 1/K`` gives back ``lsrkd``). The term is then minimal when ``softmax(z) = p^c``,
+      whatever T and K. ``soften_teacher=False`` is the literal "u replaced by p^c": p^c as is, only
+      the student softened (the convention of ``mrkd-tc``, which does not re-soften its corrected
+      teacher); minimal when ``softmax(z/T) = p^c``, i.e. a far more confident ``softmax(z)`` for
+      T > 1 (T=4, K=100, a=0.9: a logit gap of 27), so that form wants a much smaller a (≈0.05 for
+      T=4, K=100 gives the same optimum as the default).
+    * ``a`` must exceed the uniform share 1/K (checked at ``setup`` and on every call: ConfigError).
+    * The paper's a, α and T were not retrieved. Defaults: α=0.1, T=4 (as ``lsrkd``) and a=0.9, our
+      choice: p^c is then the off-target label-smoothing label with ε=0.1 (Tf-KD / Zipf's LS code), so
+      the term pulls ``softmax(z)`` towards that label; a=0.9 exceeds 1/K for every K ≥ 2, so the
+      default is valid on any data set. Tune a.
+    * Same shape of teacher as ``tfkd-reg``'s virtual teacher, but ``tfkd-reg`` softens the teacher's
+      *probabilities* (softmax of p^d/T) and not the student.
+    * T² comes from :func:`~selfkd.methods.losses.kd_kl`. Parts ``ce`` and ``kd`` (``T²·KL``),
+      ``loss = (1−α)·ce + α·kd``. No extra forward pass, no state.
+    """
+
+    name = "lsrkd-tc"
+    formula = ("(1−α)·CE(z, y) + α·T²·KL(softmax(log p^c / T) ‖ softmax(z/T)), "
+               "p^c = a on y, (1−a)/(K−1) elsewhere")
+    Params = LsrKDTCParams
+
+    def setup(self, *, num_samples: int, num_classes: int, epochs: int) -> None:
+        check_share(self.name, self.hp.a, num_classes)
+
+    def teacher_logits(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Teacher logits for kd_kl (which divides them by T): ``log p^c`` when the teacher is softened,
+        else ``T·log p^c`` (its softmax at temperature T is exactly p^c)."""
+        k = logits.shape[1]
+        check_share(self.name, self.hp.a, k)
+        log_p = peaked_target(target, k, self.hp.a).log_()
+        return log_p if self.hp.soften_teacher else log_p * self.hp.temperature
