@@ -209,3 +209,25 @@ def test_demo_prints_side_by_side_table(tmp_path, capsys):
     assert "| method | label noise | last acc % | best acc % | ECE | NLL | seconds |" in out
     for row in ("| ce | clean", "| dlb | clean", "| ce | 40% symmetric", "| dlb | 40% symmetric"):
         assert row in out
+
+
+def test_label_noise_is_recorded_and_memorisation_measured(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *BASE, "--method", "ce", "--epochs", "2", "--out", str(run),
+                 "--set", "data.noise.kind=symmetric", "--set", "data.noise.rate=0.4", "--set", "data.noise.seed=5"]) == 0
+    noise = json.loads((run / "label_noise.json").read_text())
+    assert noise["num_samples"] == 1347 and noise["num_corrupted"] == round(0.4 * 1347) == len(noise["corrupted"])
+    assert all(a != b for a, b in zip(noise["noisy_labels"], noise["true_labels"]))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert 0 <= r["train_corrupted_acc"] + r["train_memorized"] <= 100.0 + 1e-9  # a prediction is one label
+    s = json.loads((run / "summary.json").read_text())
+    assert s["memorized"] == rows[-1]["train_memorized"] and "corrupted_acc" in s and "clean_acc" in s
+    rel = s["reliability"]
+    assert sum(rel["count"]) == 450  # the clean test set
+    ece = sum(c / 450 * abs(a - f) for c, a, f in zip(rel["count"], rel["acc"], rel["conf"]))
+    assert ece == pytest.approx(s["ece"], rel=1e-6)
+    clean = tmp_path / "clean"
+    assert main(["train", *BASE, "--method", "ce", "--epochs", "1", "--out", str(clean)]) == 0
+    assert not (clean / "label_noise.json").exists()
+    assert "memorized" not in json.loads((clean / "summary.json").read_text())

@@ -18,20 +18,34 @@ def nll(logits: Tensor, target: Tensor) -> float:
     return float(F.cross_entropy(logits.float(), target))
 
 
+def _bins(logits: Tensor, target: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per confidence bin: count, sum of confidences, sum of correct predictions (float64)."""
+    probs = logits.float().softmax(dim=1)
+    conf, pred = probs.max(dim=1)
+    correct = (pred == target).double()
+    idx = (torch.ceil(conf * bins).long() - 1).clamp(0, bins - 1)
+    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(correct))
+    sum_conf = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, conf.double())
+    sum_acc = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, correct)
+    return count, sum_conf, sum_acc
+
+
 def ece(logits: Tensor, target: Tensor, bins: int = 15) -> float:
     """Expected calibration error (Guo et al., 2017) over equal-width confidence bins.
 
     ``ECE = Σ_b |B_b|/N · |acc(B_b) − conf(B_b)|``; bin b holds confidences in ``(b/bins, (b+1)/bins]``.
     """
-    probs = logits.float().softmax(dim=1)
-    conf, pred = probs.max(dim=1)
-    correct = (pred == target).float()
-    idx = (torch.ceil(conf * bins).long() - 1).clamp(0, bins - 1)
-    n = float(len(target))
-    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf, dtype=torch.float64))
-    sum_conf = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, conf.double())
-    sum_acc = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, correct.double())
-    return float((sum_acc - sum_conf).abs().sum() / n)
+    count, sum_conf, sum_acc = _bins(logits, target, bins)
+    return float((sum_acc - sum_conf).abs().sum() / len(target))
+
+
+def reliability(logits: Tensor, target: Tensor, bins: int = 15) -> dict[str, list[float] | int]:
+    """The data of a reliability diagram: per bin, the sample count, mean confidence and accuracy
+    (0 where a bin is empty). ``Σ count/N · |acc − conf|`` is the ECE."""
+    count, sum_conf, sum_acc = _bins(logits, target, bins)
+    safe = count.clamp_min(1)
+    return {"bins": bins, "count": [int(c) for c in count], "conf": (sum_conf / safe).tolist(),
+            "acc": (sum_acc / safe).tolist()}
 
 
 def classification_metrics(logits: Tensor, target: Tensor, bins: int = 15) -> dict[str, float]:

@@ -29,7 +29,7 @@ from ..methods import Batch, Method, build_method, method_class
 from ..models import build_model
 from . import checkpoint as ckpt
 from .config import Config, MethodCfg, save_yaml
-from .metrics import classification_metrics
+from .metrics import classification_metrics, reliability
 from .progress import Progress
 from .schedule import lr_lambda
 
@@ -38,6 +38,7 @@ BEST = "best.pt"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+LABEL_NOISE = "label_noise.json"
 FORMAT = 1
 TIMING_KEYS = ("epoch_seconds", "train_seconds", "images_per_s", "samples_per_s", "peak_mem_mb")
 
@@ -183,6 +184,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(self.cfg.schedule, self.cfg.train.epochs, self.steps_per_epoch, o.lr)
         )
+        self.noisy = bool((setup.train.labels != setup.clean_labels).any())
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
         self.global_step = 0
@@ -212,6 +214,15 @@ class Trainer:
         self.history = list(state["history"])
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
+
+    def _write_label_noise(self) -> None:
+        s, noise = self.s, self.cfg.data.noise
+        bad = torch.nonzero(s.train.labels != s.clean_labels).flatten()
+        ckpt.write_json(self.dir / LABEL_NOISE, {
+            "kind": noise.kind, "rate": noise.rate, "seed": noise.seed, "num_samples": len(s.train),
+            "num_corrupted": len(bad), "corrupted": bad.tolist(), "noisy_labels": s.train.labels[bad].tolist(),
+            "true_labels": s.clean_labels[bad].tolist(),
+        })
 
     def _write_metrics(self) -> None:
         import json
@@ -293,23 +304,45 @@ class Trainer:
             )
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def _logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Eval-mode logits of every exit (one for plain models; the deepest last), on the CPU."""
         self.model.eval()
         s, dev = self.s, self.s.device
         bs = self.cfg.train.eval_batch_size
         multi = hasattr(self.model, "forward_exits")  # multi-exit models: score every exit, the deepest is the model
         outs: list[list[torch.Tensor]] = []
-        for i in range(0, len(s.test), bs):
-            x = self._prep(s.augment.normalize(s.test.images[i : i + bs].to(dev)))
+        for i in range(0, len(images), bs):
+            x = self._prep(s.augment.normalize(images[i : i + bs].to(dev)))
             with self._autocast():
                 z = self.model.forward_exits(x) if multi else [self.forward_model(x)]
             outs.append([e.float().cpu() for e in z])
-        exits = [torch.cat(col) for col in zip(*outs)]
-        metrics = classification_metrics(exits[-1], s.test.labels)
-        if multi:
+        return [torch.cat(col) for col in zip(*outs)]
+
+    def evaluate(self) -> dict[str, Any]:
+        labels = self.s.test.labels
+        exits = self._logits(self.s.test.images)
+        metrics: dict[str, Any] = classification_metrics(exits[-1], labels)
+        if len(exits) > 1:
             for k, z in enumerate(exits, start=1):
-                metrics[f"acc_exit{k}"] = classification_metrics(z, s.test.labels)["acc"]
+                metrics[f"acc_exit{k}"] = classification_metrics(z, labels)["acc"]
+        metrics["reliability"] = reliability(exits[-1], labels)
         return metrics
+
+    def evaluate_train_noise(self) -> dict[str, float]:
+        """On the (unaugmented) training images: how much of the label noise the model memorised.
+
+        ``corrupted_acc``: accuracy on the samples whose label was corrupted, against their true labels;
+        ``memorized``: share of those predicted as their noisy label; ``clean_acc``: accuracy on the others.
+        """
+        s = self.s
+        pred = self._logits(s.train.images)[-1].argmax(1)
+        bad = s.train.labels != s.clean_labels
+
+        def share(mask: torch.Tensor, ok: torch.Tensor) -> float:
+            return 100.0 * float(ok[mask].double().mean()) if mask.any() else float("nan")
+
+        return {"corrupted_acc": share(bad, pred == s.clean_labels), "memorized": share(bad, pred == s.train.labels),
+                "clean_acc": share(~bad, pred == s.clean_labels)}
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -319,6 +352,8 @@ class Trainer:
             self.log(f"resumed {self.dir} at epoch {self.epoch}/{self.cfg.train.epochs}")
         else:
             ckpt.write_text(self.dir / CONFIG, save_yaml(self.cfg))
+            if self.noisy:
+                self._write_label_noise()
             self._write_metrics()
         total = self.cfg.train.epochs
         wall0 = time.perf_counter()
@@ -329,6 +364,8 @@ class Trainer:
                 m = {"epoch": self.epoch + 1}
                 m.update(self._train_epoch(bar))
                 m.update({f"test_{k}": v for k, v in self.evaluate().items()})
+                if self.noisy:
+                    m.update({f"train_{k}": v for k, v in self.evaluate_train_noise().items()})
                 m["epoch_seconds"] = time.perf_counter() - t0
                 self.epoch += 1
                 self.history.append(m)
@@ -354,6 +391,9 @@ class Trainer:
             "epochs": len(h), "seed": self.cfg.train.seed,
             "last_acc": last["test_acc"], "best_acc": best["test_acc"], "best_epoch": best["epoch"],
             "last_top5": last["test_top5"], "ece": last["test_ece"], "nll": last["test_nll"],
+            "reliability": last["test_reliability"],
+            **{k: last[f"train_{k}"] for k in ("corrupted_acc", "memorized", "clean_acc") if f"train_{k}" in last},
+            **{f"last_acc_exit{k}": last[f"test_acc_exit{k}"] for k in range(1, 16) if f"test_acc_exit{k}" in last},
             "seconds": sum(r["epoch_seconds"] for r in h), "train_seconds": train_s,
             "images_per_s": rows / train_s if train_s else math.nan,
             "samples_per_s": len(self.s.train) * len(h) / train_s if train_s else math.nan,
