@@ -231,3 +231,26 @@ def test_label_noise_is_recorded_and_memorisation_measured(tmp_path):
     assert main(["train", *BASE, "--method", "ce", "--epochs", "1", "--out", str(clean)]) == 0
     assert not (clean / "label_noise.json").exists()
     assert "memorized" not in json.loads((clean / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("policy", ["autoaugment", "randaugment", "trivialaugment"])
+def test_augmentation_policies_are_seeded_and_resume_exactly(tmp_path, policy):
+    from selfkd.engine.trainer import train_run
+
+    cfg = build_config({"data": {"name": "digits", "subset": 300}, "method": {"name": "dlb"},
+                        "augment": {"policy": policy, "cutout": 3},
+                        "optim": {"batch_size": 32}, "train": {"epochs": 2, "device": "cpu"}})
+    train_run(cfg, tmp_path / "ref", progress=False, log=lambda m: None)
+
+    def stop(msg):
+        if msg.startswith("epoch 1/2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "run", progress=False, log=stop)
+    train_run(cfg, tmp_path / "run", resume=True, progress=False, log=lambda m: None)
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
+    plain = build_config({"data": {"name": "digits", "subset": 300}, "method": {"name": "dlb"},
+                          "optim": {"batch_size": 32}, "train": {"epochs": 2, "device": "cpu"}})
+    train_run(plain, tmp_path / "plain", progress=False, log=lambda m: None)
+    assert metrics(tmp_path / "plain") != metrics(tmp_path / "ref")  # the policy really changed the inputs

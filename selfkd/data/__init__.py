@@ -12,9 +12,13 @@ from .augment import BatchAugment
 from .cifar import SOURCES, download_cifar
 from .dataset import ArrayDataset, DataBundle
 from .loaders import KNOWN_DATASETS, load_dataset
+from .mixing import MIXERS, Mix, Mixer, build_mixer, cutmix, mix_targets, mixed_cross_entropy, mixup, sample_beta
 from .noise import NOISE_KINDS, apply_label_noise
+from .policies import POLICIES, AutoAugment, Cutout, RandAugment, TrivialAugment, build_policy
 
 __all__ = [
-    "ArrayDataset", "BatchAugment", "DataBundle", "KNOWN_DATASETS", "NOISE_KINDS", "SOURCES",
-    "apply_label_noise", "download_cifar", "load_dataset",
+    "ArrayDataset", "AutoAugment", "BatchAugment", "Cutout", "DataBundle", "KNOWN_DATASETS", "MIXERS", "Mix",
+    "Mixer", "NOISE_KINDS", "POLICIES", "RandAugment", "SOURCES", "TrivialAugment", "apply_label_noise",
+    "build_mixer", "build_policy", "cutmix", "download_cifar", "load_dataset", "mix_targets",
+    "mixed_cross_entropy", "mixup", "sample_beta",
 ]

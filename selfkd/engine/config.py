@@ -41,8 +41,18 @@ class DataCfg(Section):
 
 
 class AugmentCfg(Section):
+    """Per-sample augmentation on the training device, in this order: ``policy`` -> ``cutout`` ->
+    random crop + flip -> normalise. Every random draw comes from the run's seeded generator."""
+
     crop_padding: int | None = Field(None, ge=0, description="None: the data set's default")
     flip: bool | None = None
+    policy: Literal["none", "autoaugment", "randaugment", "trivialaugment"] = "none"
+    randaugment_ops: int = Field(2, ge=1)
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    cutout: int = Field(0, ge=0, description="side of the Cutout square in pixels; 0: off")
+    fill: Literal["mean", "zero"] = Field(
+        "mean", description="pixel value of Cutout and of areas uncovered by geometric ops: the training mean "
+        "(= 0 after normalisation, as the official Cutout code) or black")
 
 
 class ModelCfg(Section):

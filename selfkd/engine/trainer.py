@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from ..data import ArrayDataset, BatchAugment, apply_label_noise, load_dataset
+from ..data import ArrayDataset, BatchAugment, apply_label_noise, build_policy, load_dataset
+from ..data.policies import Policy
 from ..errors import ConfigError, SelfKDError, TrainingError
 from ..methods import Batch, Method, build_method, method_class
 from ..models import build_model
@@ -76,6 +77,7 @@ class Setup:
     clean_labels: torch.Tensor
     num_classes: int
     augment: BatchAugment
+    policies: list[Policy]  # uint8 -> uint8, before crop/flip/normalise
     model: nn.Module
     method: Method
     channels_last: bool
@@ -103,6 +105,13 @@ def build(cfg: Config) -> Setup:
         flip=bundle.default_augment["flip"] if aug.flip is None else aug.flip,
         mean=bundle.mean, std=bundle.std,
     )
+    fill = [round(255 * m) for m in bundle.mean] if aug.fill == "mean" else 0
+    policies = []
+    if aug.policy != "none":
+        kwargs = {"num_ops": aug.randaugment_ops, "magnitude": aug.randaugment_magnitude} if aug.policy == "randaugment" else {}
+        policies.append(build_policy(aug.policy, fill=fill, **kwargs))
+    if aug.cutout:
+        policies.append(build_policy("cutout", size=aug.cutout, fill=fill))
     torch.manual_seed(cfg.train.seed)  # model init is part of the seeded run
     model = build_model(cfg.model.name, num_classes=bundle.num_classes, in_channels=bundle.channels)
     method = build_method(cfg.method.name, **cfg.method.params())
@@ -112,7 +121,8 @@ def build(cfg: Config) -> Setup:
     channels_last = cl == "on" or (cl == "auto" and bundle.image_size >= 16)
     amp = cfg.train.amp
     amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
-    return Setup(cfg, device, train, bundle.test, clean, bundle.num_classes, augment, model, method, channels_last, amp_dtype)
+    return Setup(cfg, device, train, bundle.test, clean, bundle.num_classes, augment, policies, model, method,
+                 channels_last, amp_dtype)
 
 
 def _rng_state(gens: dict[str, torch.Generator]) -> dict[str, Any]:
@@ -257,6 +267,8 @@ class Trainer:
         aug_gen = self.gens["augment"]
 
         def augment(raw: torch.Tensor) -> torch.Tensor:
+            for policy in s.policies:
+                raw = policy(raw, aug_gen)
             return self._prep(s.augment(raw, aug_gen))
 
         t0 = time.perf_counter()

@@ -1,0 +1,517 @@
+"""``selfkd sweep FILE``: a grid of runs from one YAML file, validated up front, resumable, one progress view.
+
+A sweep file::
+
+    out: runs/noise-study          # root of the run directories; relative to the sweep file's folder
+    preset: cpu-short              # optional, below ``base``
+    base:                          # config layers, like a --config file (nested sections or dotted keys)
+      data: {name: digits}
+      train: {epochs: 10}
+    grid:                          # axes: dotted config key -> list of values; the runs are the product
+      data.noise.rate: [0.0, 0.4]
+      train.seed: [0, 1, 2]
+    variants:                      # optional named axes whose values set several keys at once
+      method:
+        - {method.name: ce}
+        - {name: dlb-T4, method.name: dlb, method.temperature: 4}   # `name`: the label (optional)
+
+Layers per run: defaults < preset < base < the run's axis values. No two axes may set the same key.
+
+Run directories are ``OUT/<axis>=<label>/<axis>=<label>/...``: variant axes first, then grid axes, in the
+file's order, with ``train.seed`` always last, e.g. ``OUT/method=dlb-T4/data.noise.rate=0.4/train.seed=1``.
+Labels are the values as written (floats via ``repr``, lists joined with ``+``); a label with characters
+outside ``[A-Za-z0-9._,+=-]`` or longer than 48 characters is cleaned and gets a short hash of the value.
+A variant without ``name`` is labelled by its values (``dlb,temperature=4``). Runs execute with the seed
+axis outermost (every group gets its first seed before any gets its second).
+
+Everything is checked before anything runs or is written: unknown top-level keys, unknown config keys
+in ``base`` and in every axis, every run's resolved config (a typo in the last grid value fails at
+once), and that an existing run directory holds the same config. Then ``OUT/sweep.yaml`` (the
+resolved spec), ``OUT/runs.json`` (run name -> axis values and status) and every run's
+``config.yaml`` are written, so a report shows the runs that have not started yet.
+
+Per run: ``summary.json`` exists -> skipped; ``checkpoint.pt`` exists -> resumed exactly; otherwise
+started fresh (a run that failed before is retried). A run that raises a :class:`SelfKDError` (e.g. a
+non-finite loss, a missing data set) or runs out of GPU memory gets ``RUN/failed.json`` with the
+one-line error and the sweep goes on; the result counts finished (trained from scratch), resumed
+(continued and finished), skipped (already finished) and failed runs. Ctrl-C stops the sweep; the
+interrupted run resumes from its last checkpoint next time.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel
+
+from ..errors import ConfigError, SelfKDError
+from . import checkpoint as ckpt
+from .config import Config, MethodCfg, build_config, load_yaml, presets, save_yaml
+from .trainer import CHECKPOINT, CONFIG, SUMMARY
+
+FAILED = "failed.json"
+RUNS = "runs.json"
+SPEC = "sweep.yaml"
+TOP_KEYS = ("out", "preset", "base", "grid", "variants")
+SEED_KEY = "train.seed"
+_SAFE = re.compile(r"[^A-Za-z0-9._,+=-]")
+_MAX_LABEL = 48
+
+
+# ---------------------------------------------------------------------------------------------
+# keys and labels
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1, "a.c": 2}`` -> ``{"a": {"b": 1, "c": 2}}``."""
+    tree: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"key '{key}': '{p}' is set both as a value and as a section")
+        node[parts[-1]] = copy.deepcopy(value)
+    return tree
+
+
+def _expand(layer: dict[str, Any], where: str) -> dict[str, Any]:
+    """A config layer whose keys may be dotted at any level -> nested sections."""
+    out: dict[str, Any] = {}
+    for key, value in layer.items():
+        if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"{where}: bad key {key!r}")
+        if isinstance(value, dict):
+            value = _expand(value, where)
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def _check_key(key: Any, where: str) -> str:
+    """A dotted config key must name a config field (``method.*`` is checked by the method's Params)."""
+    if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"{where}: bad key {key!r}; expected a dotted config key such as 'optim.lr'")
+    model: type[BaseModel] = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if model is MethodCfg:
+            return key
+        fields = model.model_fields
+        if part not in fields:
+            at = ".".join(parts[: i + 1])
+            raise ConfigError(f"{where}: unknown config key '{key}' (no '{at}'; known here: {', '.join(fields)})")
+        ann = fields[part].annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif i < len(parts) - 1:
+            raise ConfigError(f"{where}: unknown config key '{key}' ('{'.'.join(parts[: i + 1])}' is a value, not a section)")
+    return key
+
+
+def _check_tree(tree: dict[str, Any], where: str, prefix: str = "") -> None:
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        _check_key(key, where)
+        if isinstance(v, dict) and not key.startswith("method."):
+            _check_tree(v, where, key + ".")
+
+
+def _raw_label(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "+".join(_raw_label(v) for v in value) or "empty"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_raw_label(v)}" for k, v in value.items())
+    return str(value)
+
+
+def label(value: Any) -> str:
+    """A filesystem-safe, readable and (with its hash suffix when cleaned) unambiguous label."""
+    raw = _raw_label(value)
+    safe = _SAFE.sub("_", raw)[:_MAX_LABEL].strip(".") or "_"
+    if safe != raw:
+        digest = hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:6]
+        safe = f"{safe}_{digest}"
+    return safe
+
+
+def _variant_label(entry: dict[str, Any]) -> str:
+    parts = []
+    for i, (k, v) in enumerate(entry.items()):
+        last = k.split(".")[-1]
+        parts.append(_raw_label(v) if last == "name" and i == 0 else f"{last}={_raw_label(v)}")
+    return label(",".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+@dataclass
+class Axis:
+    key: str  # a dotted config key (grid) or a variant axis name
+    labels: list[str]
+    sets: list[dict[str, Any]]  # per value: dotted key -> value
+    values: list[Any]  # per value: what runs.json shows (the grid value, or the variant's label)
+
+    @property
+    def keys(self) -> set[str]:
+        return {k for s in self.sets for k in s}
+
+
+@dataclass
+class Run:
+    name: str
+    dir: Path
+    axes: dict[str, Any]
+    sets: dict[str, Any]
+    cfg: Config
+    status: str = "pending"  # pending | finished | unfinished | failed | running | interrupted
+    error: str | None = None
+    order: tuple[int, ...] = ()
+
+
+@dataclass
+class Sweep:
+    path: Path
+    out: Path
+    preset: str | None
+    base: dict[str, Any]
+    axes: list[Axis]
+    runs: list[Run] = field(default_factory=list)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "source": str(self.path), "out": str(self.out), "preset": self.preset, "base": self.base,
+            "axes": [
+                {"key": a.key, "values": [{"label": lab, "set": s} for lab, s in zip(a.labels, a.sets)]}
+                for a in self.axes
+            ],
+            "runs": len(self.runs),
+        }
+
+    def table(self) -> dict[str, Any]:
+        return {
+            "sweep": str(self.path), "out": str(self.out), "axes": [a.key for a in self.axes],
+            "runs": {r.name: {"dir": r.name, "axes": r.axes, "status": r.status,
+                              **({"error": r.error} if r.error else {})} for r in self.runs},
+        }
+
+
+def _grid_axis(key: Any, values: Any, where: str) -> Axis:
+    _check_key(key, f"{where}: grid")
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: grid '{key}': expected a non-empty list of values, got {values!r}")
+    labels = [label(v) for v in values]
+    _unique(labels, values, f"{where}: grid '{key}'")
+    return Axis(key, labels, [{key: v} for v in values], list(values))
+
+
+def _variant_axis(name: Any, entries: Any, where: str) -> Axis:
+    if not isinstance(name, str) or not name or _SAFE.search(name):
+        raise ConfigError(f"{where}: variants: bad axis name {name!r}; use letters, digits and ._-")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: variants '{name}': expected a non-empty list of mappings")
+    labels, sets = [], []
+    for i, entry in enumerate(entries):
+        at = f"{where}: variants '{name}' entry {i + 1}"
+        if not isinstance(entry, dict) or not entry:
+            raise ConfigError(f"{at}: expected a mapping of dotted config keys to values, got {entry!r}")
+        entry = dict(entry)
+        given = entry.pop("name", None)
+        entry = _flatten(_expand(entry, at))  # nested sections or dotted keys -> dotted leaves
+        if not entry:
+            raise ConfigError(f"{at}: sets no config key")
+        for k in entry:
+            _check_key(k, at)
+        labels.append(label(given) if given is not None else _variant_label(entry))
+        sets.append(entry)
+    _unique(labels, sets, f"{where}: variants '{name}'")
+    return Axis(name, labels, sets, labels)
+
+
+def _unique(labels: list[str], values: list[Any], where: str) -> None:
+    seen: dict[str, Any] = {}
+    for lab, v in zip(labels, values):
+        if lab in seen:
+            raise ConfigError(f"{where}: {seen[lab]!r} and {v!r} give the same directory name '{lab}'")
+        seen[lab] = v
+
+
+def _overlap(axes: list[Axis], where: str) -> None:
+    owner: dict[str, str] = {}
+    for a in axes:
+        for k in a.keys:
+            for other, who in owner.items():
+                if who != a.key and (k == other or k.startswith(other + ".") or other.startswith(k + ".")):
+                    raise ConfigError(f"{where}: axes '{who}' and '{a.key}' both set '{min(k, other, key=len)}'")
+            owner.setdefault(k, a.key)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _normal(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Flattened config, with the auto-filled teacher path (``RUN/teacher``) treated as unset."""
+    flat = _flatten(cfg)
+    teacher = flat.get("method.teacher")
+    if isinstance(teacher, str) and Path(teacher).resolve() == (run_dir / "teacher").resolve():
+        flat["method.teacher"] = None
+    return flat
+
+
+def _check_existing(run: Run, where: str) -> None:
+    """An existing run directory must hold the config this sweep would give it (no silent mixing)."""
+    path = run.dir / CONFIG
+    if not path.is_file():
+        return
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{where}: run {run.name}: {path} is not valid YAML") from None
+    a, b = _normal(old, run.dir), _normal(run.cfg.to_dict(), run.dir)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"{where}: run {run.name} already exists with another config ({k}: {a.get(k, '<unset>')!r} there, "
+            f"{b.get(k, '<unset>')!r} now{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); "
+            f"restore the sweep file or move {run.dir} away"
+        )
+
+
+def plan(path: str | Path, out: str | Path | None = None) -> Sweep:
+    """Parse and validate a sweep file and every run it implies; reads run directories, writes nothing."""
+    path = Path(path)
+    where = f"sweep {path}"
+    spec = load_yaml(path)
+    unknown = [k for k in spec if k not in TOP_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'; known: {', '.join(TOP_KEYS)}")
+    if out is not None:
+        root = Path(out)
+    else:
+        given = spec.get("out")
+        if not isinstance(given, str) or not given:
+            raise ConfigError(f"{where}: 'out' is required: the folder of the run directories "
+                              "(relative to the sweep file's folder)")
+        root = Path(given) if Path(given).is_absolute() else path.parent / given
+    preset = spec.get("preset")
+    layers: list[dict[str, Any]] = []
+    if preset is not None:
+        table = presets()
+        if preset not in table:
+            raise ConfigError(f"{where}: preset: unknown preset {preset!r}; known: {', '.join(table)}")
+        layers.append(table[preset])
+    base = spec.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{where}: base: expected a mapping of config sections, got {type(base).__name__}")
+    base = _expand(base, f"{where}: base")
+    _check_tree(base, f"{where}: base")
+    layers.append(base)
+
+    grid = spec.get("grid") or {}
+    variants = spec.get("variants") or {}
+    for name, value in (("grid", grid), ("variants", variants)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {name}: expected a mapping, got {type(value).__name__}")
+    axes = [_variant_axis(k, v, where) for k, v in variants.items()]
+    taken = {a.key for a in axes}
+    for k, v in grid.items():
+        if k in taken:
+            raise ConfigError(f"{where}: grid '{k}' has the name of a variants axis")
+        axes.append(_grid_axis(k, v, where))
+    axes.sort(key=lambda a: a.key == SEED_KEY)  # stable: the seed axis last
+    _overlap(axes, where)
+
+    sweep = Sweep(path, root, preset, base, axes)
+    seed_pos = next((i for i, a in enumerate(axes) if a.key == SEED_KEY), None)
+    names: set[str] = set()
+    for combo in itertools.product(*(range(len(a.labels)) for a in axes)):
+        name = "/".join(f"{a.key}={a.labels[i]}" for a, i in zip(axes, combo)) or "run"
+        if name.lower() in names:  # also on case-insensitive file systems
+            raise ConfigError(f"{where}: two runs share the directory name {name!r}")
+        names.add(name.lower())
+        sets: dict[str, Any] = {}
+        for a, i in zip(axes, combo):
+            sets.update(a.sets[i])
+        try:
+            cfg = build_config(*layers, _nest(sets), source=f"{where}: run {name}")
+        except ConfigError as err:
+            msg = str(err)
+            raise ConfigError(msg if msg.startswith(where) else f"{where}: run {name}: {msg}") from None
+        order = combo if seed_pos is None else (combo[seed_pos], *combo[:seed_pos], *combo[seed_pos + 1:])
+        run = Run(name, root / name, {a.key: a.values[i] for a, i in zip(axes, combo)}, sets, cfg, order=order)
+        _check_existing(run, where)
+        run.status = _status(run.dir)
+        if run.status == "failed":
+            run.error = _failure(run.dir)
+        sweep.runs.append(run)
+    sweep.runs.sort(key=lambda r: r.order)
+    return sweep
+
+
+def _status(run_dir: Path) -> str:
+    if (run_dir / SUMMARY).exists():
+        return "finished"
+    if (run_dir / FAILED).exists():
+        return "failed"
+    if (run_dir / CHECKPOINT).exists():
+        return "unfinished"
+    return "pending"
+
+
+def _failure(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / FAILED).read_text()).get("error")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+_EPOCH = re.compile(r"^epoch (\d+)/(\d+)")
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (SelfKDError, oom) if oom is not None else (SelfKDError,)
+
+
+def run_sweep(path: str, *, only_plan: bool = False, progress: bool | None = None,
+              log: Callable[[str], None] | None = None, out: str | None = None) -> dict[str, Any]:
+    """Run (or with ``only_plan`` just list) the sweep in ``path``; see the module docstring.
+
+    ``out`` replaces the file's ``out`` (relative to the current directory). ``progress=None``: a bar
+    over runs when stderr is a terminal, plain lines otherwise. Returns ``{"out", "total", "finished",
+    "resumed", "skipped", "failed", "pending", "runs": {name: {"dir", "axes", "status"[, "error"]}}}``:
+    ``finished`` counts runs trained from scratch now, ``resumed`` runs continued and finished now,
+    ``skipped`` runs finished before, ``pending`` (with ``only_plan``) runs still to do. The CLI exits
+    non-zero when ``failed`` > 0.
+    """
+    from .trainer import train_run
+
+    sweep = plan(path, out=out)
+    counts = {"finished": 0, "resumed": 0, "skipped": 0, "failed": 0, "pending": 0}
+    total = len(sweep.runs)
+    use_bar = sys.stderr.isatty() if progress is None else progress
+    bar = None
+
+    def say(msg: str) -> None:
+        if log is not None:
+            log(msg)
+        elif bar is not None:
+            bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    done_before = sum(r.status == "finished" for r in sweep.runs)
+    if only_plan:
+        counts["skipped"] = done_before
+        counts["pending"] = total - done_before
+        say(f"sweep {sweep.out}: {total} runs ({done_before} finished, "
+            f"{sum(r.status == 'unfinished' for r in sweep.runs)} to resume)")
+        for r in sweep.runs:
+            say(f"  {r.name}  [{r.status}{': ' + r.error if r.error else ''}]")
+        return _result(sweep, counts)
+
+    ckpt.write_text(sweep.out / SPEC, yaml.safe_dump(sweep.spec(), sort_keys=False))
+    for r in sweep.runs:  # every run's resolved config, so a report lists runs not started yet
+        if not (r.dir / CONFIG).exists():
+            ckpt.write_text(r.dir / CONFIG, save_yaml(r.cfg))
+    ckpt.write_json(sweep.out / RUNS, sweep.table())
+    say(f"sweep {sweep.out}: {total} runs, {done_before} already finished, "
+        f"{sum(r.status == 'unfinished' for r in sweep.runs)} to resume")
+    if use_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=done_before, desc="sweep", unit="run", dynamic_ncols=True, file=sys.stderr)
+    try:
+        for k, r in enumerate(sweep.runs, start=1):
+            if r.status == "finished":
+                counts["skipped"] += 1
+                continue
+            resume = (r.dir / CHECKPOINT).exists()
+            (r.dir / FAILED).unlink(missing_ok=True)
+            r.status, r.error = "running", None
+            ckpt.write_json(sweep.out / RUNS, sweep.table())
+            tag = f"[{k}/{total}] {r.name}"
+            if bar is not None:
+                bar.set_postfix_str(f"{r.name}{' (resuming)' if resume else ''}")
+            else:
+                say(f"{tag}: {'resuming' if resume else 'starting'}")
+
+            def collect(msg: str, _name: str = r.name) -> None:
+                m = _EPOCH.match(msg)
+                if m and bar is not None:
+                    bar.set_postfix_str(f"{_name} epoch {m.group(1)}/{m.group(2)}")
+
+            t0 = time.perf_counter()
+            try:
+                summary = train_run(r.cfg, r.dir, resume=resume, progress=False, log=collect)
+            except _failures() as err:
+                r.status, r.error = "failed", _one_line(err)
+                ckpt.write_json(r.dir / FAILED, {"error": r.error, "seconds": time.perf_counter() - t0})
+                counts["failed"] += 1
+                say(f"{tag}: FAILED: {r.error}")
+            else:
+                r.status = "finished"
+                counts["resumed" if resume else "finished"] += 1
+                say(f"{tag}: last acc {summary['last_acc']:.2f} | best acc {summary['best_acc']:.2f} | "
+                    f"{time.perf_counter() - t0:.1f}s")
+            if bar is not None:
+                bar.update(1)
+            ckpt.write_json(sweep.out / RUNS, sweep.table())
+    except KeyboardInterrupt:
+        for r in sweep.runs:
+            if r.status == "running":
+                r.status = "interrupted"
+        ckpt.write_json(sweep.out / RUNS, sweep.table())
+        if bar is not None:
+            bar.close()
+            bar = None
+        say(f"sweep {sweep.out}: interrupted; run it again to resume")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+            bar = None
+    say(f"sweep {sweep.out}: {counts['finished']} finished, {counts['resumed']} resumed, "
+        f"{counts['skipped']} skipped, {counts['failed']} failed")
+    return _result(sweep, counts)
+
+
+def _result(sweep: Sweep, counts: dict[str, int]) -> dict[str, Any]:
+    return {"out": str(sweep.out), "total": len(sweep.runs), **counts, "runs": sweep.table()["runs"]}
