@@ -50,6 +50,10 @@ class AugmentCfg(Section):
     randaugment_ops: int = Field(2, ge=1)
     randaugment_magnitude: int = Field(9, ge=0, le=30)
     cutout: int = Field(0, ge=0, description="side of the Cutout square in pixels; 0: off")
+    mix: Literal["none", "mixup", "cutmix"] = Field(
+        "none", description="batch mixing after normalisation; each method defines its distillation target for mixed rows")
+    mix_alpha: float = Field(1.0, gt=0, description="Beta(α, α) of the mixing coefficient")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed")
     fill: Literal["mean", "zero"] = Field(
         "mean", description="pixel value of Cutout and of areas uncovered by geometric ops: the training mean "
         "(= 0 after normalisation, as the official Cutout code) or black")

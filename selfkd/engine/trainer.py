@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from ..data import ArrayDataset, BatchAugment, apply_label_noise, build_policy, load_dataset
+from ..data import ArrayDataset, BatchAugment, Mixer, apply_label_noise, build_mixer, build_policy, load_dataset
 from ..data.policies import Policy
 from ..errors import ConfigError, SelfKDError, TrainingError
 from ..methods import Batch, Method, build_method, method_class
@@ -78,6 +78,7 @@ class Setup:
     num_classes: int
     augment: BatchAugment
     policies: list[Policy]  # uint8 -> uint8, before crop/flip/normalise
+    mixer: Mixer | None  # mixup/CutMix on the normalised batch, applied through the method
     model: nn.Module
     method: Method
     channels_last: bool
@@ -112,17 +113,20 @@ def build(cfg: Config) -> Setup:
         policies.append(build_policy(aug.policy, fill=fill, **kwargs))
     if aug.cutout:
         policies.append(build_policy("cutout", size=aug.cutout, fill=fill))
+    mixer = build_mixer(aug.mix, alpha=aug.mix_alpha, prob=aug.mix_prob) if aug.mix != "none" else None
     torch.manual_seed(cfg.train.seed)  # model init is part of the seeded run
     model = build_model(cfg.model.name, num_classes=bundle.num_classes, in_channels=bundle.channels)
     method = build_method(cfg.method.name, **cfg.method.params())
+    if mixer is not None and not type(method).supports_mix:
+        raise ConfigError(f"augment.mix={aug.mix}: method '{method.name}' does not define targets for mixed samples")
     method.setup(num_samples=len(train), num_classes=bundle.num_classes, epochs=cfg.train.epochs)
     model = method.prepare_model(model)
     cl = cfg.train.channels_last
     channels_last = cl == "on" or (cl == "auto" and bundle.image_size >= 16)
     amp = cfg.train.amp
     amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
-    return Setup(cfg, device, train, bundle.test, clean, bundle.num_classes, augment, policies, model, method,
-                 channels_last, amp_dtype)
+    return Setup(cfg, device, train, bundle.test, clean, bundle.num_classes, augment, policies, mixer, model,
+                 method, channels_last, amp_dtype)
 
 
 def _rng_state(gens: dict[str, torch.Generator]) -> dict[str, Any]:
@@ -276,6 +280,8 @@ class Trainer:
             x_raw = x_raw.to(dev, non_blocking=True)
             y = y.to(dev, non_blocking=True)
             batch = Batch(augment(x_raw), y, idx, raw=x_raw, augment=augment)
+            if s.mixer is not None:
+                batch = self.method.mix(batch, s.mixer, aug_gen)
             with self._autocast():
                 out = self.method.train_step(self.forward_model, batch)
             self.opt.zero_grad(set_to_none=True)

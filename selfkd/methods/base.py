@@ -16,7 +16,7 @@ docstring holds the formula, the paper and the defaults.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, Sampler
 
+from ..data.mixing import Mix, Mixer
 from ..errors import ConfigError
 
 
@@ -46,6 +47,7 @@ class Batch:
     index: Tensor | None = None
     raw: Tensor | None = None
     augment: Callable[[Tensor], Tensor] | None = None
+    mix: Mix | None = None  # set when the rows of ``x`` are mixtures (mixup/CutMix)
 
 
 @dataclass
@@ -76,6 +78,8 @@ class Method:
     name: ClassVar[str] = ""
     formula: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
+    #: the method defines the targets of mixed rows (``batch.mix``); others refuse mixup/CutMix
+    supports_mix: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         try:
@@ -112,6 +116,12 @@ class Method:
         """Batches of dataset indices. Methods that shape their batches override this;
         ``labels`` (the training labels, indexed like the data set) serve class-aware samplers."""
         return BatchSampler(sampler, batch_size, drop_last)
+
+    def mix(self, batch: Batch, mixer: Mixer, generator: torch.Generator) -> Batch:
+        """Mix the batch (mixup/CutMix) the way this method's targets need. Default: the whole batch,
+        with one permutation and coefficient; ``batch.mix`` records it for the loss."""
+        x, mix = mixer(batch.x, generator)
+        return replace(batch, x=x, mix=mix)
 
     # -- training ----------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
