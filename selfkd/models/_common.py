@@ -5,7 +5,7 @@ Nothing here is public API: the registry in :mod:`selfkd.models` is.
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -33,3 +33,12 @@ def init_conv_bn(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def stage_outputs(stages: nn.ModuleList, x: Tensor) -> list[Tensor]:
+    """Run ``x`` through ``stages`` in order and return every stage's output (for multi-exit heads)."""
+    outs = []
+    for stage in stages:
+        x = stage(x)
+        outs.append(x)
+    return outs

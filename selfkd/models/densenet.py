@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import conv1x1, conv3x3, init_conv_bn
+from ._common import conv1x1, conv3x3, init_conv_bn, stage_outputs
 
 __all__ = ["DenseNet", "densenet40"]
 
@@ -122,12 +122,7 @@ class DenseNet(nn.Module):
 
     def features(self, x: Tensor) -> list[Tensor]:
         """The output of each dense block, in order."""
-        x = self.stem(x)
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
+        return stage_outputs(self.stages, self.stem(x))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(self.features(x)[-1])

@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import conv1x1, conv3x3, init_conv_bn
+from ._common import conv1x1, conv3x3, init_conv_bn, stage_outputs
 
 __all__ = [
     "BasicBlock",
@@ -180,12 +180,7 @@ class ResNet(nn.Module):
 
     def features(self, x: Tensor) -> list[Tensor]:
         """The output of each of the 3 stages (after the stem), in order."""
-        x = self.stem(x)
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
+        return stage_outputs(self.stages, self.stem(x))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)[-1]

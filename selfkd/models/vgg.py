@@ -43,7 +43,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from ._common import conv3x3, init_conv_bn
+from ._common import conv3x3, init_conv_bn, stage_outputs
 
 __all__ = ["VGG", "vgg16", "vgg19"]
 
@@ -107,11 +107,7 @@ class VGG(nn.Module):
 
     def features(self, x: Tensor) -> list[Tensor]:
         """The output of each of the 5 stages, in order."""
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
+        return stage_outputs(self.stages, x)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)[-1]
