@@ -254,3 +254,53 @@ def test_augmentation_policies_are_seeded_and_resume_exactly(tmp_path, policy):
                           "optim": {"batch_size": 32}, "train": {"epochs": 2, "device": "cpu"}})
     train_run(plain, tmp_path / "plain", progress=False, log=lambda m: None)
     assert metrics(tmp_path / "plain") != metrics(tmp_path / "ref")  # the policy really changed the inputs
+
+
+def _image_tree(root: Path, corrupt: bool = False) -> None:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(d / f"{i}.png")
+    if corrupt:
+        (root / "train" / "cat" / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+
+
+def _malicious_cifar(root: Path) -> None:
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(root / "pwned"),))
+
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"):
+        (d / name).write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("corrupt", "bad.jpg"),
+    ("empty", "train"),
+    ("pickle", "refused to unpickle"),
+])
+def test_bad_data_is_one_line_and_writes_nothing(tmp_path, capsys, case, needle):
+    data = tmp_path / "data"
+    data.mkdir()
+    if case == "corrupt":
+        _image_tree(data, corrupt=True)
+        args = ["--data", "imagefolder", "--data-dir", str(data), "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    elif case == "empty":
+        args = ["--data", "imagefolder", "--data-dir", str(data), "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    else:
+        _malicious_cifar(data)
+        args = ["--data", "cifar10", "--data-dir", str(data)]
+    run = tmp_path / "run"
+    code, _, err = _run_cli(["train", *args, "--model", "resnet8", "--out", str(run), "--no-progress"], capsys)
+    assert code == 2 and err.startswith("selfkd: error: ") and err.count("\n") == 1 and needle in err, err
+    assert not run.exists()
+    assert not (data / "pwned").exists()
