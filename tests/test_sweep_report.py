@@ -188,7 +188,7 @@ def test_a_bad_sweep_fails_before_anything_runs_and_writes_nothing(tmp_path, cha
 
 def test_only_plan_lists_the_runs_and_writes_nothing(tmp_path):
     path = write_sweep(tmp_path / "s", preset="cpu-short",
-                       base={**BASE, "train": {"epochs": 2, "device": "cpu"}},
+                       base={**BASE, "train": {"epochs": 2, "device": "cpu"}, "optim.lr": 0.02},  # dotted keys too
                        grid={"data.noise.rate": [0.0, 0.4], "train.seed": [3]},
                        variants={"method": [{"method.name": "ce"}, {"method.name": "dlb", "method.temperature": 4}]})
     lines: list[str] = []
@@ -206,6 +206,7 @@ def test_only_plan_lists_the_runs_and_writes_nothing(tmp_path):
     sweep = plan(path)
     cfg = next(r.cfg for r in sweep.runs if r.name.startswith("method=dlb"))
     assert cfg.method.params()["temperature"] == 4 and cfg.schedule.warmup_epochs == 1  # the preset applies
+    assert cfg.optim.lr == 0.02 and cfg.optim.batch_size == 32
     assert sweep.out == tmp_path / "s" / "runs"  # relative to the sweep file's folder
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``selfkd train | demo | methods | models | presets``.
+"""Command line: ``selfkd train | sweep | report | demo | methods | models | presets``.
 
 Errors a user can fix print one line (``selfkd: error: ...``) and exit 2; ``--debug`` shows the
 traceback instead.
@@ -88,6 +88,22 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from ..engine.sweep import run_sweep
+
+    result = run_sweep(a.file, only_plan=a.plan, progress=False if a.no_progress else None, out=a.out,
+                       log=print if a.plan else None)
+    return 1 if result["failed"] else 0  # some runs failed (see RUN/failed.json); the rest ran
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from ..engine.report import build_report
+
+    build_report(a.dirs, out=a.out)
+    print(Path(a.out or Path(a.dirs[0]) / "report") / "report.md")
+    return 0
+
+
 def cmd_methods(a: argparse.Namespace) -> int:
     from ..methods import available_methods, method_class
 
@@ -135,6 +151,18 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run", parents=[common])
     _train_args(t)
     t.set_defaults(func=cmd_train)
+    w = sub.add_parser("sweep", help="run a grid of configs from a sweep file (skips finished runs, resumes the rest)",
+                       parents=[common])
+    w.add_argument("file", metavar="SWEEP_FILE", help="YAML: out, preset, base, grid, variants")
+    w.add_argument("--plan", action="store_true", help="list the runs and their status; run nothing, write nothing")
+    w.add_argument("--out", metavar="DIR", help="root of the run directories (default: the file's `out`, "
+                                                "relative to the file's folder)")
+    w.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
+    w.set_defaults(func=cmd_sweep)
+    r = sub.add_parser("report", help="tables and plots (mean ± std over seeds) from run directories", parents=[common])
+    r.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding them (searched recursively)")
+    r.add_argument("--out", metavar="REPORT_DIR", help="where report.md and the plots go (default: FIRST_DIR/report)")
+    r.set_defaults(func=cmd_report)
     d = sub.add_parser("demo", help="CE vs DLB on digits, clean and 40%% symmetric noise", parents=[common])
     d.add_argument("--out", metavar="DIR", help="keep the runs here (default: a temporary directory)")
     d.add_argument("--epochs", type=int, default=30)

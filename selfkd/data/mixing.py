@@ -3,6 +3,7 @@
     mixer = build_mixer("cutmix", alpha=1.0)
     x, mix = mixer(x, generator)                  # x: float [B, C, H, W] after BatchAugment
     loss = mixed_cross_entropy(model(x), y, mix)  # lam * CE(., y) + (1 - lam) * CE(., y[mix.index])
+    x2_mixed = remix(x2, mix)                     # the very same mixing on another view of the same rows
 
 Row ``i`` of a mixed batch is ``lam * x[i] + (1 - lam) * x[mix.index[i]]`` (mixup) or ``x[i]`` with
 one box pasted from ``x[mix.index[i]]`` (CutMix; the same box for the whole batch, as the official
@@ -19,6 +20,11 @@ squeeze/rejection method from generator-driven normals and uniforms (for shape <
 ``Gamma(k) = Gamma(k + 1) * U^(1/k)``), in float64 and in log space (``lam = sigmoid(log X - log Y)``),
 so tiny ``alpha`` (U^(1/k) underflow) stays finite. The number of rejection rounds is random but
 fixed by the generator state, so the draws are reproducible.
+
+A :class:`Mix` records everything needed to apply the same mixing again (:func:`remix`): the kind, the
+permutation, ``lam`` and, for CutMix, the box. A batch made of consecutive blocks, each mixed within
+itself (DLB's repeated and new rows, CS-KD's anchors and partners), is a :class:`MixBlocks`; the
+target helpers (:func:`mixed_cross_entropy`, :func:`mix_targets`, :func:`mix_rows`) take either.
 """
 from __future__ import annotations
 
@@ -31,8 +37,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError, DataError
 from .policies import _draw_device
 
-__all__ = ["MIXERS", "Mix", "Mixer", "build_mixer", "cutmix", "mix_targets", "mixed_cross_entropy", "mixup",
-           "sample_beta"]
+__all__ = ["MIXERS", "Mix", "MixBlocks", "Mixer", "build_mixer", "cutmix", "mix_from_state", "mix_rows",
+           "mix_state", "mix_targets", "mixed_cross_entropy", "mixed_log_probs", "mixup", "remix", "sample_beta"]
 
 Tensor = torch.Tensor
 
@@ -40,10 +46,46 @@ Tensor = torch.Tensor
 @dataclass
 class Mix:
     """How a batch was mixed: row ``i`` keeps ``lam`` of sample ``i`` and ``1 - lam`` of sample
-    ``index[i]``. ``index``: int64 permutation ``[B]`` on the batch's device; ``lam`` in [0, 1]."""
+    ``index[i]``. ``index``: int64 permutation ``[B]`` on the batch's device; ``lam`` in [0, 1].
+
+    ``kind``: ``"mixup"`` (``lam * x + (1 - lam) * x[index]``; the default, so a hand-built
+    ``Mix(index, lam)`` is a mixup), ``"cutmix"`` (rows ``box = (y0, y1, x0, x1)`` of ``x[index]`` pasted
+    into every row: ``x[:, :, y0:y1, x0:x1]``) or ``"none"`` (no mixing: identity index, ``lam = 1``).
+    :func:`remix` applies the same mixing to another batch of the same rows.
+    """
 
     index: Tensor
     lam: float
+    kind: str = "mixup"
+    box: tuple[int, int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in MIXERS:
+            raise ConfigError(f"Mix: kind must be one of {', '.join(MIXERS)} (got {self.kind!r})")
+        if (self.kind == "cutmix") != (self.box is not None):
+            raise ConfigError(f"Mix: a box (y0, y1, x0, x1) is needed for kind 'cutmix' and only for it "
+                              f"(got kind={self.kind!r}, box={self.box!r})")
+        if self.box is not None:
+            self.box = tuple(int(v) for v in self.box)  # type: ignore[assignment]
+            if len(self.box) != 4:
+                raise ConfigError(f"Mix: box must be (y0, y1, x0, x1) (got {self.box!r})")
+
+
+@dataclass
+class MixBlocks:
+    """A batch of ``rows`` rows whose consecutive blocks are each mixed within themselves:
+    ``blocks[k] = (start, mix)`` mixes rows ``start : start + len(mix.index)`` with ``mix`` (its
+    ``index`` counts from the block's first row). Rows in no block are unmixed."""
+
+    blocks: list[tuple[int, Mix]]
+    rows: int
+
+    def block(self, start: int) -> Mix:
+        """The mix of the block that starts at row ``start``."""
+        for s, m in self.blocks:
+            if s == start:
+                return m
+        raise KeyError(f"MixBlocks: no block starts at row {start}")
 
 
 # ==================================================================================================
@@ -110,7 +152,7 @@ def _skip(x: Tensor, generator: torch.Generator, gdev: torch.device, prob: float
 
 
 def _no_mix(x: Tensor) -> tuple[Tensor, Mix]:
-    return x, Mix(index=torch.arange(x.shape[0], device=x.device), lam=1.0)
+    return x, Mix(index=torch.arange(x.shape[0], device=x.device), lam=1.0, kind="none")
 
 
 def mixup(x: Tensor, generator: torch.Generator, alpha: float = 1.0, prob: float = 1.0) -> tuple[Tensor, Mix]:
@@ -124,7 +166,7 @@ def mixup(x: Tensor, generator: torch.Generator, alpha: float = 1.0, prob: float
     lam = float(sample_beta(alpha, alpha, generator, 1, gdev).item())
     index = torch.randperm(x.shape[0], generator=generator, device=gdev).to(x.device)
     mixed = x.mul(lam).add_(x.index_select(0, index), alpha=1.0 - lam)
-    return mixed, Mix(index=index, lam=lam)
+    return mixed, Mix(index=index, lam=lam, kind="mixup")
 
 
 def cutmix(x: Tensor, generator: torch.Generator, alpha: float = 1.0, prob: float = 1.0) -> tuple[Tensor, Mix]:
@@ -151,7 +193,44 @@ def cutmix(x: Tensor, generator: torch.Generator, alpha: float = 1.0, prob: floa
     mixed = x.clone()
     mixed[:, :, y0:y1, x0:x1] = x[index, :, y0:y1, x0:x1]
     kept = 1.0 - (x1 - x0) * (y1 - y0) / float(h * w)
-    return mixed, Mix(index=index, lam=kept)
+    return mixed, Mix(index=index, lam=kept, kind="cutmix", box=(y0, y1, x0, x1))
+
+
+def remix(x: Tensor, mix: Mix) -> Tensor:
+    """Apply ``mix`` (same kind, permutation, ``lam`` and CutMix box) to ``x``, a batch of the same rows
+    (e.g. a fresh augmentation of the same images). On the batch that made ``mix`` it reproduces the
+    mixer's output exactly. ``kind="none"`` returns ``x`` itself, as the mixers do."""
+    if not isinstance(mix, Mix):
+        raise DataError(f"remix: expected a Mix, got {type(mix).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] != mix.index.shape[0]:
+        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DataError(f"remix: expected a float batch of {mix.index.shape[0]} rows, got a {got}")
+    if mix.kind == "none":
+        return x
+    index = mix.index.to(x.device)
+    if mix.kind == "mixup":
+        return x.mul(mix.lam).add_(x.index_select(0, index), alpha=1.0 - mix.lam)
+    if x.dim() != 4:
+        raise DataError(f"remix: CutMix needs a float batch [B, C, H, W], got shape {tuple(x.shape)}")
+    y0, y1, x0, x1 = mix.box  # type: ignore[misc]
+    mixed = x.clone()
+    mixed[:, :, y0:y1, x0:x1] = x[index, :, y0:y1, x0:x1]
+    return mixed
+
+
+def mix_state(mix: Mix) -> dict:
+    """``mix`` as plain checkpoint-safe values (index on the CPU)."""
+    state = {"kind": mix.kind, "lam": float(mix.lam), "index": mix.index.detach().to("cpu", torch.int64).clone()}
+    if mix.box is not None:
+        state["box"] = list(mix.box)
+    return state
+
+
+def mix_from_state(state: dict) -> Mix:
+    """The inverse of :func:`mix_state`."""
+    box = state.get("box")
+    return Mix(index=state["index"].to(torch.int64), lam=float(state["lam"]), kind=str(state["kind"]),
+               box=None if box is None else tuple(int(v) for v in box))
 
 
 # ==================================================================================================
@@ -159,21 +238,69 @@ def cutmix(x: Tensor, generator: torch.Generator, alpha: float = 1.0, prob: floa
 # ==================================================================================================
 
 
-def mixed_cross_entropy(logits: Tensor, y: Tensor, mix: Mix) -> Tensor:
+def mix_rows(mix: Mix | MixBlocks, rows: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Per row ``i``: the partner row ``index[i]`` (int64, counted over the whole batch) and the weight
+    ``lam[i]`` (float32) that row ``i``'s own sample keeps; ``rows`` is the batch size (checked)."""
+    if isinstance(mix, Mix):
+        if mix.index.shape[0] != rows:
+            raise DataError(f"mix: the Mix covers {mix.index.shape[0]} rows but the batch has {rows}")
+        index = mix.index.to(device) if device is not None else mix.index
+        return index, torch.full((rows,), float(mix.lam), dtype=torch.float32, device=index.device)
+    if not isinstance(mix, MixBlocks):
+        raise DataError(f"mix: expected a Mix or MixBlocks, got {type(mix).__name__}")
+    if mix.rows != rows:
+        raise DataError(f"mix: the MixBlocks cover {mix.rows} rows but the batch has {rows}")
+    dev = device if device is not None else (mix.blocks[0][1].index.device if mix.blocks else "cpu")
+    index = torch.arange(rows, device=dev)
+    lam = torch.ones(rows, dtype=torch.float32, device=dev)
+    for start, m in mix.blocks:
+        n = m.index.shape[0]
+        if start < 0 or start + n > rows:
+            raise DataError(f"mix: a block of {n} rows at row {start} does not fit a batch of {rows}")
+        index[start:start + n] = m.index.to(dev) + start
+        lam[start:start + n] = float(m.lam)
+    return index, lam
+
+
+def mixed_cross_entropy(logits: Tensor, y: Tensor, mix: Mix | MixBlocks | None,
+                        label_smoothing: float = 0.0) -> Tensor:
     """``lam * CE(logits, y) + (1 - lam) * CE(logits, y[mix.index])``, each CE a mean over rows;
-    logits are upcast to float32 (bf16 under autocast)."""
+    logits are upcast to float32 (bf16 under autocast). With :class:`MixBlocks` (a ``lam`` per block)
+    the same per row, ``mean_i [lam_i CE_i(y_i) + (1 - lam_i) CE_i(y[index_i])]``. ``mix=None``: plain
+    CE. ``label_smoothing``: PyTorch's, on each of the two CE terms."""
     logits = logits.float()
-    ce = F.cross_entropy(logits, y)
-    if mix.lam == 1.0:
-        return ce
-    other = y.index_select(0, mix.index.to(y.device))
-    return mix.lam * ce + (1.0 - mix.lam) * F.cross_entropy(logits, other)
+    if mix is None:
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    if isinstance(mix, Mix):
+        ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if mix.lam == 1.0:
+            return ce
+        other = y.index_select(0, mix.index.to(y.device))
+        return mix.lam * ce + (1.0 - mix.lam) * F.cross_entropy(logits, other, label_smoothing=label_smoothing)
+    index, lam = mix_rows(mix, y.shape[0], y.device)
+    own = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+    other = F.cross_entropy(logits, y.index_select(0, index), reduction="none", label_smoothing=label_smoothing)
+    return (lam * own + (1.0 - lam) * other).mean()
 
 
-def mix_targets(y: Tensor, num_classes: int, mix: Mix) -> Tensor:
+def mix_targets(y: Tensor, num_classes: int, mix: Mix | MixBlocks) -> Tensor:
     """Soft targets ``lam * onehot(y) + (1 - lam) * onehot(y[mix.index])``, float32 ``[B, K]``."""
     oh = F.one_hot(y, num_classes).to(torch.float32)
-    return oh.mul(mix.lam).add_(oh.index_select(0, mix.index.to(y.device)), alpha=1.0 - mix.lam)
+    if isinstance(mix, Mix):
+        return oh.mul(mix.lam).add_(oh.index_select(0, mix.index.to(y.device)), alpha=1.0 - mix.lam)
+    index, lam = mix_rows(mix, y.shape[0], y.device)
+    return oh * lam[:, None] + oh.index_select(0, index) * (1.0 - lam[:, None])
+
+
+def mixed_log_probs(log_own: Tensor, log_other: Tensor, lam: Tensor | float) -> Tensor:
+    """``log(lam * exp(log_own) + (1 - lam) * exp(log_other))`` row-wise (``lam`` a float or a ``[B]``
+    tensor), in log space: the log of a mixture of two distributions (``lam`` 0 or 1 are exact)."""
+    lam_t = torch.as_tensor(lam, dtype=log_own.dtype, device=log_own.device)
+    if lam_t.dim() == 1:
+        lam_t = lam_t[:, None]
+    a = torch.where(lam_t > 0, log_own + torch.log(lam_t), torch.full_like(log_own, -math.inf))
+    b = torch.where(lam_t < 1, log_other + torch.log1p(-lam_t), torch.full_like(log_other, -math.inf))
+    return torch.logaddexp(a, b)
 
 
 # ==================================================================================================

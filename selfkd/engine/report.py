@@ -492,7 +492,7 @@ def plot_reliability(groups: list[Group], colors: list, path: Path) -> bool:
         return False
     ncols = min(4, len(items))
     nrows = math.ceil(len(items) / ncols)
-    fig = _figure(figsize=(3.3 * ncols, 3.6 * nrows))
+    fig = _figure(figsize=(3.4 * ncols, 4.0 * nrows + 0.4))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (g, c, rel) in zip(axes, items):
         width = 1.0 / rel["bins"]
@@ -500,9 +500,10 @@ def plot_reliability(groups: list[Group], colors: list, path: Path) -> bool:
         lefts = [b * width for b in used]
         acc = [rel["acc"][b] for b in used]
         gap = [rel["conf"][b] - rel["acc"][b] for b in used]
-        ax.bar(lefts, acc, width=width, align="edge", color=c, edgecolor="black", lw=0.5, label="accuracy")
-        ax.bar(lefts, gap, bottom=acc, width=width, align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red",
-               lw=0.5, hatch="//", label="gap to confidence")
+        ax.bar(lefts, acc, width=width, align="edge", color=c, alpha=0.7, edgecolor="black", lw=0.5, label="accuracy")
+        # the gap from each bin's accuracy to its mean confidence: hatched, unfilled, so the bar top stays visible
+        ax.bar(lefts, gap, bottom=acc, width=width, align="edge", fill=False, edgecolor="0.1", lw=0.6,
+               hatch="///", label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -515,7 +516,8 @@ def plot_reliability(groups: list[Group], colors: list, path: Path) -> bool:
                      fontsize=8)
     for ax in axes[len(items):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     fig.suptitle("Reliability diagrams (test set, last epoch)", fontsize=10)
     _save(fig, path)
     return True
@@ -569,7 +571,7 @@ def build_report(dirs: list[str], out: str | None = None) -> str:
 
     n_fin = sum(r.status == "finished" for r in runs)
     lines = ["# selfkd report", "",
-             f"Runs from {', '.join(f'`{d}`' for d in dirs)}: {len(runs)} runs in {len(groups)} group"
+             f"Runs from {', '.join(f'`{d}`' for d in dirs)}: {len(runs)} run{'s' if len(runs) != 1 else ''} in {len(groups)} group"
              f"{'s' if len(groups) != 1 else ''}, {n_fin} finished. A group is one config; its runs differ only "
              "in `train.seed`. Numbers: mean ± sample standard deviation over the finished runs of a group.", ""]
     if common:

@@ -26,9 +26,10 @@ axis outermost (every group gets its first seed before any gets its second).
 
 Everything is checked before anything runs or is written: unknown top-level keys, unknown config keys
 in ``base`` and in every axis, every run's resolved config (a typo in the last grid value fails at
-once), and that an existing run directory holds the same config. Then ``OUT/sweep.yaml`` (the
-resolved spec), ``OUT/runs.json`` (run name -> axis values and status) and every run's
-``config.yaml`` are written, so a report shows the runs that have not started yet.
+once), and that an existing run directory holds the same config (keys added to the config since
+then count with their defaults). Then ``OUT/sweep.yaml`` (the resolved spec; ``sweep.resolved.yaml``
+when the sweep file itself is ``OUT/sweep.yaml``), ``OUT/runs.json`` (run name -> axis values and
+status) and every run's ``config.yaml`` are written, so a report shows the runs not started yet.
 
 Per run: ``summary.json`` exists -> skipped; ``checkpoint.pt`` exists -> resumed exactly; otherwise
 started fresh (a run that failed before is retried). A run that raises a :class:`SelfKDError` (e.g. a
@@ -200,7 +201,7 @@ class Sweep:
 
     def spec(self) -> dict[str, Any]:
         return {
-            "source": str(self.path), "out": str(self.out), "preset": self.preset, "base": self.base,
+            "source": str(self.path.resolve()), "out": str(self.out.resolve()), "preset": self.preset, "base": self.base,
             "axes": [
                 {"key": a.key, "values": [{"label": lab, "set": s} for lab, s in zip(a.labels, a.sets)]}
                 for a in self.axes
@@ -294,6 +295,10 @@ def _check_existing(run: Run, where: str) -> None:
         old = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{where}: run {run.name}: {path} is not valid YAML") from None
+    try:  # fill keys added to the config since the run started with their defaults
+        old = build_config(old, source=str(path)).to_dict()
+    except (ConfigError, TypeError, AttributeError):
+        pass  # compare as written: the difference names the key
     a, b = _normal(old, run.dir), _normal(run.cfg.to_dict(), run.dir)
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
     if diff:
@@ -441,18 +446,21 @@ def run_sweep(path: str, *, only_plan: bool = False, progress: bool | None = Non
     if only_plan:
         counts["skipped"] = done_before
         counts["pending"] = total - done_before
-        say(f"sweep {sweep.out}: {total} runs ({done_before} finished, "
+        say(f"sweep {sweep.out}: {total} run{'s' if total != 1 else ''} ({done_before} finished, "
             f"{sum(r.status == 'unfinished' for r in sweep.runs)} to resume)")
         for r in sweep.runs:
             say(f"  {r.name}  [{r.status}{': ' + r.error if r.error else ''}]")
         return _result(sweep, counts)
 
-    ckpt.write_text(sweep.out / SPEC, yaml.safe_dump(sweep.spec(), sort_keys=False))
+    spec_path = sweep.out / SPEC
+    if spec_path.resolve() == sweep.path.resolve():  # never overwrite the sweep file itself
+        spec_path = sweep.out / "sweep.resolved.yaml"
+    ckpt.write_text(spec_path, yaml.safe_dump(sweep.spec(), sort_keys=False))
     for r in sweep.runs:  # every run's resolved config, so a report lists runs not started yet
         if not (r.dir / CONFIG).exists():
             ckpt.write_text(r.dir / CONFIG, save_yaml(r.cfg))
     ckpt.write_json(sweep.out / RUNS, sweep.table())
-    say(f"sweep {sweep.out}: {total} runs, {done_before} already finished, "
+    say(f"sweep {sweep.out}: {total} run{'s' if total != 1 else ''}, {done_before} already finished, "
         f"{sum(r.status == 'unfinished' for r in sweep.runs)} to resume")
     if use_bar:
         from tqdm import tqdm

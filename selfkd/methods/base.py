@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, Sampler
 
-from ..data.mixing import Mix, Mixer
-from ..errors import ConfigError
+from ..data.mixing import Mix, MixBlocks, Mixer
+from ..errors import ConfigError, TrainingError
 
 
 class Params(BaseModel):
@@ -47,7 +47,7 @@ class Batch:
     index: Tensor | None = None
     raw: Tensor | None = None
     augment: Callable[[Tensor], Tensor] | None = None
-    mix: Mix | None = None  # set when the rows of ``x`` are mixtures (mixup/CutMix)
+    mix: Mix | MixBlocks | None = None  # set when the rows of ``x`` are mixtures (mixup/CutMix)
 
 
 @dataclass
@@ -120,6 +120,7 @@ class Method:
     def mix(self, batch: Batch, mixer: Mixer, generator: torch.Generator) -> Batch:
         """Mix the batch (mixup/CutMix) the way this method's targets need. Default: the whole batch,
         with one permutation and coefficient; ``batch.mix`` records it for the loss."""
+        self.check_mix_support()
         x, mix = mixer(batch.x, generator)
         return replace(batch, x=x, mix=mix)
 
@@ -128,8 +129,16 @@ class Method:
         """Called by the trainer before each epoch (schedules, memories); ``epoch`` counts from 0."""
 
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
-        """Run the forward pass(es) this method needs and return the loss."""
-        return self.loss(model(batch.x), batch.y, index=batch.index)
+        """Run the forward pass(es) this method needs and return the loss. A mixed batch
+        (``batch.mix``) is passed on as ``loss(..., mix=batch.mix)``, for methods with ``supports_mix``."""
+        if batch.mix is None:
+            return self.loss(model(batch.x), batch.y, index=batch.index)
+        self.check_mix_support()
+        return self.loss(model(batch.x), batch.y, index=batch.index, mix=batch.mix)
+
+    def check_mix_support(self) -> None:
+        if not type(self).supports_mix:
+            raise TrainingError(f"method '{self.name}' does not define targets for mixed samples (mixup/CutMix)")
 
     def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
         raise NotImplementedError

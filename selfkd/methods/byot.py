@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..data.mixing import Mix, MixBlocks, mixed_cross_entropy
 from ..errors import ConfigError, TrainingError
 from ..models._common import init_conv_bn
 from .base import Batch, Method, Params, StepOutput
@@ -267,18 +268,23 @@ def byot_loss(
     t2_scaling: bool = False,
     hint_weight: float = 0.0,
     features: Sequence[Tensor] | None = None,
+    mix: Mix | MixBlocks | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """BYOT's loss on the exits' logits (shallow to deep); returns ``(loss, parts)``.
 
     ``loss = CE(z_deep) + c·kd + (1−c)·ce_aux + λ·hint`` with ``kd = Σ_i H(softmax(z_deep/T), softmax(z_i/T))``
     (or ``Σ_i T²·KL(...)`` with ``t2_scaling``), ``ce_aux = Σ_i CE(z_i)``, ``hint = Σ_i mean_rows ||F_i − F_deep||²``
     over the shallow exits i. The deep logits and features are detached teachers of those terms.
+    ``mix``: mixed rows; every CE (deep and shallow) becomes ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``.
     """
     if len(exits) < 2:
         raise TrainingError(f"byot: needs at least 2 exits (shallow ones and the deepest), got {len(exits)}")
     deep = exits[-1]
     teacher = F.softmax(deep.detach().float() / temperature, dim=1)
-    ce = cross_entropy(deep, target)
+    def hard(z: Tensor) -> Tensor:
+        return cross_entropy(z, target) if mix is None else mixed_cross_entropy(z, target, mix)
+
+    ce = hard(deep)
     kd = ce.new_zeros(())
     ce_aux = ce.new_zeros(())
     for z in exits[:-1]:
@@ -286,7 +292,7 @@ def byot_loss(
             kd = kd + kd_kl(z, deep, temperature)
         else:
             kd = kd + soft_cross_entropy(z.float() / temperature, teacher)
-        ce_aux = ce_aux + cross_entropy(z, target)
+        ce_aux = ce_aux + hard(z)
     loss = ce + kd_weight * kd + (1.0 - kd_weight) * ce_aux
     parts = {"ce": ce.detach(), "kd": kd.detach(), "ce_aux": ce_aux.detach()}
     if hint_weight > 0:
@@ -338,12 +344,15 @@ class BYOT(Method):
       docstring for the head layout); train that wrapper. ``forward`` is the deepest exit, so evaluation and
       plain use see the normal classifier; ``forward_exits`` gives every exit.
     * One trunk forward per step; the exits add their heads' cost. No method state.
+    * **Mixed samples** (mixup/CutMix): every exit's CE is mixed, ``lam·CE(z_i, y) + (1−lam)·CE(z_i, y[index])``;
+      the soft terms (and the hint) are unchanged: the deepest exit on the same mixed input is the teacher.
     """
 
     name = "byot"
     needs_stages = True  # the model must expose features(x) and stage_channels (not cnn_small)
     formula = "CE(z_S, y) + Σ_{i<S} [c·H(softmax(z_S/T).detach(), softmax(z_i/T)) + (1−c)·CE(z_i, y)]"
     Params = BYOTParams
+    supports_mix = True
 
     @property
     def forwards_per_sample(self) -> float:
@@ -364,9 +373,10 @@ class BYOT(Method):
             exits, feats = model.forward_exits(batch.x, with_features=True)
         else:
             exits, feats = model.forward_exits(batch.x), None
-        return self._score(exits, batch.y, feats)
+        return self._score(exits, batch.y, feats, batch.mix)
 
-    def loss(self, logits: Any, target: Tensor, index: Tensor | None = None) -> StepOutput:
+    def loss(self, logits: Any, target: Tensor, index: Tensor | None = None,
+             mix: Mix | MixBlocks | None = None) -> StepOutput:
         """``logits``: the exits' logits, shallow to deep (a list, as ``forward_exits`` returns, or an E x N x K tensor)."""
         if isinstance(logits, Tensor):
             if logits.dim() != 3:
@@ -375,12 +385,13 @@ class BYOT(Method):
                     f"got one tensor of shape {tuple(logits.shape)}"
                 )
             logits = list(logits.unbind(0))
-        return self._score(list(logits), target, None)
+        return self._score(list(logits), target, None, mix)
 
-    def _score(self, exits: list[Tensor], target: Tensor, feats: list[Tensor] | None) -> StepOutput:
+    def _score(self, exits: list[Tensor], target: Tensor, feats: list[Tensor] | None,
+               mix: Mix | MixBlocks | None = None) -> StepOutput:
         hp = self.hp
         loss, parts = byot_loss(
             exits, target, kd_weight=hp.kd_weight, temperature=hp.temperature, t2_scaling=hp.t2_scaling,
-            hint_weight=hp.hint_weight, features=feats,
+            hint_weight=hp.hint_weight, features=feats, mix=mix,
         )
         return StepOutput(loss, parts, exits[-1], target)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..data.mixing import Mix, MixBlocks, mixed_cross_entropy
 from .base import Method, StepOutput
 from .losses import cross_entropy
 from .registry import register
@@ -10,11 +11,16 @@ from .registry import register
 
 @register
 class CE(Method):
-    """Cross-entropy with hard labels. ``L = CE(z, y)``. No hyper-parameters."""
+    """Cross-entropy with hard labels. ``L = CE(z, y)``. No hyper-parameters.
+
+    * **Mixed samples** (mixup/CutMix, ``batch.mix``): ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``.
+    """
 
     name = "ce"
     formula = "CE(z, y)"
+    supports_mix = True
 
-    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
-        ce = cross_entropy(logits, target)
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
+             mix: Mix | MixBlocks | None = None) -> StepOutput:
+        ce = cross_entropy(logits, target) if mix is None else mixed_cross_entropy(logits, target, mix)
         return StepOutput(ce, {"ce": ce.detach()}, logits, target)

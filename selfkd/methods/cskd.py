@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -22,6 +23,7 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
+from ..data.mixing import Mix, MixBlocks, Mixer, mixed_cross_entropy, remix
 from ..errors import ConfigError, TrainingError
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
@@ -150,6 +152,14 @@ class CSKD(Method):
       whole epoch order; the generator, the order, the partners and the position in the epoch are in
       ``state_dict``, so a resumed run draws identically, mid-epoch included.
 
+    * **Mixed samples** (mixup/CutMix, :meth:`mix`): the anchors are mixed among the anchors (one
+      permutation, lam, CutMix box); the partners get the very same mixing within the partner half
+      (:func:`~selfkd.data.mixing.remix`), so partner row i mixes a sample of class ``y_i`` with a
+      sample of class ``y_index[i]`` in the same proportion as anchor row i: the class-wise target
+      stays class-consistent and the KL is unchanged. CE on the anchors is mixed,
+      ``lam·CE(z_a, y) + (1−lam)·CE(z_a, y[index])``. ``batch.mix`` is a
+      :class:`~selfkd.data.mixing.MixBlocks` with the same Mix on both halves.
+
     Use the sampler from :meth:`batch_sampler` (it needs ``labels``). The loss checks that the batch
     has an even row count and that the partners carry their anchors' labels. In a plain loop,
     ``cskd(model(x), y)`` on the whole ``[anchors | partners]`` batch also works (one joint forward;
@@ -159,6 +169,7 @@ class CSKD(Method):
     name = "cskd"
     formula = "CE(z_a, y) + λ·T²·KL(softmax(z_p/T) ‖ softmax(z_a/T))"
     Params = CSKDParams
+    supports_mix = True
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -206,20 +217,46 @@ class CSKD(Method):
             )
         return b
 
+    def mix(self, batch: Batch, mixer: Mixer, generator: torch.Generator) -> Batch:
+        """Mix the anchors among themselves; the partners with the same permutation, lam and box."""
+        rows = batch.x.shape[0]
+        if rows % 2 or rows == 0:
+            raise TrainingError(f"CS-KD: a batch must be [anchors | partners] with an even row count (got {rows})")
+        b = rows // 2
+        anchors, m = mixer(batch.x[:b], generator)
+        partners = remix(batch.x[b:], m)
+        return replace(batch, x=torch.cat([anchors, partners]), mix=MixBlocks([(0, m), (b, m)], rows))
+
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         b = self._check_pairs(batch.x.shape[0], batch.y, batch.index)
         z_anchor = model(batch.x[:b])
         with torch.no_grad():
             z_partner = model(batch.x[b:])
-        return self._loss(z_anchor, z_partner, batch.y[:b])
+        return self._loss(z_anchor, z_partner, batch.y[:b], self._anchor_mix(batch.mix, b))
 
-    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
-        """``logits``/``target`` hold the whole batch ``[anchors | partners]``; partner rows are detached."""
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
+             mix: Mix | MixBlocks | None = None) -> StepOutput:
+        """``logits``/``target`` hold the whole batch ``[anchors | partners]``; partner rows are detached.
+        ``mix``: the batch's MixBlocks (as :meth:`mix` makes it) or the anchors' Mix."""
         b = self._check_pairs(logits.shape[0], target, index)
-        return self._loss(logits[:b], logits[b:].detach(), target[:b])
+        return self._loss(logits[:b], logits[b:].detach(), target[:b], self._anchor_mix(mix, b))
 
-    def _loss(self, z_anchor: Tensor, z_partner: Tensor, y: Tensor) -> StepOutput:
-        ce = cross_entropy(z_anchor, y)
+    @staticmethod
+    def _anchor_mix(mix: Mix | MixBlocks | None, b: int) -> Mix | None:
+        if mix is None or isinstance(mix, Mix):
+            if mix is not None and mix.index.shape[0] != b:
+                raise TrainingError(f"CS-KD: the anchors' Mix covers {mix.index.shape[0]} rows, not the {b} anchors")
+            return mix
+        try:
+            m = mix.block(0)
+        except KeyError:
+            raise TrainingError("CS-KD: batch.mix has no block for the anchors (rows 0..B-1)") from None
+        if m.index.shape[0] != b:
+            raise TrainingError(f"CS-KD: the anchors' Mix covers {m.index.shape[0]} rows, not the {b} anchors")
+        return m
+
+    def _loss(self, z_anchor: Tensor, z_partner: Tensor, y: Tensor, mix: Mix | None = None) -> StepOutput:
+        ce = cross_entropy(z_anchor, y) if mix is None else mixed_cross_entropy(z_anchor, y, mix)
         kd = kd_kl(z_anchor, z_partner, self.hp.temperature)
         loss = ce + self.hp.lam * kd
         if self._order is not None:

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..data.mixing import Mix, MixBlocks, mixed_cross_entropy, remix
 from ..errors import TrainingError
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
@@ -62,6 +63,11 @@ class DDGSD(Method):
       (the unofficial port's way; BatchNorm then normalises each view with its own statistics).
     * No MMD term (see the module docstring). ``forwards_per_sample`` = 2: each image is forwarded
       (and back-propagated) twice per epoch.
+    * **Mixed samples** (mixup/CutMix): view 1 is mixed by the trainer (``batch.mix``); view 2, a
+      fresh augmentation of the same images, gets the very same mixing (same permutation, lam and
+      CutMix box: :func:`~selfkd.data.mixing.remix`), so both views of row i show the same two images
+      in the same proportion. Both CE terms are mixed, ``lam·CE(z_v, y) + (1−lam)·CE(z_v, y[index])``;
+      the symmetric KL between the views is unchanged.
 
     Plain loop: ``ddgsd(model(torch.cat([aug(x), aug(x)])), y)``; ``loss`` takes the ``2B`` logits
     ``[view 1 | view 2]`` and the ``B`` labels (or ``2B`` labels, both halves equal).
@@ -72,6 +78,7 @@ class DDGSD(Method):
         "CE(z1,y) + CE(z2,y) + λ·T²·[KL(softmax(z2/T) ‖ softmax(z1/T)) + KL(softmax(z1/T) ‖ softmax(z2/T))]"
     )
     Params = DDGSDParams
+    supports_mix = True
 
     @property
     def forwards_per_sample(self) -> float:
@@ -87,14 +94,20 @@ class DDGSD(Method):
             raise TrainingError(
                 f"DDGSD: the second view has shape {tuple(v2.shape)} but the first {tuple(batch.x.shape)}"
             )
+        if batch.mix is not None:
+            if not isinstance(batch.mix, Mix):
+                raise TrainingError("DDGSD: batch.mix must be the Mix of the first view (one block)")
+            v2 = remix(v2, batch.mix)
         if self.hp.forward == "split":
             logits = torch.cat([model(batch.x), model(v2)])
         else:
             logits = model(torch.cat([batch.x, v2]))
-        return self.loss(logits, batch.y, index=batch.index)
+        return self.loss(logits, batch.y, index=batch.index, mix=batch.mix)
 
-    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
-        """``logits`` = ``[view 1 | view 2]`` (2B rows); ``target`` = B labels, or 2B with equal halves."""
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
+             mix: Mix | MixBlocks | None = None) -> StepOutput:
+        """``logits`` = ``[view 1 | view 2]`` (2B rows); ``target`` = B labels, or 2B with equal halves;
+        ``mix``: the mixing of the B rows of each view (the same for both)."""
         rows = logits.shape[0]
         if rows % 2 or rows == 0:
             raise TrainingError(
@@ -112,7 +125,10 @@ class DDGSD(Method):
                 f"DDGSD: {rows} logits (two views of {b} images) need {b} or {rows} labels (got {target.shape[0]})"
             )
         z1, z2 = logits[:b], logits[b:]
-        ce = cross_entropy(z1, y) + cross_entropy(z2, y)
+        if mix is None:
+            ce = cross_entropy(z1, y) + cross_entropy(z2, y)
+        else:
+            ce = mixed_cross_entropy(z1, y, mix) + mixed_cross_entropy(z2, y, mix)
         if self.hp.ce_views == "mean":
             ce = ce / 2
         t = self.hp.temperature

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -29,6 +29,8 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
+from ..data.mixing import (Mix, MixBlocks, Mixer, mix_from_state, mix_state, mix_targets, mixed_cross_entropy,
+                           remix)
 from ..errors import ConfigError, TrainingError
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
@@ -157,6 +159,20 @@ class DLB(Method):
         (at T=1); ``α_t = α·c`` and ``T_t = T·(2 − c)``: an unreliable early teacher is trusted less and
         softened more; a confident one gets the full α at temperature T.
 
+    * **Mixed samples** (mixup/CutMix, :meth:`mix`): the new rows are mixed among themselves (a
+      permutation of the new rows only, a fresh lam and CutMix box); the repeated rows re-apply the
+      previous step's mixing of those same samples (same permutation within the block, same lam, same
+      box) to their fresh views, so the teacher (the cached logits of the mixed input seen one step
+      earlier) and the student see the same two images in the same proportion; the KL is unchanged.
+      CE on every row is mixed per row, ``lam_i·CE(z_i, y_i) + (1−lam_i)·CE(z_i, y[index_i])`` (the
+      repeated block with the previous lam, the new block with the fresh one; ``ce_rows`` and
+      ``label_smoothing`` apply as usual). ``schedule="dynamic"``: the teacher's confidence ``c`` is its
+      mean probability of the mixed one-hot target. The last step's Mix is method state
+      (``state_dict``), so a resumed run mixes identically. With ``repeat_fraction < 1`` the repeated
+      rows are a prefix of the previous block and its permutation cannot be re-applied: mixing then
+      raises ConfigError. ``batch.mix`` is a :class:`~selfkd.data.mixing.MixBlocks`
+      ``[(0, previous Mix), (r, new Mix)]`` (a plain Mix on a step without repeated rows).
+
     Use the sampler from :meth:`batch_sampler`; the loss checks that each batch has the layout the
     sampler produced, and that the repeated rows carry the labels of the cached ones.
     """
@@ -164,12 +180,14 @@ class DLB(Method):
     name = "dlb"
     formula = "CE(z, y) + α·T²·KL(softmax(z_prev/T) ‖ softmax(z_rep/T))"
     Params = DLBParams
+    supports_mix = True
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._track = _Track()
         self._cache_logits: Tensor | None = None
         self._cache_labels: Tensor | None = None
+        self._last_mix: Mix | None = None  # how the last consumed step's new rows were mixed (None: not mixed)
         self.steps = 0
 
     @property
@@ -194,6 +212,55 @@ class DLB(Method):
         """``batch_size`` new samples per step, preceded by the previous step's new samples."""
         return DLBBatchSampler(self, sampler, batch_size, drop_last)
 
+    # -- mixing ------------------------------------------------------------------------------
+    def mix(self, batch: Batch, mixer: Mixer, generator: torch.Generator) -> Batch:
+        """New rows: mixed among themselves with a fresh draw; repeated rows: the previous step's
+        mixing of the same samples, re-applied to their fresh views (see the class docstring)."""
+        if self.hp.repeat_fraction < 1 and getattr(mixer, "name", None) != "none":
+            raise ConfigError(
+                f"method 'dlb': repeat_fraction: mixing (augment.mix) needs repeat_fraction=1, so that the repeated "
+                f"rows are the whole previous block and its mixing can be re-applied (got {self.hp.repeat_fraction})"
+            )
+        layout = self._peek()
+        r, rows = layout.repeat, layout.repeat + layout.new
+        if batch.x.shape[0] != rows:
+            raise TrainingError(
+                f"DLB: the sampler built a batch of {rows} rows ({r} repeated + {layout.new} new) but mix got "
+                f"{batch.x.shape[0]}"
+            )
+        new_x, new_mix = mixer(batch.x[r:], generator)
+        if r == 0:
+            return replace(batch, x=new_x, mix=new_mix)
+        prev = self._last_mix
+        if prev is None:  # the previous step was not mixed: neither was its teacher's input
+            prev = Mix(index=torch.arange(r, device=batch.x.device), lam=1.0, kind="none")
+        if prev.index.shape[0] != r:
+            raise TrainingError(f"DLB: {r} repeated rows but the previous step mixed {prev.index.shape[0]} new rows")
+        rep_x = remix(batch.x[:r], prev)
+        return replace(batch, x=torch.cat([rep_x, new_x]), mix=MixBlocks([(0, prev), (r, new_mix)], rows))
+
+    def _split_mix(self, mix: Mix | MixBlocks | None, r: int, rows: int) -> tuple[Mix | None, Mix | None]:
+        """(mix of the repeated rows, mix of the new rows) from a batch's mix."""
+        if mix is None:
+            return None, None
+        if isinstance(mix, Mix):
+            if r != 0 or mix.index.shape[0] != rows:
+                raise TrainingError(
+                    f"DLB: a single Mix of {mix.index.shape[0]} rows cannot describe a batch of {r} repeated and "
+                    f"{rows - r} new rows; use dlb.mix (MixBlocks [(0, previous Mix), ({r}, new Mix)])"
+                )
+            return None, mix
+        try:
+            rep, new = (mix.block(0) if r else None), mix.block(r)
+        except KeyError:
+            raise TrainingError(f"DLB: batch.mix must have blocks at rows 0 (repeated) and {r} (new)") from None
+        if mix.rows != rows or new.index.shape[0] != rows - r or (rep is not None and rep.index.shape[0] != r):
+            raise TrainingError("DLB: batch.mix does not match the batch layout (repeated | new rows)")
+        last = self._last_mix
+        if rep is not None and last is not None and (rep.kind, rep.lam, rep.box) != (last.kind, last.lam, last.box):
+            raise TrainingError("DLB: the repeated rows were not mixed as the previous step's new rows; use dlb.mix")
+        return rep, new
+
     # -- training ----------------------------------------------------------------------------
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         layout = self._peek()
@@ -204,7 +271,9 @@ class DLB(Method):
             logits = torch.cat([z_rep, z_new])
         else:
             logits = model(batch.x)
-        return self.loss(logits, batch.y, index=batch.index)
+        if batch.mix is None:
+            return self.loss(logits, batch.y, index=batch.index)
+        return self.loss(logits, batch.y, index=batch.index, mix=batch.mix)
 
     def _peek(self) -> Layout:
         if not self._track.pending:
@@ -214,7 +283,8 @@ class DLB(Method):
             )
         return self._track.pending[0]
 
-    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
+             mix: Mix | MixBlocks | None = None) -> StepOutput:
         layout = self._peek()
         r, rows = layout.repeat, layout.repeat + layout.new
         if logits.shape[0] != rows or target.shape[0] != rows:
@@ -222,6 +292,7 @@ class DLB(Method):
                 f"DLB: the sampler built a batch of {rows} rows ({r} repeated + {layout.new} new) but the loss got "
                 f"{logits.shape[0]} logits and {target.shape[0]} labels; pass the whole batch, in loader order"
             )
+        rep_mix, new_mix = self._split_mix(mix, r, rows)
         alpha, temp = self.hp.alpha, self.hp.temperature
         if r > 0:
             cached = self._cache_logits
@@ -235,18 +306,24 @@ class DLB(Method):
             if index is not None and not torch.equal(self._track.prev_new[:r], index[:r].cpu()):
                 raise TrainingError("DLB: the repeated rows are not the previous step's new samples")
             teacher = cached[:r].to(logits.device)
-            alpha, temp = self.schedule_values(layout.progress, teacher, target[:r])
+            alpha, temp = self.schedule_values(layout.progress, teacher, target[:r], rep_mix)
             kd = kd_kl(logits[:r], teacher, temp)
         else:
             kd = logits.float().sum() * 0.0
         ce_from = r if self.hp.ce_rows == "new" else 0
-        ce = cross_entropy(logits[ce_from:], target[ce_from:], self.hp.label_smoothing)
+        if mix is None:
+            ce = cross_entropy(logits[ce_from:], target[ce_from:], self.hp.label_smoothing)
+        elif ce_from:
+            ce = mixed_cross_entropy(logits[r:], target[r:], new_mix, self.hp.label_smoothing)
+        else:
+            ce = mixed_cross_entropy(logits, target, mix, self.hp.label_smoothing)
         loss = ce + alpha * kd
 
         # commit: the new rows' logits become the next step's teacher
         self._track.pending.popleft()
         self._cache_logits = logits[r:].detach().float()
         self._cache_labels = target[r:].detach().clone()
+        self._last_mix = new_mix
         self._track.prev_new = layout.new_index
         self._track.position = layout.position + 1
         self.steps += 1
@@ -255,21 +332,27 @@ class DLB(Method):
             parts.update(alpha=torch.tensor(float(alpha)), temperature=torch.tensor(float(temp)))
         return StepOutput(loss, parts, logits, target)
 
-    def schedule_values(self, progress: float, teacher: Tensor, labels: Tensor) -> tuple[float | Tensor, float | Tensor]:
-        """(α, T) for a step at ``progress`` epochs, given the teacher logits of the repeated rows."""
+    def schedule_values(self, progress: float, teacher: Tensor, labels: Tensor,
+                        mix: Mix | None = None) -> tuple[float | Tensor, float | Tensor]:
+        """(α, T) for a step at ``progress`` epochs, given the teacher logits of the repeated rows (and
+        how those rows were mixed)."""
         hp = self.hp
         if hp.schedule == "linear":
             f = min(progress / hp.ramp_epochs, 1.0) if hp.ramp_epochs > 0 else 1.0
             t0 = hp.temperature if hp.temperature_start is None else hp.temperature_start
             return hp.alpha_start + (hp.alpha - hp.alpha_start) * f, t0 + (hp.temperature - t0) * f
         if hp.schedule == "dynamic":
-            conf = float(teacher.float().softmax(dim=1).gather(1, labels[:, None]).mean())
+            probs = teacher.float().softmax(dim=1)
+            if mix is None:
+                conf = float(probs.gather(1, labels[:, None]).mean())
+            else:
+                conf = float((probs * mix_targets(labels, probs.shape[1], mix)).sum(dim=1).mean())
             return hp.alpha * conf, hp.temperature * (2.0 - conf)
         return hp.alpha, hp.temperature
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Cached logits and labels, and the sampler's position (epoch order + consumed batches)."""
+        """Cached logits and labels, the sampler's position (epoch order + consumed batches) and the last step's Mix."""
         t = self._track
         state: dict[str, Any] = {"steps": self.steps, "prev_new": t.prev_new.clone(), "position": t.position,
                                  "epoch": t.epoch}
@@ -278,10 +361,12 @@ class DLB(Method):
         if self._cache_logits is not None:
             state["cache_logits"] = self._cache_logits.cpu().clone()
             state["cache_labels"] = self._cache_labels.cpu().clone()
+        if self._last_mix is not None:
+            state["last_mix"] = mix_state(self._last_mix)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        known = {"steps", "prev_new", "position", "epoch", "order", "cache_logits", "cache_labels"}
+        known = {"steps", "prev_new", "position", "epoch", "order", "cache_logits", "cache_labels", "last_mix"}
         unknown = set(state) - known
         if unknown:
             raise ConfigError(f"DLB state: unknown keys {sorted(unknown)}")
@@ -295,3 +380,5 @@ class DLB(Method):
         t.resume = t.order is not None
         self._cache_logits = state.get("cache_logits")
         self._cache_labels = state.get("cache_labels")
+        last = state.get("last_mix")
+        self._last_mix = None if last is None else mix_from_state(last)

@@ -12,6 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy
 from ..errors import ConfigError
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy, soft_cross_entropy
@@ -58,20 +59,29 @@ class LS(Method):
       ``offtarget(ε) = uniform(ε·K/(K−1))``.
     * Default ε=0.1. Parts: ``ce`` (hard-label CE) and ``smooth`` (``H(v, softmax(z))``), with
       ``loss = (1−ε)·ce + ε·smooth``.
+    * **Mixed samples** (mixup/CutMix): the target ``q(y)`` becomes ``lam·q(y) + (1−lam)·q(y[index])``;
+      since the loss is linear in the target, ``ce`` is the mixed CE and, with ``offtarget``, ``v`` is
+      ``lam·v(y) + (1−lam)·v(y[index])`` (the uniform ``v`` does not depend on the label: unchanged).
     """
 
     name = "ls"
     formula = "(1−ε)·CE(z, y) + ε·H(v, softmax(z)); v = 1/K (uniform) or 1/(K−1) off the target (offtarget)"
     Params = LSParams
+    supports_mix = True
 
-    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
+             mix: Mix | MixBlocks | None = None) -> StepOutput:
         eps = self.hp.epsilon
         k = logits.shape[1]
         if self.hp.form == "uniform":
             v = torch.full_like(logits, 1.0 / k, dtype=torch.float32)
         else:
             v = peaked_target(target, k, 0.0)  # 0 on the true class, 1/(K−1) elsewhere
-        ce = cross_entropy(logits, target)
+            if mix is not None:
+                partner, lam = mix_rows(mix, target.shape[0], target.device)
+                v_other = peaked_target(target.index_select(0, partner), k, 0.0)
+                v = v * lam[:, None] + v_other * (1.0 - lam[:, None])
+        ce = cross_entropy(logits, target) if mix is None else mixed_cross_entropy(logits, target, mix)
         smooth = soft_cross_entropy(logits, v)
         loss = (1.0 - eps) * ce + eps * smooth
         return StepOutput(loss, {"ce": ce.detach(), "smooth": smooth.detach()}, logits, target)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
+from ..data.mixing import Mix, MixBlocks, mixed_cross_entropy
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
 from .registry import register
@@ -33,19 +34,32 @@ class LsrKD(Method):
       ``α/(2K)·Σ_k (z_k − mean(z))²``, a penalty on the spread of the logits. Tune both.
     * T² comes from :func:`~selfkd.methods.losses.kd_kl` (batchmean). Parts: ``ce`` and ``kd``
       (``T²·KL``), ``loss = (1−α)·ce + α·kd``. No extra forward pass, no state.
+    * **Mixed samples** (mixup/CutMix): CE becomes ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``; the
+      uniform teacher does not depend on the label and is unchanged.
     """
 
     name = "lsrkd"
     formula = "(1−α)·CE(z, y) + α·T²·KL(u ‖ softmax(z/T)), u = 1/K"
     Params = LsrKDParams
+    supports_mix = True
 
     def teacher_logits(self, logits: Tensor, target: Tensor) -> Tensor:
         """Logits whose softmax at temperature T is the teacher (here: zeros, i.e. uniform)."""
         return logits.detach().float().new_zeros(logits.shape)
 
-    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
+    def mixed_teacher_logits(self, logits: Tensor, target: Tensor, mix: Mix | MixBlocks) -> Tensor:
+        """Teacher logits for mixed rows; the uniform teacher does not depend on the label."""
+        return self.teacher_logits(logits, target)
+
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
+             mix: Mix | MixBlocks | None = None) -> StepOutput:
         alpha, t = self.hp.alpha, self.hp.temperature
-        ce = cross_entropy(logits, target)
-        kd = kd_kl(logits, self.teacher_logits(logits, target), t)
+        if mix is None:
+            ce = cross_entropy(logits, target)
+            teacher = self.teacher_logits(logits, target)
+        else:
+            ce = mixed_cross_entropy(logits, target, mix)
+            teacher = self.mixed_teacher_logits(logits, target, mix)
+        kd = kd_kl(logits, teacher, t)
         loss = (1.0 - alpha) * ce + alpha * kd
         return StepOutput(loss, {"ce": ce.detach(), "kd": kd.detach()}, logits, target)

@@ -5,9 +5,11 @@ Wang, Zhang, Pang, Li, arXiv 2009.05226 (2020), "Teacher Correction"; journal ve
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_log_probs
 from .ls import check_share, peaked_target
 from .lsrkd import LsrKD, LsrKDParams
 from .registry import register
@@ -46,6 +48,8 @@ class LsrKDTC(LsrKD):
       *probabilities* (softmax of p^d/T) and not the student.
     * T² comes from :func:`~selfkd.methods.losses.kd_kl`. Parts ``ce`` and ``kd`` (``T²·KL``),
       ``loss = (1−α)·ce + α·kd``. No extra forward pass, no state.
+    * **Mixed samples** (mixup/CutMix): CE is mixed, and the teacher (the distribution at temperature
+      T, ``p^c_T``) becomes ``lam·p^c_T(y) + (1−lam)·p^c_T(y[index])``.
     """
 
     name = "lsrkd-tc"
@@ -63,3 +67,11 @@ class LsrKDTC(LsrKD):
         check_share(self.name, self.hp.a, k)
         log_p = peaked_target(target, k, self.hp.a).log_()
         return log_p if self.hp.soften_teacher else log_p * self.hp.temperature
+
+    def mixed_teacher_logits(self, logits: Tensor, target: Tensor, mix: Mix | MixBlocks) -> Tensor:
+        """``T·log(lam·p^c_T(y) + (1−lam)·p^c_T(y[index]))``: kd_kl's softmax at T gives the mixture."""
+        t = self.hp.temperature
+        partner, lam = mix_rows(mix, target.shape[0], target.device)
+        own = F.log_softmax(self.teacher_logits(logits, target) / t, dim=1)
+        other = F.log_softmax(self.teacher_logits(logits, target.index_select(0, partner)) / t, dim=1)
+        return mixed_log_probs(own, other, lam) * t

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy
 from ..errors import ConfigError, TrainingError
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
@@ -68,6 +69,11 @@ class MrKDParams(Params):
     )
     fcn_lr: float = Field(0.01, gt=0, description="fcn: SGD learning rate of the ensembling layer")
     fcn_momentum: float = Field(0.9, ge=0, lt=1, description="fcn: SGD momentum of the ensembling layer")
+    ka_mixed: Literal["skip", "dominant"] = Field(
+        "skip",
+        description="KA on mixed rows (mixup/CutMix) whose two labels differ: skip (teacher left as is) or dominant "
+        "(adjusted towards the label with the larger share, y if lam >= 0.5)",
+    )
 
 
 @register
@@ -111,11 +117,18 @@ class MrKD(Method):
       template: ``out = mrkd.train_step(model, Batch(x, y)); out.loss.backward()``. ``mrkd(logits, y)``
       cannot work (the teacher needs the model) and raises TrainingError.
     * Parts: ``ce``, ``kd`` (``T²·KL``; 0 without a teacher), with fcn also ``fcn_ce`` (the layer's CE).
+    * **Mixed samples** (mixup/CutMix): the snapshots forward the same mixed input as the student;
+      CE becomes ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``, and so does the fcn layer's CE on its
+      ensemble. KA needs one label: rows with a single label (lam 1, lam 0: ``y[index]``, or both labels
+      equal) are adjusted as usual; rows mixing two different labels are left unadjusted
+      (``ka_mixed="skip"``, default: KA would pull the teacher onto one class of a two-class image) or
+      adjusted towards the label with the larger share (``"dominant"``, ``y`` if lam ≥ 0.5).
     """
 
     name = "mrkd"
     formula = "CE(z, y) + α·T²·KL(softmax(z_b/T) ‖ softmax(z/T)), z_b: past snapshots of the model"
     Params = MrKDParams
+    supports_mix = True
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -160,9 +173,9 @@ class MrKD(Method):
         if self._snapshots:
             with torch.no_grad():
                 outs = [snap(batch.x) for snap in self._snapshots]
-            teacher, fcn_ce = self.ensemble(outs, batch.y)
+            teacher, fcn_ce = self.ensemble(outs, batch.y, mix=batch.mix)
         logits = model(batch.x)
-        out = self.loss(logits, batch.y, index=batch.index, teacher=teacher)
+        out = self.loss(logits, batch.y, index=batch.index, teacher=teacher, mix=batch.mix)
         if self.hp.ensemble == "fcn":
             out.parts["fcn_ce"] = fcn_ce if fcn_ce is not None else torch.zeros((), device=logits.device)
         if self.steps > 0 and self.steps % self.hp.interval == 0:
@@ -170,9 +183,10 @@ class MrKD(Method):
         self.steps += 1
         return out
 
-    def ensemble(self, outs: list[Tensor], target: Tensor) -> tuple[Tensor, Tensor | None]:
+    def ensemble(self, outs: list[Tensor], target: Tensor,
+                 mix: Mix | MixBlocks | None = None) -> tuple[Tensor, Tensor | None]:
         """One teacher from the snapshots' logits (oldest first); with fcn, also trains the layer
-        (one SGD step) and returns its CE. The teacher is detached, float32."""
+        (one SGD step; mixed CE on a mixed batch) and returns its CE. The teacher is detached, float32."""
         outs = [o.detach().float() for o in outs]
         if self.hp.ensemble == "mean":
             return torch.stack(outs).mean(dim=0), None
@@ -184,7 +198,7 @@ class MrKD(Method):
         self._fcn_to(inp.device)
         with torch.enable_grad(), torch.autocast(inp.device.type, enabled=False):
             z = self._fcn(inp)
-            ce = F.cross_entropy(z, target)
+            ce = F.cross_entropy(z, target) if mix is None else mixed_cross_entropy(z, target, mix)
             self._fcn_opt.zero_grad(set_to_none=True)
             ce.backward()
             self._fcn_opt.step()
@@ -217,22 +231,37 @@ class MrKD(Method):
                 self._snapshots[i] = snap.to(device)
 
     def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
-             teacher: Tensor | None = None) -> StepOutput:
-        """``CE + α·KD`` given the teacher's logits (KA is applied here); no teacher: CE only."""
-        ce = cross_entropy(logits, target)
+             teacher: Tensor | None = None, mix: Mix | MixBlocks | None = None) -> StepOutput:
+        """``CE + α·KD`` given the teacher's logits (KA is applied here); no teacher: CE only.
+        ``mix``: how the rows were mixed (the teacher must have seen the same mixed input)."""
+        ce = cross_entropy(logits, target) if mix is None else mixed_cross_entropy(logits, target, mix)
         if teacher is None:
             kd = torch.zeros((), device=logits.device)
             total = ce
         else:
             t = teacher.detach().float()
             if self.hp.knowledge_adjustment:
-                t = knowledge_adjustment(t, target)
-            kd = self.distill(logits, t, target)
+                t = self._adjust(t, target, mix)
+            kd = self.distill(logits, t, target, mix)
             total = ce + self.hp.alpha * kd
         return StepOutput(total, {"ce": ce.detach(), "kd": kd.detach()}, logits, target)
 
-    def distill(self, logits: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
-        """The distillation term ``T²·KL(softmax(teacher/T) ‖ softmax(z/T))``."""
+    def _adjust(self, teacher: Tensor, target: Tensor, mix: Mix | MixBlocks | None) -> Tensor:
+        """KA; on mixed rows as ``ka_mixed`` says (see the class docstring)."""
+        if mix is None:
+            return knowledge_adjustment(teacher, target)
+        partner, lam = mix_rows(mix, target.shape[0], target.device)
+        other = target.index_select(0, partner)
+        if self.hp.ka_mixed == "dominant":
+            return knowledge_adjustment(teacher, torch.where(lam >= 0.5, target, other))
+        label = torch.where(lam == 0.0, other, target)
+        single = (lam == 1.0) | (lam == 0.0) | (target == other)
+        return torch.where(single[:, None], knowledge_adjustment(teacher, label), teacher)
+
+    def distill(self, logits: Tensor, teacher: Tensor, target: Tensor,
+                mix: Mix | MixBlocks | None = None) -> Tensor:
+        """The distillation term ``T²·KL(softmax(teacher/T) ‖ softmax(z/T))`` (the teacher does not
+        depend on the label: the same for mixed rows)."""
         return kd_kl(logits, teacher, self.hp.temperature)
 
     def __call__(self, logits: Tensor, target: Tensor) -> Tensor:

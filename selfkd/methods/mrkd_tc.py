@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_log_probs
 from .losses import kd_kl
 from .mrkd import MrKD, MrKDParams
 from .registry import register
@@ -67,13 +68,23 @@ class MrKDTC(MrKD):
       keeps every ``log p_tc`` finite.
     * Default ``a=0.5`` (not retrieved; our choice): half of the teacher is the label, half the
       snapshot. ``a=0`` is ``mrkd``.
+    * **Mixed samples** (mixup/CutMix): as ``mrkd`` (snapshots on the same mixed input, CE mixed, KA
+      per ``ka_mixed``); the corrected teacher of a mixed row is ``lam·p_tc(y) + (1−lam)·p_tc(y[index])``
+      (both from the row's own snapshot logits): with ``mix`` that is
+      ``a·(lam·onehot(y) + (1−lam)·onehot(y[index])) + (1−a)·softmax(z_b/T)``, the correction towards the
+      mixed one-hot.
     """
 
     name = "mrkd-tc"
     formula = "CE(z, y) + α·T²·KL(a·onehot(y) + (1−a)·softmax(z_b/T) ‖ softmax(z/T)), z_b: past snapshots"
     Params = MrKDTCParams
 
-    def distill(self, logits: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+    def distill(self, logits: Tensor, teacher: Tensor, target: Tensor,
+                mix: Mix | MixBlocks | None = None) -> Tensor:
         t = self.hp.temperature
         log_p = corrected_log_probs(teacher, target, t, self.hp.a, self.hp.correction)
+        if mix is not None:
+            partner, lam = mix_rows(mix, target.shape[0], target.device)
+            other = corrected_log_probs(teacher, target.index_select(0, partner), t, self.hp.a, self.hp.correction)
+            log_p = mixed_log_probs(log_p, other, lam)
         return kd_kl(logits, log_p * t, t)

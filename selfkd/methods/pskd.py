@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy
 from ..errors import ConfigError, TrainingError
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy, soft_cross_entropy
@@ -45,6 +46,11 @@ class PSKDParams(Params):
         "device",
         description="device: keep the memory beside the logits (no host sync per step); cpu: host memory, as the "
         "official code (one device-to-host copy per step)",
+    )
+    mix_memory: Literal["store", "keep"] = Field(
+        "store",
+        description="mixed batches (mixup/CutMix): store: P[idx] = softmax of the mixed row, as the official loop "
+        "would on mixed inputs; keep: rows that mix two images leave P[idx] unchanged",
     )
 
 
@@ -70,6 +76,19 @@ class PSKD(Method):
     * The parts reported are ``ce`` (hard-label CE) and ``kd`` (cross-entropy against the previous
       predictions): ``loss = (1 − α_t)·ce + α_t·kd`` exactly, since the loss is linear in the target.
 
+    * **Mixed samples** (mixup/CutMix). The official code has no mixing path (``main.py`` at its first
+      commit and the later versions we could read build targets and update ``P`` on the loaded inputs
+      only), so this is our rule, what that loop does when its inputs are mixed the way CutMix's
+      official code mixes them: each row's target is built as above for its own sample,
+      ``ŷ_i = (1 − α_t)·onehot(y_i) + α_t·P[idx_i]``, and a mixed row gets
+      ``lam·ŷ_i + (1 − lam)·ŷ_index[i]`` (CutMix's ``lam·L(z, ŷ_i) + (1 − lam)·L(z, ŷ_j)``, the loss being
+      linear in the target). Memory: ``mix_memory="store"`` (default) writes each row's softmax to
+      ``P[idx_i]`` as the official loop does with whatever it was fed (the prediction of the mixed
+      image; with ``mix_prob`` 1 nothing else is ever seen); ``"keep"`` leaves ``P`` unchanged for rows
+      that mix two images (partner ≠ itself and lam < 1), so ``P`` holds predictions of clean images
+      only (with ``mix_prob`` 1 it then stays unvisited: the targets stay one-hot). The parts
+      ``ce``/``kd`` are the mixed CE and the CE against the mixed previous predictions.
+
     Plain loop: ``pskd.setup(num_samples=N, num_classes=K, epochs=E)``, then per epoch
     ``pskd.on_epoch_start(e, E)`` and per batch ``pskd.loss(model(x), y, index=idx).loss``.
     Indices repeated within one batch (sampling with replacement) keep one of the rows' softmax.
@@ -78,6 +97,7 @@ class PSKD(Method):
     name = "pskd"
     formula = "−Σ ŷ·log softmax(z), ŷ = (1−α_t)·onehot(y) + α_t·P_prev[i], α_t = α_T·(e+1)/E"
     Params = PSKDParams
+    supports_mix = True
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -119,7 +139,8 @@ class PSKD(Method):
         self.epochs = int(epochs)
 
     # -- training ----------------------------------------------------------------------------
-    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
+             mix: Mix | MixBlocks | None = None) -> StepOutput:
         mem = self._memory
         if mem is None:
             raise TrainingError(
@@ -151,14 +172,26 @@ class PSKD(Method):
         onehot = F.one_hot(target, k).float()
         prev = torch.where(total > 0, prev / total.clamp_min(1e-30), onehot)  # never visited: the label
         a = self.alpha_t
+        write = None
+        if mix is not None:
+            partner, lam = mix_rows(mix, rows, logits.device)
+            w = lam[:, None]
+            prev = prev * w + prev.index_select(0, partner) * (1.0 - w)
+            onehot = onehot * w + onehot.index_select(0, partner) * (1.0 - w)
+            if self.hp.mix_memory == "keep":
+                write = (partner == torch.arange(rows, device=partner.device)) | (lam == 1.0)
         soft = (1.0 - a) * onehot + a * prev
         loss = soft_cross_entropy(logits, soft)
 
         probs = torch.softmax(logits.detach().float(), dim=1)
         with torch.no_grad():
-            ce = cross_entropy(logits.detach(), target)
+            ce = cross_entropy(logits.detach(), target) if mix is None else mixed_cross_entropy(logits.detach(), target, mix)
             kd = soft_cross_entropy(logits.detach(), prev)
-        mem[idx] = probs.to(mem.device, self.dtype)
+        if write is None:
+            mem[idx] = probs.to(mem.device, self.dtype)
+        else:
+            keep_rows = write.to(mem.device)
+            mem[idx[keep_rows]] = probs.to(mem.device, self.dtype)[keep_rows]
         self.steps += 1
         return StepOutput(loss, {"ce": ce, "kd": kd}, logits, target)
 

@@ -6,9 +6,11 @@ CVPR 2020 (arXiv 1909.11723), Eq. (8)–(9); official code github.com/yuanli2333
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy, mixed_log_probs
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
 from .ls import check_share, peaked_target
@@ -48,23 +50,34 @@ class TfKDReg(Method):
       :func:`~selfkd.methods.losses.kd_kl`, with teacher logits ``T_s·p^d/T``.
     * ``a`` must exceed 1/K (checked at ``setup`` and on every call: ConfigError). Parts ``ce`` and
       ``kd`` (``T_s²·KL``), ``loss = (1−α)·ce + α·kd``. No extra forward pass, no state.
+    * **Mixed samples** (mixup/CutMix): CE is mixed, and the virtual teacher ``softmax(p^d(y)/T)``
+      becomes ``lam·softmax(p^d(y)/T) + (1−lam)·softmax(p^d(y[index])/T)``.
     """
 
     name = "tfkd-reg"
     formula = ("(1−α)·CE(z, y) + α·T_s²·KL(softmax(p^d/T) ‖ softmax(z/T_s)), "
                "p^d = a on y, (1−a)/(K−1) elsewhere")
     Params = TfKDRegParams
+    supports_mix = True
 
     def setup(self, *, num_samples: int, num_classes: int, epochs: int) -> None:
         check_share(self.name, self.hp.a, num_classes)
 
-    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
+             mix: Mix | MixBlocks | None = None) -> StepOutput:
         hp = self.hp
         k = logits.shape[1]
         check_share(self.name, hp.a, k)
-        # softmax(teacher / T_s) = softmax(p^d / T): kd_kl applies T_s to both sides and the T_s² factor
-        teacher = peaked_target(target, k, hp.a) * (hp.student_temperature / hp.temperature)
-        ce = cross_entropy(logits, target)
+        if mix is None:
+            # softmax(teacher / T_s) = softmax(p^d / T): kd_kl applies T_s to both sides and the T_s² factor
+            teacher = peaked_target(target, k, hp.a) * (hp.student_temperature / hp.temperature)
+            ce = cross_entropy(logits, target)
+        else:
+            partner, lam = mix_rows(mix, target.shape[0], target.device)
+            own = F.log_softmax(peaked_target(target, k, hp.a) / hp.temperature, dim=1)
+            other = F.log_softmax(peaked_target(target.index_select(0, partner), k, hp.a) / hp.temperature, dim=1)
+            teacher = mixed_log_probs(own, other, lam) * hp.student_temperature
+            ce = mixed_cross_entropy(logits, target, mix)
         kd = kd_kl(logits, teacher, hp.student_temperature)
         loss = (1.0 - hp.alpha) * ce + hp.alpha * kd
         return StepOutput(loss, {"ce": ce.detach(), "kd": kd.detach()}, logits, target)

@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..data.mixing import Mix, MixBlocks, mixed_cross_entropy
 from ..errors import ConfigError, TrainingError
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
@@ -96,12 +97,16 @@ class TfKDSelf(Method):
       in checkpoints); resuming with other teacher weights is a ConfigError.
     * Parts ``ce`` and ``kd`` (``T²·KL``), ``loss = (1−α)·ce + α·kd``. ``method(logits, y)`` has no
       teacher logits and raises TrainingError: use :meth:`train_step` or ``loss(..., teacher=z_t)``.
+    * **Mixed samples** (mixup/CutMix): the teacher forwards the same mixed input as the student (its
+      soft target is its own prediction for the mixture, unchanged); CE becomes
+      ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``.
     """
 
     name = "tfkd-self"
     formula = "(1−α)·CE(z, y) + α·T²·KL(softmax(z_t/T) ‖ softmax(z/T)), z_t: a CE-trained copy"
     Params = TfKDSelfParams
     needs_teacher: ClassVar[bool] = True
+    supports_mix = True
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -164,13 +169,13 @@ class TfKDSelf(Method):
         teacher = self._ready_teacher(batch.x)
         with torch.no_grad():
             z_t = teacher(batch.x)
-        return self.loss(model(batch.x), batch.y, index=batch.index, teacher=z_t)
+        return self.loss(model(batch.x), batch.y, index=batch.index, teacher=z_t, mix=batch.mix)
 
     def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
-             teacher: Tensor | None = None) -> StepOutput:
+             teacher: Tensor | None = None, mix: Mix | MixBlocks | None = None) -> StepOutput:
         if teacher is None:
             raise TrainingError("tfkd-self: the loss needs the teacher's logits: loss(logits, y, teacher=z_t)")
-        ce = cross_entropy(logits, target)
+        ce = cross_entropy(logits, target) if mix is None else mixed_cross_entropy(logits, target, mix)
         kd = kd_kl(logits, teacher.detach(), self.hp.temperature)
         a = self.hp.alpha
         return StepOutput((1.0 - a) * ce + a * kd, {"ce": ce.detach(), "kd": kd.detach()}, logits, target)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy
 from ..errors import ConfigError, TrainingError
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy
@@ -83,6 +84,11 @@ class ZipfLSParams(Params):
         1, ge=1, le=8, description="rank='dense': bilinear upsampling factor of the feature map before voting "
         "(official --upsample bilinear = 2)",
     )
+    mix_rule: Literal["exclude", "weighted"] = Field(
+        "exclude",
+        description="Zipf term on mixed rows (mixup/CutMix): exclude: one term over the classes that are not a label "
+        "of the mixture; weighted: lam·term(y) + (1−lam)·term(y[index])",
+    )
 
 
 @register
@@ -116,11 +122,20 @@ class ZipfLS(Method):
       power=1 (official default), mask off. The official total loss is ``CE + λ·KL`` (its ``--alpha``
       only weights extra-exit losses with ``--deeplayer`` > 1).
     * Parts: ``ce`` and ``zipf`` (the KL), ``loss = ce + λ·zipf``. No state.
+    * **Mixed samples** (mixup/CutMix; our rule, the paper has none): ``ce`` is mixed,
+      ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``. The Zipf term, ``mix_rule="exclude"`` (default): a row's
+      labels are ``y`` (if lam > 0) and ``y[index]`` (if lam < 1); the ranks are taken over all K classes
+      as above, every label of the row is removed and the rest renormalised, and the KL is against
+      the softmax over the remaining logits (K−2 classes for two distinct labels, K−1 otherwise): the
+      term shapes only the classes that are not in the mixture. ``"weighted"``: ``lam·KL_y + (1−lam)·KL_y[index]``,
+      each the unmixed term with that label (each then treats the other label as a non-target class).
+      ``mask_correct`` on a mixed row: the argmax must be one of the row's labels.
     """
 
     name = "zipf-ls"
     formula = "CE(z, y) + λ·KL(zipf(rank of own prediction) ‖ softmax(z_non-target))"
     Params = ZipfLSParams
+    supports_mix = True
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -165,11 +180,14 @@ class ZipfLS(Method):
         return dense_votes(fmap, self._fc, self.hp.dense_upsample)
 
     # -- loss --------------------------------------------------------------------------------
-    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
+             mix: Mix | MixBlocks | None = None) -> StepOutput:
         hp = self.hp
         z = logits.float()
         n, k = z.shape
         scores = self._take_votes(n).to(z.device) if hp.rank == "dense" else z.detach()
+        if mix is not None:
+            return self._mixed_loss(logits, z, scores, target, mix)
         q = zipf_target(scores, target, hp.power)
         log_p = F.log_softmax(z[non_target_mask(target, k)].view(n, k - 1), dim=1)
         per_row = (torch.xlogy(q, q) - q * log_p).sum(dim=1)  # KL(q ‖ softmax(z_¬y))
@@ -181,3 +199,39 @@ class ZipfLS(Method):
         ce = cross_entropy(logits, target)
         loss = ce + hp.loss_lambda * zipf
         return StepOutput(loss, {"ce": ce.detach(), "zipf": zipf.detach()}, logits, target)
+
+    def _mixed_loss(self, logits: Tensor, z: Tensor, scores: Tensor, target: Tensor,
+                    mix: Mix | MixBlocks) -> StepOutput:
+        hp = self.hp
+        n, k = z.shape
+        partner, lam = mix_rows(mix, n, target.device)
+        other = target.index_select(0, partner)
+        has_own, has_other = lam > 0, lam < 1
+        if hp.mix_rule == "exclude":
+            labels = torch.zeros(n, k, dtype=torch.bool, device=z.device)
+            labels[has_own, target[has_own]] = True
+            labels[has_other, other[has_other]] = True
+            keep = ~labels
+            w = min_rank(scores).float().pow(-hp.power) * keep
+            q = w / w.sum(dim=1, keepdim=True).clamp_min(1e-30)  # a row with no class left (K=2): q = 0, term 0
+            drop = labels & keep.any(dim=1, keepdim=True)
+            log_p = F.log_softmax(z.masked_fill(drop, -torch.inf), dim=1)
+            per_row = torch.where(keep, torch.xlogy(q, q) - q * log_p, torch.zeros_like(q)).sum(dim=1)
+        else:
+            per_row = lam * self._row_kl(z, scores, target) + (1.0 - lam) * self._row_kl(z, scores, other)
+        if hp.mask_correct:
+            pred = z.detach().argmax(dim=1)
+            correct = (((pred == target) & has_own) | ((pred == other) & has_other)).float()
+            zipf = (per_row * correct).sum() / correct.sum().clamp(min=1.0)
+        else:
+            zipf = per_row.mean()
+        ce = mixed_cross_entropy(logits, target, mix)
+        loss = ce + hp.loss_lambda * zipf
+        return StepOutput(loss, {"ce": ce.detach(), "zipf": zipf.detach()}, logits, target)
+
+    def _row_kl(self, z: Tensor, scores: Tensor, target: Tensor) -> Tensor:
+        """Per row, the unmixed term ``KL(q ‖ softmax(z_¬y))`` for labels ``target``."""
+        n, k = z.shape
+        q = zipf_target(scores, target, self.hp.power)
+        log_p = F.log_softmax(z[non_target_mask(target, k)].view(n, k - 1), dim=1)
+        return (torch.xlogy(q, q) - q * log_p).sum(dim=1)
