@@ -31,10 +31,10 @@ import yaml
 
 from ..errors import ConfigError
 from . import checkpoint as ckpt
+from .config import flatten
+from .sweep import FAILED, RUNS
 from .trainer import CHECKPOINT, CONFIG, METRICS, SUMMARY
 
-FAILED = "failed.json"
-RUNS = "runs.json"
 IGNORED = ("train.seed", "train.log_every", "train.eval_batch_size", "data.num_workers", "data.cache_dir",
            "data.download")
 NOISE = ("data.noise.kind", "data.noise.rate")
@@ -70,7 +70,7 @@ class RunInfo:
 
     @property
     def noisy(self) -> bool:
-        return _noisy(_flatten(self.config or {}))
+        return _noisy(flatten(self.config or {}))
 
 
 @dataclass
@@ -88,16 +88,6 @@ class Group:
 
 # ---------------------------------------------------------------------------------------------
 # finding and reading runs
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _noisy(flat: dict[str, Any]) -> bool:
     return flat.get("data.noise.kind", "none") != "none" and float(flat.get("data.noise.rate") or 0) > 0
 
@@ -176,7 +166,7 @@ def find_runs(dirs: list[str | Path]) -> list[RunInfo]:
 # ---------------------------------------------------------------------------------------------
 # grouping and labels
 def _group_flat(run: RunInfo) -> dict[str, Any]:
-    flat = _flatten(run.config or {})
+    flat = flatten(run.config or {})
     for k in IGNORED:
         flat.pop(k, None)
     teacher = flat.get("method.teacher")

@@ -56,7 +56,7 @@ from pydantic import BaseModel
 
 from ..errors import ConfigError, SelfKDError
 from . import checkpoint as ckpt
-from .config import Config, MethodCfg, build_config, load_yaml, presets, save_yaml
+from .config import Config, MethodCfg, build_config, flatten, load_yaml, presets, save_yaml
 from .trainer import CHECKPOINT, CONFIG, SUMMARY
 
 FAILED = "failed.json"
@@ -238,7 +238,7 @@ def _variant_axis(name: Any, entries: Any, where: str) -> Axis:
             raise ConfigError(f"{at}: expected a mapping of dotted config keys to values, got {entry!r}")
         entry = dict(entry)
         given = entry.pop("name", None)
-        entry = _flatten(_expand(entry, at))  # nested sections or dotted keys -> dotted leaves
+        entry = flatten(_expand(entry, at))  # nested sections or dotted keys -> dotted leaves
         if not entry:
             raise ConfigError(f"{at}: sets no config key")
         for k in entry:
@@ -267,19 +267,9 @@ def _overlap(axes: list[Axis], where: str) -> None:
             owner.setdefault(k, a.key)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _normal(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Flattened config, with the auto-filled teacher path (``RUN/teacher``) treated as unset."""
-    flat = _flatten(cfg)
+    flat = flatten(cfg)
     teacher = flat.get("method.teacher")
     if isinstance(teacher, str) and Path(teacher).resolve() == (run_dir / "teacher").resolve():
         flat["method.teacher"] = None
