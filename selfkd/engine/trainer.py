@@ -119,6 +119,8 @@ def build(cfg: Config) -> Setup:
     method = build_method(cfg.method.name, **cfg.method.params())
     if mixer is not None and not type(method).supports_mix:
         raise ConfigError(f"augment.mix={aug.mix}: method '{method.name}' does not define targets for mixed samples")
+    if mixer is not None:
+        method.check_mix(mixer)  # e.g. DLB's repeat_fraction < 1 cannot re-apply a mix: fail before writing
     method.setup(num_samples=len(train), num_classes=bundle.num_classes, epochs=cfg.train.epochs)
     model = method.prepare_model(model)
     cl = cfg.train.channels_last

@@ -121,6 +121,7 @@ class Method:
         """Mix the batch (mixup/CutMix) the way this method's targets need. Default: the whole batch,
         with one permutation and coefficient; ``batch.mix`` records it for the loss."""
         self.check_mix_support()
+        self.check_mix(mixer)
         x, mix = mixer(batch.x, generator)
         return replace(batch, x=x, mix=mix)
 
@@ -139,6 +140,10 @@ class Method:
     def check_mix_support(self) -> None:
         if not type(self).supports_mix:
             raise TrainingError(f"method '{self.name}' does not define targets for mixed samples (mixup/CutMix)")
+
+    def check_mix(self, mixer: Mixer) -> None:
+        """Raise ConfigError if these hyper-parameters cannot be combined with ``mixer`` (checked when a
+        batch is mixed; a trainer may call it up front). Default: any mixer."""
 
     def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
         raise NotImplementedError

@@ -216,11 +216,7 @@ class DLB(Method):
     def mix(self, batch: Batch, mixer: Mixer, generator: torch.Generator) -> Batch:
         """New rows: mixed among themselves with a fresh draw; repeated rows: the previous step's
         mixing of the same samples, re-applied to their fresh views (see the class docstring)."""
-        if self.hp.repeat_fraction < 1 and getattr(mixer, "name", None) != "none":
-            raise ConfigError(
-                f"method 'dlb': repeat_fraction: mixing (augment.mix) needs repeat_fraction=1, so that the repeated "
-                f"rows are the whole previous block and its mixing can be re-applied (got {self.hp.repeat_fraction})"
-            )
+        self.check_mix(mixer)
         layout = self._peek()
         r, rows = layout.repeat, layout.repeat + layout.new
         if batch.x.shape[0] != rows:
@@ -238,6 +234,14 @@ class DLB(Method):
             raise TrainingError(f"DLB: {r} repeated rows but the previous step mixed {prev.index.shape[0]} new rows")
         rep_x = remix(batch.x[:r], prev)
         return replace(batch, x=torch.cat([rep_x, new_x]), mix=MixBlocks([(0, prev), (r, new_mix)], rows))
+
+    def check_mix(self, mixer: Mixer) -> None:
+        """Mixing needs ``repeat_fraction=1`` (the previous block's permutation is re-applied whole)."""
+        if self.hp.repeat_fraction < 1 and getattr(mixer, "name", None) != "none":
+            raise ConfigError(
+                f"method 'dlb': repeat_fraction: mixing (augment.mix) needs repeat_fraction=1, so that the repeated "
+                f"rows are the whole previous block and its mixing can be re-applied (got {self.hp.repeat_fraction})"
+            )
 
     def _split_mix(self, mix: Mix | MixBlocks | None, r: int, rows: int) -> tuple[Mix | None, Mix | None]:
         """(mix of the repeated rows, mix of the new rows) from a batch's mix."""
@@ -352,7 +356,8 @@ class DLB(Method):
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Cached logits and labels, the sampler's position (epoch order + consumed batches) and the last step's Mix."""
+        """Cached logits and labels, the sampler's position (epoch order + consumed batches) and the
+        last step's Mix (how its new rows were mixed)."""
         t = self._track
         state: dict[str, Any] = {"steps": self.steps, "prev_new": t.prev_new.clone(), "position": t.position,
                                  "epoch": t.epoch}

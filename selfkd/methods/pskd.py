@@ -185,7 +185,8 @@ class PSKD(Method):
 
         probs = torch.softmax(logits.detach().float(), dim=1)
         with torch.no_grad():
-            ce = cross_entropy(logits.detach(), target) if mix is None else mixed_cross_entropy(logits.detach(), target, mix)
+            z = logits.detach()
+            ce = cross_entropy(z, target) if mix is None else mixed_cross_entropy(z, target, mix)
             kd = soft_cross_entropy(logits.detach(), prev)
         if write is None:
             mem[idx] = probs.to(mem.device, self.dtype)

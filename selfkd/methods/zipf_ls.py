@@ -208,9 +208,9 @@ class ZipfLS(Method):
         other = target.index_select(0, partner)
         has_own, has_other = lam > 0, lam < 1
         if hp.mix_rule == "exclude":
-            labels = torch.zeros(n, k, dtype=torch.bool, device=z.device)
-            labels[has_own, target[has_own]] = True
-            labels[has_other, other[has_other]] = True
+            none = torch.zeros(n, k, dtype=torch.bool, device=z.device)  # scatter, not masks: no host sync
+            labels = none.scatter(1, target[:, None], has_own[:, None])
+            labels |= none.scatter(1, other[:, None], has_other[:, None])
             keep = ~labels
             w = min_rank(scores).float().pow(-hp.power) * keep
             q = w / w.sum(dim=1, keepdim=True).clamp_min(1e-30)  # a row with no class left (K=2): q = 0, term 0
