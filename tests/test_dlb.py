@@ -11,6 +11,8 @@ from selfkd.errors import ConfigError, TrainingError
 from selfkd.methods import Batch
 from selfkd.methods.losses import kd_kl
 
+from handmath import hand_ce, hand_kl
+
 
 class Indexed(Dataset):
     """Item i is (features, label, i); features are fresh random noise on every fetch (an 'augmentation')."""
@@ -80,21 +82,6 @@ def test_repeated_rows_are_fetched_again_with_a_fresh_augmentation():
             assert not torch.allclose(x[:r], px)  # ... under a new view
         prev = (x[r:], idx[r:])
         dlb.loss(torch.zeros(len(y), 3), y, index=idx)
-
-
-def hand_kl(teacher, student, t):
-    """KL(softmax(teacher/t) || softmax(student/t)) for one row, with plain math."""
-    def softmax(v):
-        e = [math.exp(a / t) for a in v]
-        s = sum(e)
-        return [a / s for a in e]
-
-    p, q = softmax(teacher), softmax(student)
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-
-
-def hand_ce(logits, y):
-    return math.log(sum(math.exp(a) for a in logits)) - logits[y]
 
 
 def test_kd_kl_matches_hand_computation():

@@ -18,25 +18,10 @@ from selfkd.methods import Batch, build_method
 from selfkd.methods.cskd import CSKD
 from selfkd.methods.ddgsd import DDGSD
 from selfkd.methods.pskd import PSKD
+from handmath import hand_ce, hand_kl, softmax
 
 
 # -- plain-math references ---------------------------------------------------------------------
-def softmax(v, t=1.0):
-    e = [math.exp(a / t) for a in v]
-    s = sum(e)
-    return [a / s for a in e]
-
-
-def hand_ce(logits, y):
-    return math.log(sum(math.exp(a) for a in logits)) - logits[y]
-
-
-def hand_kl(teacher, student, t):
-    """KL(softmax(teacher/t) || softmax(student/t)) for one row."""
-    p, q = softmax(teacher, t), softmax(student, t)
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-
-
 def hand_soft_ce(logits, target):
     p = softmax(logits)
     return -sum(q * math.log(pi) for q, pi in zip(target, p))

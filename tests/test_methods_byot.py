@@ -14,6 +14,7 @@ from selfkd.errors import ConfigError, TrainingError
 from selfkd.methods import Batch, build_method
 from selfkd.methods.byot import BYOT, MultiExit, byot_loss
 from selfkd.models import build_model
+from handmath import hand_ce, softmax
 
 
 def wrap(name, k=10, in_channels=3, **hp):
@@ -98,16 +99,6 @@ def test_model_without_stages_is_a_config_error():
 
 
 # -- the loss against hand computation -------------------------------------------------------------
-def softmax(v, t=1.0):
-    e = [math.exp(a / t) for a in v]
-    s = sum(e)
-    return [a / s for a in e]
-
-
-def hand_ce(logits, y):
-    return math.log(sum(math.exp(a) for a in logits)) - logits[y]
-
-
 def hand_soft_ce(teacher, student, t):
     """-Σ_k softmax(teacher/t)_k · log softmax(student/t)_k for one row."""
     p, q = softmax(teacher, t), softmax(student, t)

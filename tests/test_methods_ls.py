@@ -20,21 +20,12 @@ import selfkd.methods.zipf_ls as zls
 from selfkd.errors import ConfigError, TrainingError
 from selfkd.methods import Batch
 from selfkd.models import build_model
+from handmath import kl, softmax
 
 NAMES = ["ls", "lsrkd", "lsrkd-tc", "tfkd-reg", "zipf-ls"]
 
 Z = [[1.0, 2.0, 0.5, -1.0], [0.0, -1.0, 3.0, 0.25], [2.0, 0.0, 1.0, 1.5]]
 Y = [1, 2, 0]
-
-
-def softmax(v, t=1.0):
-    e = [math.exp(a / t) for a in v]
-    s = sum(e)
-    return [a / s for a in e]
-
-
-def kl(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
 
 
 def xent(q, z):

@@ -17,19 +17,10 @@ from selfkd.methods import Batch
 from selfkd.methods.mrkd import MrKD, knowledge_adjustment
 from selfkd.methods.mrkd_tc import MrKDTC
 from selfkd.methods.tfkd_self import TfKDSelf
+from handmath import kl, softmax
 
 
 # -- hand computations (plain math) -------------------------------------------------------------
-def softmax(v, t=1.0):
-    e = [math.exp(a / t) for a in v]
-    s = sum(e)
-    return [a / s for a in e]
-
-
-def kl(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
-
-
 def hand_kd(teacher_rows, student_rows, t):
     """T² · mean over rows of KL(softmax(teacher/T) ‖ softmax(student/T))."""
     return t * t * sum(kl(softmax(a, t), softmax(b, t)) for a, b in zip(teacher_rows, student_rows)) / len(teacher_rows)

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 
 from ..errors import ConfigError, DataError
 
@@ -148,3 +149,15 @@ def check_image_size(image_size: object) -> int | None:
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise ConfigError(f"image_size: expected a positive integer or None, got {image_size!r}")
     return int(image_size)
+
+
+def draw_device(who: str, x: torch.Tensor, generator: torch.Generator) -> torch.device:
+    """The device to draw on: ``x``'s when the generator lives there, else the CPU generator's."""
+    if not isinstance(generator, torch.Generator):
+        raise ConfigError(f"{who}: expected a torch.Generator, got {type(generator).__name__}")
+    g, d = generator.device, x.device
+    if g.type == d.type and (g.index is None or d.index is None or g.index == d.index):
+        return d
+    if g.type == "cpu":
+        return g
+    raise ConfigError(f"{who}: the generator is on {g} but the batch is on {d}; use a generator on {d} or on cpu")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
+from ._util import draw_device
 
 
 def _floats(v: Sequence[float] | float, what: str) -> tuple[float, ...]:
@@ -84,16 +85,6 @@ class BatchAugment:
     def _channels_last(x: torch.Tensor) -> bool:
         return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
-    def _draw_device(self, x: torch.Tensor, generator: torch.Generator) -> torch.device:
-        if not isinstance(generator, torch.Generator):
-            raise ConfigError(f"BatchAugment: expected a torch.Generator, got {type(generator).__name__}")
-        g, d = generator.device, x.device
-        if g.type == d.type and (g.index is None or d.index is None or g.index == d.index):
-            return d
-        if g.type == "cpu":
-            return g
-        raise ConfigError(f"BatchAugment: the generator is on {g} but the batch is on {d}; use a generator on {d} or on cpu")
-
     # -- public -----------------------------------------------------------------------------------
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +100,7 @@ class BatchAugment:
         if p == 0 and not flip:
             return self.normalize(x)
         dev = x.device
-        gdev = self._draw_device(x, generator)
+        gdev = draw_device("BatchAugment", x, generator)
         b, c, h, w = x.shape
         rows = torch.arange(h, device=dev).expand(b, h)
         cols = torch.arange(w, device=dev).expand(b, w)

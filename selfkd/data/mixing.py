@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
-from .policies import _draw_device
+from ._util import draw_device
 
 __all__ = ["MIXERS", "Mix", "MixBlocks", "Mixer", "build_mixer", "cutmix", "mix_from_state", "mix_rows",
            "mix_state", "mix_targets", "mixed_cross_entropy", "mixed_log_probs", "mixup", "remix", "sample_beta"]
@@ -160,7 +160,7 @@ def mixup(x: Tensor, generator: torch.Generator, alpha: float = 1.0, prob: float
     ``index`` a random permutation. With probability ``1 - prob`` the batch is returned unmixed
     (``lam = 1``, identity index)."""
     _check("mixup", x, alpha, prob)
-    gdev = _draw_device("mixup", x, generator)
+    gdev = draw_device("mixup", x, generator)
     if _skip(x, generator, gdev, prob):
         return _no_mix(x)
     lam = float(sample_beta(alpha, alpha, generator, 1, gdev).item())
@@ -178,7 +178,7 @@ def cutmix(x: Tensor, generator: torch.Generator, alpha: float = 1.0, prob: floa
     _check("cutmix", x, alpha, prob)
     if x.dim() != 4:
         raise DataError(f"cutmix: expected a float batch [B, C, H, W], got shape {tuple(x.shape)}")
-    gdev = _draw_device("cutmix", x, generator)
+    gdev = draw_device("cutmix", x, generator)
     if _skip(x, generator, gdev, prob):
         return _no_mix(x)
     h, w = x.shape[-2:]

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
+from ._util import draw_device
 
 __all__ = [
     "AutoAugment", "Cutout", "OPS", "OP_NAMES", "POLICIES", "AUTOAUGMENT_POLICIES", "Policy",
@@ -75,18 +76,6 @@ Tensor = torch.Tensor
 # ==================================================================================================
 # helpers
 # ==================================================================================================
-
-
-def _draw_device(who: str, x: Tensor, generator: torch.Generator) -> torch.device:
-    """The device to draw on: ``x``'s when the generator lives there, else the CPU generator's."""
-    if not isinstance(generator, torch.Generator):
-        raise ConfigError(f"{who}: expected a torch.Generator, got {type(generator).__name__}")
-    g, d = generator.device, x.device
-    if g.type == d.type and (g.index is None or d.index is None or g.index == d.index):
-        return d
-    if g.type == "cpu":
-        return g
-    raise ConfigError(f"{who}: the generator is on {g} but the batch is on {d}; use a generator on {d} or on cpu")
 
 
 def _check_batch(who: str, x: Tensor) -> None:
@@ -518,7 +507,7 @@ class AutoAugment(_OpPolicy):
 
     def _slots(self, x: Tensor, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
         dev, b, s = x.device, x.shape[0], self._slots_per
-        gdev = _draw_device(type(self).__name__, x, generator)
+        gdev = draw_device(type(self).__name__, x, generator)
         sub = _randint(len(self.subpolicies), (b,), generator, gdev, dev)
         u = torch.rand((b, s), generator=generator, device=gdev).to(dev, non_blocking=True)
         neg = _randint(2, (b, s), generator, gdev, dev).bool()
@@ -559,7 +548,7 @@ class RandAugment(_OpPolicy):
 
     def _slots(self, x: Tensor, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
         dev, b, k = x.device, x.shape[0], self.num_ops
-        gdev = _draw_device(type(self).__name__, x, generator)
+        gdev = draw_device(type(self).__name__, x, generator)
         op = _randint(len(_RA_OPS), (b, k), generator, gdev, dev)
         neg = _randint(2, (b, k), generator, gdev, dev).bool()
         level = torch.full((b,), self.magnitude, dtype=torch.int64, device=dev)
@@ -586,7 +575,7 @@ class TrivialAugment(_OpPolicy):
 
     def _slots(self, x: Tensor, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
         dev, b = x.device, x.shape[0]
-        gdev = _draw_device(type(self).__name__, x, generator)
+        gdev = draw_device(type(self).__name__, x, generator)
         op = _randint(len(_RA_OPS), (b,), generator, gdev, dev)
         level = _randint(self.num_magnitude_bins, (b,), generator, gdev, dev)
         neg = _randint(2, (b,), generator, gdev, dev).bool()
@@ -617,7 +606,7 @@ class Cutout(Policy):
         _check_batch("Cutout", x)
         dev = x.device
         b, c, h, w = x.shape
-        gdev = _draw_device("Cutout", x, generator)
+        gdev = draw_device("Cutout", x, generator)
         cy = _randint(h, (b,), generator, gdev, dev)
         cx = _randint(w, (b,), generator, gdev, dev)
         y0, x0 = cy - self.size // 2, cx - self.size // 2
