@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from selfkd.engine import sweep as sweep_mod
 from selfkd.engine.report import build_report
 from selfkd.engine.sweep import label, plan, run_sweep
 from selfkd.errors import ConfigError
@@ -164,6 +165,27 @@ def test_interrupt_stops_the_sweep_and_the_run_starts_again_next_time(tmp_path):
         assert table["method=test-sweep-interrupt"]["status"] == "interrupted"
         result = run_sweep(path, progress=False, log=lambda m: None)
     assert (result["skipped"], result["finished"], result["failed"]) == (1, 1, 0)
+
+
+def test_a_run_claimed_by_another_process_is_passed_over_and_shown_running(tmp_path):
+    path = write_sweep(tmp_path / "s", grid={"method.name": ["ce", "ls"]})
+    runs = tmp_path / "s" / "runs"
+    held = sweep_mod._claim(runs / "method.name=ce")  # another open file description: flock conflicts
+    try:
+        lines: list[str] = []
+        result = run_sweep(path, progress=False, log=lines.append)
+        assert (result["finished"], result["elsewhere"], result["skipped"]) == (1, 1, 0)
+        assert result["runs"]["method.name=ce"]["status"] == "running"
+        assert not (runs / "method.name=ce" / "summary.json").exists()
+        assert (runs / "method.name=ls" / "summary.json").exists()
+        assert any("method.name=ce: running in another process" in m for m in lines)
+        assert json.loads((runs / "runs.json").read_text())["runs"]["method.name=ce"]["status"] == "running"
+        assert sweep_mod._claim(runs / "method.name=ce") is None
+    finally:
+        sweep_mod.os.close(held)
+    result = run_sweep(path, progress=False, log=lambda m: None)  # the lock is gone: the run is trained now
+    assert (result["finished"], result["elsewhere"], result["skipped"]) == (1, 0, 1)
+    assert json.loads((runs / "runs.json").read_text())["runs"]["method.name=ce"]["status"] == "finished"
 
 
 @pytest.mark.parametrize("change, message", [

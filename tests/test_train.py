@@ -13,8 +13,9 @@ import torch
 from selfkd.cli import main
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine.config import build_config
-from selfkd.engine.trainer import TIMING_KEYS, Trainer, build
-from selfkd.errors import TrainingError
+from selfkd.data import load_dataset
+from selfkd.engine.trainer import TIMING_KEYS, Trainer, build, train_run
+from selfkd.errors import ConfigError, TrainingError
 from selfkd.methods import CE, register
 
 BASE = ["--data", "digits", "--model", "cnn_small", "--seed", "0", "--no-progress"]
@@ -304,3 +305,23 @@ def test_bad_data_is_one_line_and_writes_nothing(tmp_path, capsys, case, needle)
     assert code == 2 and err.startswith("selfkd: error: ") and err.count("\n") == 1 and needle in err, err
     assert not run.exists()
     assert not (data / "pwned").exists()
+
+
+def test_train_and_test_subsets_are_fixed_stratified_and_recorded(tmp_path):
+    cfg = build_config({"data": {"name": "digits", "subset": 200, "test_subset": 100}, "model": {"name": "cnn_small"},
+                        "train": {"epochs": 1, "device": "cpu"}})
+    s = build(cfg)
+    assert (len(s.train), len(s.test)) == (200, 100)
+    assert torch.bincount(s.test.labels, minlength=10).tolist() == [10] * 10
+    full = load_dataset("digits").test
+    again = build(cfg)
+    assert torch.equal(again.test.images, s.test.images)  # fixed by data.subset_seed, not train.seed
+    # every kept test image is a real test image with its own label
+    for img, lab in zip(s.test.images[:20], s.test.labels[:20]):
+        hit = (full.images == img).flatten(1).all(1) & (full.labels == lab)
+        assert hit.any()
+    summary = train_run(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    assert (summary["train_images"], summary["test_images"]) == (200, 100)
+    assert summary["threads"] == torch.get_num_threads()
+    with pytest.raises(ConfigError, match=r"data.test_subset=451 exceeds the 450 test images"):
+        build(build_config({"data": {"name": "digits", "test_subset": 451}}))

@@ -57,10 +57,20 @@ def _is_run_dir(path: Path) -> bool:
     return (path / CONFIG).exists() or (path / CHECKPOINT).exists()
 
 
+def _threads(a: argparse.Namespace) -> None:
+    if a.threads is not None:
+        if a.threads < 1:
+            raise ConfigError(f"--threads {a.threads}: expected a positive number of threads")
+        import torch
+
+        torch.set_num_threads(a.threads)
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from ..engine import config as C
     from ..engine.trainer import CONFIG, SUMMARY, train_run
 
+    _threads(a)
     progress = False if a.no_progress else None
     if a.resume:
         given = [k for k, v in _flags(a).items() if v] + (["--config"] if a.config else []) + \
@@ -91,6 +101,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_sweep(a: argparse.Namespace) -> int:
     from ..engine.sweep import run_sweep
 
+    _threads(a)
     result = run_sweep(a.file, only_plan=a.plan, progress=False if a.no_progress else None, out=a.out,
                        log=print if a.plan else None)
     return 1 if result["failed"] else 0  # some runs failed (see RUN/failed.json); the rest ran
@@ -148,11 +159,14 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    t = sub.add_parser("train", help="train one run", parents=[common])
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=int, metavar="N",
+                         help="CPU threads per process (default: torch's choice, usually one per core)")
+    t = sub.add_parser("train", help="train one run", parents=[common, threads])
     _train_args(t)
     t.set_defaults(func=cmd_train)
     w = sub.add_parser("sweep", help="run a grid of configs from a sweep file (skips finished runs, resumes the rest)",
-                       parents=[common])
+                       parents=[common, threads])
     w.add_argument("file", metavar="SWEEP_FILE", help="YAML: out, preset, base, grid, variants")
     w.add_argument("--plan", action="store_true", help="list the runs and their status; run nothing, write nothing")
     w.add_argument("--out", metavar="DIR", help="root of the run directories (default: the file's `out`, "

@@ -34,7 +34,10 @@ class DataCfg(Section):
     download: bool = False
     image_size: int | None = Field(None, ge=4)
     subset: int | None = Field(None, ge=2, description="train on a fixed, class-stratified subset of N images")
-    subset_seed: int = 0
+    subset_seed: int = Field(0, description="seed of the subset and test_subset draws")
+    test_subset: int | None = Field(
+        None, ge=2, description="evaluate on a fixed, class-stratified subset of N test images (quick sweeps); "
+        "None: the whole test set")
     num_workers: int = Field(0, ge=0)
     cache_dir: str | None = None
     noise: NoiseCfg = NoiseCfg()

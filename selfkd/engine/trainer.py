@@ -52,10 +52,11 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+def stratified_subset(labels: torch.Tensor, n: int, seed: int, key: str = "data.subset",
+                      split: str = "training") -> torch.Tensor:
     """A fixed, class-balanced subset of ``n`` indices (round-robin over classes in a seeded order)."""
     if n > len(labels):
-        raise ConfigError(f"data.subset={n} exceeds the {len(labels)} training images")
+        raise ConfigError(f"{key}={n} exceeds the {len(labels)} {split} images")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(labels), generator=g)
     by_class: dict[int, list[int]] = {}
@@ -95,6 +96,10 @@ def build(cfg: Config) -> Setup:
     if cfg.data.subset is not None:
         idx = stratified_subset(train.labels, cfg.data.subset, cfg.data.subset_seed)
         train = train.subset(idx)
+    test = bundle.test
+    if cfg.data.test_subset is not None:
+        test = test.subset(stratified_subset(test.labels, cfg.data.test_subset, cfg.data.subset_seed,
+                                             "data.test_subset", "test"))
     clean = train.labels.clone()
     noise = cfg.data.noise
     if noise.kind != "none" and noise.rate > 0:
@@ -127,7 +132,7 @@ def build(cfg: Config) -> Setup:
     channels_last = cl == "on" or (cl == "auto" and bundle.image_size >= 16)
     amp = cfg.train.amp
     amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
-    return Setup(cfg, device, train, bundle.test, clean, bundle.num_classes, augment, policies, mixer, model,
+    return Setup(cfg, device, train, test, clean, bundle.num_classes, augment, policies, mixer, model,
                  method, channels_last, amp_dtype)
 
 
@@ -420,6 +425,7 @@ class Trainer:
             "peak_mem_mb": max(r["peak_mem_mb"] for r in h),
             "forwards_per_sample": self.method.forwards_per_sample,
             "params": sum(p.numel() for p in self.model.parameters()),
+            "train_images": len(self.s.train), "test_images": len(self.s.test), "threads": torch.get_num_threads(),
             "device": str(self.s.device), "torch": torch.__version__, "python": platform.python_version(),
         }
 
