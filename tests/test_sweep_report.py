@@ -10,7 +10,7 @@ import yaml
 
 from selfkd.engine import sweep as sweep_mod
 from selfkd.engine.report import build_report
-from selfkd.engine.sweep import label, plan, run_sweep
+from selfkd.engine.sweep import label, plan, run_jobs, run_sweep
 from selfkd.errors import ConfigError
 from selfkd.methods import CE, register, registry
 
@@ -186,6 +186,27 @@ def test_a_run_claimed_by_another_process_is_passed_over_and_shown_running(tmp_p
     result = run_sweep(path, progress=False, log=lambda m: None)  # the lock is gone: the run is trained now
     assert (result["finished"], result["elsewhere"], result["skipped"]) == (1, 0, 1)
     assert json.loads((runs / "runs.json").read_text())["runs"]["method.name=ce"]["status"] == "finished"
+
+
+def test_jobs_share_a_sweep_and_train_every_run_once(tmp_path):
+    path = write_sweep(tmp_path / "s", grid={"method.name": ["ce", "ls"], "train.seed": [0, 1]})
+    lines: list[str] = []
+    result = run_jobs(path, 2, threads=1, log=lines.append)
+    runs = tmp_path / "s" / "runs"
+    assert (result["total"], result["finished"], result["failed"]) == (4, 4, 0)
+    assert all(r["status"] == "finished" for r in result["runs"].values())
+    for name in result["runs"]:  # trained once: one epoch line per run, one summary
+        metrics = (runs / name / "metrics.jsonl").read_text().splitlines()
+        assert len(metrics) == 1 and json.loads(metrics[0])["epoch"] == 1
+        assert json.loads((runs / name / "summary.json").read_text())["threads"] == 1
+    assert any(m.startswith("[job 1] ") for m in lines) and any(m.startswith("[job 2] ") for m in lines)
+    assert lines[-1].endswith("4 of 4 runs finished; this time 4 trained, 0 resumed, 0 failed")
+    again = run_jobs(path, 2, threads=1, log=lambda m: None)
+    assert (again["finished"], again["skipped"]) == (0, 4)
+    with pytest.raises(ConfigError, match="optim.lrr"):  # checked before any process starts
+        run_jobs(write_sweep(tmp_path / "bad", grid={"optim.lrr": [0.1]}), 2)
+    with pytest.raises(ConfigError, match="--jobs 0"):
+        run_jobs(path, 0)
 
 
 @pytest.mark.parametrize("change, message", [

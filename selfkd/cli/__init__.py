@@ -102,6 +102,11 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from ..engine.sweep import run_sweep
 
     _threads(a)
+    if a.jobs is not None and not a.plan:
+        from ..engine.sweep import run_jobs
+
+        result = run_jobs(a.file, a.jobs, threads=a.threads, out=a.out)
+        return 1 if result["failed"] else 0
     result = run_sweep(a.file, only_plan=a.plan, progress=False if a.no_progress else None, out=a.out,
                        log=print if a.plan else None)
     return 1 if result["failed"] else 0  # some runs failed (see RUN/failed.json); the rest ran
@@ -172,6 +177,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--out", metavar="DIR", help="root of the run directories (default: the file's `out`, "
                                                 "relative to the file's folder)")
     w.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
+    w.add_argument("--jobs", type=int, metavar="N", help="train N runs at once in N processes (each with "
+                   "cores/N threads unless --threads); plain lines prefixed [job k]")
     w.set_defaults(func=cmd_sweep)
     r = sub.add_parser("report", help="tables and plots (mean ± std over seeds) from run directories", parents=[common])
     r.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding them (searched recursively)")
