@@ -209,6 +209,18 @@ def test_jobs_share_a_sweep_and_train_every_run_once(tmp_path):
         run_jobs(path, 0)
 
 
+def test_forward_passes_count_an_auto_trained_teacher(tmp_path):
+    from selfkd.engine.report import _cost
+
+    run = tmp_path / "run"
+    (run / "teacher").mkdir(parents=True)
+    student = {"epochs": 8, "seconds": 100.0, "forwards_per_sample": 2.0}
+    assert _cost(run, student) == {"seconds_per_epoch": 12.5, "passes": 16.0}
+    (run / "teacher" / "summary.json").write_text(json.dumps({"epochs": 8, "forwards_per_sample": 1.0}))
+    assert _cost(run, student) == {"seconds_per_epoch": 12.5, "passes": 24.0}
+    assert _cost(run, {"epochs": 0, "seconds": 1.0}) == {}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"grid": {"method.name": ["ce"], "optim.lrr": [0.1]}}, "unknown config key 'optim.lrr'"),
     ({"grid": {"method.name": ["ce", "dlb"], "optim.lr": [0.1, -1]}}, "optim.lr"),
@@ -288,7 +300,11 @@ def test_report_tables_match_the_summaries_and_plots_are_pngs(grid, tmp_path):
         method = g["label"].split("=")[1]
         mine = [v for k, v in s.items() if k.startswith(f"method.name={method}/")]
         assert g["finished"] == g["total"] == 2
-        for key in ("last_acc", "best_acc", "ece", "nll", "seconds"):
+        for r in mine:  # derived cost columns
+            r["seconds_per_epoch"] = r["seconds"] / r["epochs"]
+            r["passes"] = r["forwards_per_sample"] * r["epochs"]
+        assert g["stats"]["passes"]["mean"] == {"ce": 1.0, "dlb": 2.0}[method]
+        for key in ("last_acc", "best_acc", "ece", "nll", "seconds", "seconds_per_epoch", "peak_mem_mb", "passes"):
             vals = [r[key] for r in mine]
             assert g["stats"][key]["mean"] == pytest.approx(statistics.mean(vals), rel=1e-12)
             assert g["stats"][key]["std"] == pytest.approx(statistics.stdev(vals), rel=1e-12)

@@ -325,3 +325,14 @@ def test_train_and_test_subsets_are_fixed_stratified_and_recorded(tmp_path):
     assert summary["threads"] == torch.get_num_threads()
     with pytest.raises(ConfigError, match=r"data.test_subset=451 exceeds the 450 test images"):
         build(build_config({"data": {"name": "digits", "test_subset": 451}}))
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_cpu_peak_memory_is_the_runs_own_not_the_process_lifetime_peak(tmp_path):
+    big = torch.ones(100_000_000)  # 400 MB resident, then freed: the process's lifetime peak
+    del big
+    hwm = next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    cfg = build_config({"data": {"name": "digits", "subset": 100}, "model": {"name": "cnn_small"},
+                        "train": {"epochs": 1, "device": "cpu"}})
+    summary = train_run(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    assert 0 < summary["peak_mem_mb"] < hwm - 300

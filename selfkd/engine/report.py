@@ -13,7 +13,10 @@ directory yet.
 ``REPORT_DIR`` (default ``<first dir>/report``) gets ``report.md``, ``report.json`` (the same numbers,
 unformatted) and PNG plots (matplotlib on the Agg canvas, no global backend change): test accuracy per
 epoch (mean line, min-max band over seeds), accuracy against the label-noise rate per method (when the
-runs vary it; error bars: std over seeds) and reliability diagrams (bins summed over seeds).
+runs vary it; error bars: std over seeds) and reliability diagrams (bins summed over seeds). Cost
+columns: seconds, seconds per epoch, peak memory, and forward passes per training sample over the run
+(a method's ``forwards_per_sample`` x epochs, plus its auto-trained teacher's): groups with equal passes
+had equal compute.
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ COMMON = ("data.name", "model.name", "train.epochs", "optim.batch_size", "optim.
 # (summary key, column title, decimals)
 COLUMNS = [("last_acc", "last acc %", 2), ("best_acc", "best acc %", 2), ("ece", "ECE", 4), ("nll", "NLL", 4)]
 NOISE_COLUMNS = [("corrupted_acc", "true-label acc on corrupted %", 1), ("memorized", "noisy-label fit %", 1)]
-TAIL_COLUMNS = [("seconds", "seconds", 1)]
+TAIL_COLUMNS = [("seconds", "seconds", 1), ("seconds_per_epoch", "s/epoch", 1), ("peak_mem_mb", "peak MiB", 0),
+                ("passes", "fwd passes/sample", 1)]
 PLOTS = {"curves": "acc_curves.png", "noise": "acc_vs_noise.png", "reliability": "reliability.png"}
 _MISSING = "\0missing"
 
@@ -114,6 +118,8 @@ def _read_run(path: Path, name: str) -> RunInfo:
             except ValueError:
                 break
     summary = _read_json(path / SUMMARY) if (path / SUMMARY).is_file() else None
+    if isinstance(summary, dict):
+        summary = {**summary, **_cost(path, summary)}
     failed = _read_json(path / FAILED) if (path / FAILED).is_file() else None
     if summary is not None:
         status, error = "finished", None
@@ -126,6 +132,23 @@ def _read_run(path: Path, name: str) -> RunInfo:
     if config is None and (path / CONFIG).exists():
         error = (error + "; " if error else "") + f"{CONFIG} is not valid YAML"
     return RunInfo(path, name, config, status, summary, metrics, error)
+
+
+def _cost(path: Path, summary: dict[str, Any]) -> dict[str, float]:
+    """Derived cost: seconds per epoch, and forward passes per training sample over the whole run
+    (``forwards_per_sample`` x epochs, plus those of an auto-trained ``RUN/teacher``): the equal-compute axis."""
+    out: dict[str, float] = {}
+    epochs, seconds, fwd = summary.get("epochs"), summary.get("seconds"), summary.get("forwards_per_sample")
+    if isinstance(epochs, (int, float)) and epochs > 0 and isinstance(seconds, (int, float)):
+        out["seconds_per_epoch"] = seconds / epochs
+    if isinstance(epochs, (int, float)) and isinstance(fwd, (int, float)):
+        out["passes"] = fwd * epochs
+        teacher = _read_json(path / "teacher" / SUMMARY) if (path / "teacher" / SUMMARY).is_file() else None
+        if isinstance(teacher, dict):
+            t_fwd, t_epochs = teacher.get("forwards_per_sample"), teacher.get("epochs")
+            if isinstance(t_fwd, (int, float)) and isinstance(t_epochs, (int, float)):
+                out["passes"] += t_fwd * t_epochs
+    return out
 
 
 def find_runs(dirs: list[str | Path]) -> list[RunInfo]:

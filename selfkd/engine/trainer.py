@@ -161,10 +161,31 @@ def _set_rng_state(state: dict[str, Any], gens: dict[str, torch.Generator]) -> N
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _reset_peak_mem(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's allocator peak, or on Linux the process's peak resident set
+    (writing 5 to ``/proc/self/clear_refs`` resets VmHWM), so runs that share a process (sweeps) each
+    report their own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere: the process's lifetime peak
+
+
 def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB -> MiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's lifetime peak
 
 
 class Trainer:
@@ -265,8 +286,7 @@ class Trainer:
         self.method.on_epoch_start(self.epoch, self.cfg.train.epochs)
         if hasattr(self.batch_sampler, "set_epoch"):
             self.batch_sampler.set_epoch(self.epoch)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
+        _reset_peak_mem(dev)
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         correct = torch.zeros((), dtype=torch.int64, device=dev)
