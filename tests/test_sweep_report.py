@@ -319,6 +319,26 @@ def test_report_tables_match_the_summaries_and_plots_are_pngs(grid, tmp_path):
     assert not (out / "acc_vs_noise.png").exists() and "acc_vs_noise" not in md  # the runs do not vary the noise
 
 
+def test_report_pairs_each_group_with_the_baseline_by_seed(grid, tmp_path):
+    runs = grid[0] / "runs"
+    md = build_report([str(runs)], out=str(tmp_path / "rep"), baseline="method=ce")
+    s = summaries(runs)
+    diffs = {key: [s[f"method.name=dlb/train.seed={k}"][key] - s[f"method.name=ce/train.seed={k}"][key] for k in (0, 1)]
+             for key in ("last_acc", "ece")}
+    row = next(line for line in md.splitlines() if line.startswith("| method=dlb | 2 |"))
+    d = diffs["last_acc"]
+    better = sum(x > 0 for x in d)
+    assert f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f} ({better}/2 better)" in row
+    e = diffs["ece"]
+    assert f"{statistics.mean(e):+.4f} ± {statistics.stdev(e):.4f} ({sum(x < 0 for x in e)}/2 better)" in row
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert data["baseline"] == "method=ce" and [p["label"] for p in data["paired"]] == ["method=dlb"]
+    assert data["paired"][0]["last_acc"]["mean"] == pytest.approx(statistics.mean(d), rel=1e-12)
+    with pytest.raises(ConfigError, match="--baseline 'method=cee' is not a group; groups: 'method=ce', 'method=dlb'"):
+        build_report([str(runs)], out=str(tmp_path / "rep2"), baseline="method=cee")
+    assert not (tmp_path / "rep2").exists()
+
+
 def test_report_with_noise_shows_failed_unfinished_and_missing_runs(tmp_path):
     path = write_sweep(tmp_path / "s", base={**BASE, "data": {**BASE["data"], "noise": {"kind": "symmetric"}}},
                        grid={"data.noise.rate": [0.0, 0.4], "train.seed": [0, 1]},

@@ -115,7 +115,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from ..engine.report import build_report
 
-    build_report(a.dirs, out=a.out)
+    build_report(a.dirs, out=a.out, baseline=a.baseline)
     print(Path(a.out or Path(a.dirs[0]) / "report") / "report.md")
     return 0
 
@@ -183,6 +183,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="tables and plots (mean ± std over seeds) from run directories", parents=[common])
     r.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding them (searched recursively)")
     r.add_argument("--out", metavar="REPORT_DIR", help="where report.md and the plots go (default: FIRST_DIR/report)")
+    r.add_argument("--baseline", metavar="GROUP", help="a group label (e.g. 'method=ce'): add each group's "
+                   "differences to it, paired by seed")
     r.set_defaults(func=cmd_report)
     d = sub.add_parser("demo", help="CE vs DLB on digits, clean and 40%% symmetric noise", parents=[common])
     d.add_argument("--out", metavar="DIR", help="keep the runs here (default: a temporary directory)")
@@ -210,3 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("selfkd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `selfkd methods | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -148,6 +148,14 @@ def presets() -> dict[str, dict[str, Any]]:
     return out
 
 
+def load_preset(name: str) -> dict[str, Any]:
+    """One named recipe; an unknown name is an error that lists the known ones."""
+    table = presets()
+    if name not in table:
+        raise ConfigError(f"unknown preset '{name}'; known: {', '.join(table)}")
+    return table[name]
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -226,10 +234,7 @@ def resolve(
 ) -> Config:
     layers: list[dict[str, Any]] = []
     if preset is not None:
-        table = presets()
-        if preset not in table:
-            raise ConfigError(f"unknown preset '{preset}'; known: {', '.join(table)}")
-        layers.append(table[preset])
+        layers.append(load_preset(preset))
     if file is not None:
         layers.append(load_yaml(file))
     if flags:

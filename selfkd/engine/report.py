@@ -317,6 +317,33 @@ def fmt_stat(s: dict[str, Any], decimals: int) -> str:
     return text if s["std"] is None else f"{text} ± {s['std']:.{decimals}f}"
 
 
+PAIRED = [("last_acc", "Δ last acc", 2), ("best_acc", "Δ best acc", 2), ("ece", "Δ ECE", 4), ("nll", "Δ NLL", 4)]
+
+
+def paired(groups: list[Group], baseline: str) -> list[dict[str, Any]]:
+    """Per group, the differences to the ``baseline`` group's run with the same seed (finished runs of
+    both): mean ± std of each :data:`PAIRED` key and how many seeds beat the baseline (higher accuracy,
+    lower ECE/NLL). Pairing removes what a seed shares between two methods (split, init, order)."""
+    base = next((g for g in groups if g.label == baseline), None)
+    if base is None:
+        raise ConfigError(f"report: --baseline {baseline!r} is not a group; groups: "
+                          + ", ".join(repr(g.label) for g in groups))
+    by_seed = {r.seed: r.summary for r in base.finished}
+    out = []
+    for g in groups:
+        if g is base:
+            continue
+        pairs = [(r.summary, by_seed[r.seed]) for r in g.finished if r.seed in by_seed]
+        row: dict[str, Any] = {"label": g.label, "pairs": len(pairs)}
+        for key, _, _ in PAIRED:
+            diffs = [a[key] - b[key] for a, b in pairs if isinstance(a.get(key), (int, float))
+                     and isinstance(b.get(key), (int, float))]
+            better = sum((d > 0) if key.endswith("acc") else (d < 0) for d in diffs)
+            row[key] = {**stat(diffs), "better": better}
+        out.append(row)
+    return out
+
+
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -537,15 +564,16 @@ def plot_reliability(groups: list[Group], colors: list, path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-def build_report(dirs: list[str], out: str | None = None) -> str:
+def build_report(dirs: list[str], out: str | None = None, baseline: str | None = None) -> str:
     """Write ``report.md``, ``report.json`` and the plots into ``out`` (default ``<dirs[0]>/report``);
-    return the markdown."""
+    return the markdown. ``baseline``: a group label; adds the seed-paired differences to it."""
     if not dirs:
         raise ConfigError("report: give at least one directory")
     runs = find_runs(dirs)
     if not runs:
         raise ConfigError(f"report: no run directories (folders with {CONFIG}) under {', '.join(map(str, dirs))}")
     groups = group_runs(runs)
+    pairs = paired(groups, baseline) if baseline is not None else None
     report_dir = Path(out) if out is not None else Path(dirs[0]) / "report"
     noisy = any(r.noisy for r in runs) or any(r.summary and "memorized" in r.summary for r in runs)
     columns = COLUMNS + (NOISE_COLUMNS if noisy else []) + TAIL_COLUMNS
@@ -600,6 +628,22 @@ def build_report(dirs: list[str], out: str | None = None) -> str:
         cells = [_md(g.label), finished] + [fmt_stat(d["stats"][key], dec) for key, _, dec in columns] + [_md(notes)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if pairs is not None:
+        lines += [f"## Against `{_md(baseline)}`, paired by seed", "",
+                  "Each run minus the baseline's run with the same seed; mean ± std over the pairs, and in how "
+                  "many pairs the group was better (higher accuracy, lower ECE or NLL).", "",
+                  "| group | pairs | " + " | ".join(t for _, t, _ in PAIRED) + " |", "|" + "---|" * (2 + len(PAIRED))]
+        for row in pairs:
+            cells = [_md(row["label"]), str(row["pairs"])]
+            for key, _, dec in PAIRED:
+                st = row[key]
+                if st["mean"] is None:
+                    cells.append("–")
+                    continue
+                spread = "" if st["std"] is None else f" ± {st['std']:.{dec}f}"
+                cells.append(f"{st['mean']:+.{dec}f}{spread} ({st['better']}/{st['n']} better)")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     if plot_note:
         lines += [plot_note, ""]
     for fname, alt in plots:
@@ -622,5 +666,6 @@ def build_report(dirs: list[str], out: str | None = None) -> str:
     markdown = "\n".join(lines)
     ckpt.write_text(report_dir / "report.md", markdown)
     ckpt.write_json(report_dir / "report.json", {"dirs": [str(d) for d in dirs], "groups": data_groups,
+                                                  **({"baseline": baseline, "paired": pairs} if pairs is not None else {}),
                                                   "plots": [f for f, _ in plots]})
     return markdown

@@ -66,7 +66,7 @@ from pydantic import BaseModel
 
 from ..errors import ConfigError, SelfKDError
 from . import checkpoint as ckpt
-from .config import Config, MethodCfg, build_config, flatten, load_yaml, presets, save_yaml
+from .config import Config, MethodCfg, build_config, flatten, load_preset, load_yaml, save_yaml
 from .trainer import CHECKPOINT, CONFIG, SUMMARY
 
 FAILED = "failed.json"
@@ -330,10 +330,10 @@ def plan(path: str | Path, out: str | Path | None = None) -> Sweep:
     preset = spec.get("preset")
     layers: list[dict[str, Any]] = []
     if preset is not None:
-        table = presets()
-        if preset not in table:
-            raise ConfigError(f"{where}: preset: unknown preset {preset!r}; known: {', '.join(table)}")
-        layers.append(table[preset])
+        try:
+            layers.append(load_preset(preset))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: preset: {err}") from None
     base = spec.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError(f"{where}: base: expected a mapping of config sections, got {type(base).__name__}")
