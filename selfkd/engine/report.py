@@ -42,9 +42,9 @@ IGNORED = ("train.seed", "train.log_every", "train.eval_batch_size", "data.num_w
            "data.download")
 NOISE = ("data.noise.kind", "data.noise.rate")
 SHORT = {"method.name": "method", "model.name": "model", "data.name": "data", "data.noise.seed": "noise seed",
-         "schedule.kind": "schedule", "data.subset": "subset", "data.dir": "data dir"}
+         "schedule.kind": "schedule", "data.subset": "subset", "data.test_subset": "test subset", "data.dir": "data dir"}
 COMMON = ("data.name", "model.name", "train.epochs", "optim.batch_size", "optim.lr", "schedule.kind", "data.subset",
-          "method.name")
+          "data.test_subset", "method.name")
 # (summary key, column title, decimals)
 COLUMNS = [("last_acc", "last acc %", 2), ("best_acc", "best acc %", 2), ("ece", "ECE", 4), ("nll", "NLL", 4)]
 NOISE_COLUMNS = [("corrupted_acc", "true-label acc on corrupted %", 1), ("memorized", "noisy-label fit %", 1)]
@@ -395,7 +395,7 @@ def _figure(**kw):
 
 def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1)  # long legends stay whole
     ckpt.write_bytes(path, buf.getvalue())
 
 
