@@ -221,6 +221,30 @@ def test_forward_passes_count_an_auto_trained_teacher(tmp_path):
     assert _cost(run, {"epochs": 0, "seconds": 1.0}) == {}
 
 
+def test_a_job_may_start_processes_of_its_own(tmp_path):
+    # past PARALLEL_THRESHOLD files the image decoder starts a process pool; a job must be allowed to
+    import numpy as np
+    from PIL import Image
+
+    from selfkd.data.imagefolder import PARALLEL_THRESHOLD
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", PARALLEL_THRESHOLD // 2 + 1), ("test", 4)):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for k in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / split / c / f"{k}.png")
+    path = tmp_path / "s" / "sweep.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({"out": "runs", "base": {
+        "data": {"name": "imagefolder", "dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache"), "subset": 64},
+        "model": {"name": "cnn_small"}, "optim": {"batch_size": 32}, "train": {"epochs": 1, "device": "cpu"}}}))
+    lines: list[str] = []
+    result = run_jobs(str(path), 1, threads=1, log=lines.append)
+    assert (result["finished"], result["failed"]) == (1, 0), lines
+    assert not any("died" in m for m in lines)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"grid": {"method.name": ["ce"], "optim.lrr": [0.1]}}, "unknown config key 'optim.lrr'"),
     ({"grid": {"method.name": ["ce", "dlb"], "optim.lr": [0.1, -1]}}, "optim.lr"),

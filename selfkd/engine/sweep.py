@@ -626,8 +626,10 @@ def run_jobs(path: str, jobs: int, *, threads: int | None = None, out: str | Non
         f"{'s' if threads != 1 else ''}")
     ctx = multiprocessing.get_context("spawn")  # no forked torch state; works wherever the CLI does
     lines = ctx.Queue()
-    procs = [ctx.Process(target=_job, args=(k, path, out, threads, lines), daemon=True) for k in range(1, jobs + 1)]
+    # not daemonic: a job may start processes of its own (the image decoder's pool)
+    procs = [ctx.Process(target=_job, args=(k, path, out, threads, lines)) for k in range(1, jobs + 1)]
     counts = {"finished": 0, "resumed": 0, "skipped": before, "failed": 0, "elsewhere": 0, "pending": 0}
+    answered: set[int] = set()
     try:
         for p in procs:
             p.start()
@@ -641,19 +643,24 @@ def run_jobs(path: str, jobs: int, *, threads: int | None = None, out: str | Non
                 continue
             if kind == "line":
                 say(f"[job {k}] {body}")
-            elif kind == "error":
+                continue
+            answered.add(k)
+            live -= 1
+            if kind == "error":
                 say(f"[job {k}] error: {body}")
                 counts["failed"] += 1
-                live -= 1
             else:
                 for key, n in body.items():
                     counts[key] += n
-                live -= 1
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
+    for k, p in enumerate(procs, start=1):
+        if k not in answered:  # crashed or killed: its traceback went to stderr; its run resumes next time
+            say(f"[job {k}] died (exit code {p.exitcode})")
+            counts["failed"] += 1
     final = plan(path, out=out)
     done = sum(r.status == "finished" for r in final.runs)
     say(f"sweep {final.out}: {done} of {len(final.runs)} runs finished; this time {counts['finished']} trained, "
