@@ -5,15 +5,15 @@ the same training (real CIFAR-10 JPEG, fixed 4,000-image subset, ResNet-8, batch
 trainer, samplers, DataLoader and augmentation) one method at a time on a quiet machine:
 ``selfkd train`` for ``--epochs`` epochs in a new process per method and repeat, interleaved over
 methods so drifting machine load hits every method alike. Reported per method: training seconds
-per epoch of the last epoch (no evaluation, no start-up), new samples/s, and peak memory (the
-process's peak resident set during that epoch, from ``summary.json``; includes the decoded data
-set and the interpreter, so compare the differences).
+per epoch averaged over the epochs after the first (no evaluation, no start-up, no warm-up), new
+samples/s, and peak memory (the process's peak resident set during those epochs; it includes the
+decoded data set and the interpreter, so compare the differences).
 
 MrKD's first snapshot comes after ``interval`` steps (200 by default: past the measured epoch), so
 ``mrkd``/``mrkd-tc`` run with ``method.interval=20`` here to time a step that forwards its teacher.
 ``tfkd-self`` trains its teacher first (one CE run, not timed here); the student's epoch is timed.
 
-    python benchmarks/method_cost.py                      # every method, 2 repeats
+    python benchmarks/method_cost.py                      # every method, 3 repeats
     python benchmarks/method_cost.py --methods ce dlb --repeats 1
 """
 from __future__ import annotations
@@ -42,9 +42,10 @@ def measure(a: argparse.Namespace, method: str, out: Path) -> dict:
     if done.returncode:
         raise SystemExit(f"method_cost: {method}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
     summary = json.loads((out / "summary.json").read_text())
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"train_s": last["train_seconds"], "samples_per_s": last["samples_per_s"],
-            "images_per_s": last["images_per_s"], "peak_mb": last["peak_mem_mb"],
+    timed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[1:]]  # after warm-up
+    mean = lambda key: statistics.fmean(m[key] for m in timed)  # noqa: E731
+    return {"train_s": mean("train_seconds"), "samples_per_s": mean("samples_per_s"),
+            "images_per_s": mean("images_per_s"), "peak_mb": max(m["peak_mem_mb"] for m in timed),
             "fwd": summary["forwards_per_sample"], "torch": summary["torch"], "threads": summary["threads"]}
 
 
@@ -54,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--model", default="resnet8")
-    p.add_argument("--epochs", type=int, default=2, help="the last one is timed")
+    p.add_argument("--epochs", type=int, default=3, help="every epoch after the first is timed")
     p.add_argument("--subset", type=int, default=4000)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--cache", type=Path, default=HERE / "cache")
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{cmd.strip()}`",
         "",
         f"CPU, {first['threads']} threads, torch {first['torch']}; `selfkd train` for {a.epochs} epochs in a fresh process "
-        f"per method and repeat (interleaved); the last epoch's training time (no evaluation) and peak resident set; "
+        f"per method and repeat (interleaved); training time per epoch (no evaluation) averaged over the epochs after "
+        f"the first, and the peak resident set; "
         f"median (min–max) of {a.repeats} processes. `mrkd`/`mrkd-tc` with `method.interval=20` so the timed "
         "epoch forwards their teacher; `tfkd-self`'s teacher training is not included.",
         "",
