@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from _common import command
 from selfkd.engine.checkpoint import write_text
 from selfkd.engine.config import build_config
 from selfkd.engine.trainer import CHECKPOINT, SUMMARY, Trainer, build
@@ -102,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         for method, epochs in plan:
             results.setdefault((method, epochs), []).append(run_one(a, method, epochs, seed))
 
-    cmd = "python benchmarks/cifar10_cpu.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    cmd = command(__file__, argv)
     r0 = results[plan[0]][0]
     lines = [
         f"# CIFAR-10 on CPU: {', '.join(a.methods)}",
         "",
-        f"Command: `{cmd.strip()}`",
+        f"Command: `{cmd}`",
         "",
         f"Protocol: {a.model} on a fixed class-stratified {a.subset}-image subset of the real CIFAR-10 training set "
         f"(JPEG archive), full 10,000-image test set, SGD-Nesterov lr 0.05 cosine (1 warmup epoch), wd 5e-4, "

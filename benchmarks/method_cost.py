@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _common import command, median_range
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -73,17 +74,12 @@ def main(argv: list[str] | None = None) -> int:
                 table.setdefault(method, []).append(res)
                 print(f"repeat {r}: {method}: {res['train_s']:.2f} s/epoch, {res['peak_mb']:.0f} MiB", flush=True)
 
-    def med(vals: list[float], fmt: str) -> str:
-        text = fmt.format(statistics.median(vals))
-        return text if len(vals) == 1 else f"{text} ({fmt.format(min(vals))}–{fmt.format(max(vals))})"
-
     base = statistics.median(x["train_s"] for x in table["ce"]) if "ce" in table else None
-    cmd = "python benchmarks/method_cost.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     first = next(iter(table.values()))[0]
     lines = [
         f"# Method cost: {a.model}, real CIFAR-10 ({a.subset}-image subset), batch 64, each method alone",
         "",
-        f"Command: `{cmd.strip()}`",
+        f"Command: `{command(__file__, argv)}`",
         "",
         f"CPU, {first['threads']} threads, torch {first['torch']}; `selfkd train` for {a.epochs} epochs in a fresh process "
         f"per method and repeat (interleaved); training time per epoch (no evaluation) averaged over the epochs after "
@@ -96,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for method, rs in table.items():
         ratio = f"{statistics.median(x['train_s'] for x in rs) / base:.2f}" if base else "–"
-        lines.append(f"| {method} | {rs[0]['fwd']:g} | {med([x['train_s'] for x in rs], '{:.2f}')} | {ratio} | "
-                     f"{med([x['samples_per_s'] for x in rs], '{:.0f}')} | {med([x['images_per_s'] for x in rs], '{:.0f}')} | "
-                     f"{med([x['peak_mb'] for x in rs], '{:.0f}')} |")
+        lines.append(f"| {method} | {rs[0]['fwd']:g} | {median_range([x['train_s'] for x in rs], '{:.2f}')} | {ratio} | "
+                     f"{median_range([x['samples_per_s'] for x in rs], '{:.0f}')} | {median_range([x['images_per_s'] for x in rs], '{:.0f}')} | "
+                     f"{median_range([x['peak_mb'] for x in rs], '{:.0f}')} |")
     from selfkd.engine.checkpoint import write_text
 
     write_text(a.results, "\n".join(lines) + "\n")

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import command, median_range
 
 HERE = Path(__file__).resolve().parent
 
@@ -106,17 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             table.setdefault(method, []).append(res)
             print(f"repeat {r}: {method}: {res['images_per_s']:.0f} img/s, {res['peak_mem_mb']:.0f} MiB", flush=True)
 
-    def ms(vals, fmt="{:.0f}"):
-        return f"{fmt.format(statistics.median(vals))} ({fmt.format(min(vals))}–{fmt.format(max(vals))})"
-
     from selfkd.engine.checkpoint import write_text
 
-    cmd = "python benchmarks/step_cost.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     first = next(iter(table.values()))[0]
     lines = [
         f"# Step cost: {', '.join(a.methods)} on {a.model}, {a.rows} rows per step",
         "",
-        f"Command: `{cmd.strip()}`",
+        f"Command: `{command(__file__, argv)}`",
         "",
         f"Device {first['device']}, {a.threads} threads, torch {first['torch']}; synthetic 32x32 uint8 data in memory, "
         f"real samplers/DataLoader/augmentation; {a.steps} timed steps after {a.warmup} warm-up steps; median (min–max) "
@@ -127,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for method, rs in table.items():
         lines.append(f"| {method} | {rs[0]['rows_per_step']} | {rs[0]['new_per_step']} | "
-                     f"{ms([r['images_per_s'] for r in rs])} | {ms([r['new_samples_per_s'] for r in rs])} | "
-                     f"{ms([r['ms_per_step'] for r in rs], '{:.1f}')} | {ms([r['peak_mem_mb'] for r in rs])} |")
+                     f"{median_range([r['images_per_s'] for r in rs])} | {median_range([r['new_samples_per_s'] for r in rs])} | "
+                     f"{median_range([r['ms_per_step'] for r in rs], '{:.1f}')} | {median_range([r['peak_mem_mb'] for r in rs])} |")
     write_text(a.results, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
