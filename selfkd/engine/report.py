@@ -428,7 +428,8 @@ def plot_curves(groups: list[Group], colors: list, path: Path) -> bool:
             series.append((g, c, dict(sorted(per_epoch.items()))))
     if not series:
         return False
-    panels = [("test_acc", "test accuracy (%)", "Test accuracy per epoch")]
+    panels = [("test_acc", "test accuracy (%)", "Test accuracy per epoch"),
+              ("train_acc", "training accuracy (%)", "Training accuracy per epoch (augmented batches, given labels)")]
     if any("train_memorized" in m for _, _, pe in series for ms in pe.values() for m in ms):
         panels.append(("train_memorized", "noisy-label fit (%)",
                        "Corrupted training samples predicted as their noisy label"))
