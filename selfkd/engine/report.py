@@ -538,7 +538,7 @@ def plot_compute(groups: list[Group], colors: list, path: Path) -> bool:
                     xs.append(passes)
                     ys.append(st["mean"])
                     es.append(st["std"] or 0.0)
-                    labels.append(g.label)
+                    labels.append(", ".join(f"{k}={v}" for k, v, _ in g.parts if k != "method") or g.label)
             if not xs:
                 continue
             ax.errorbar(xs, ys, yerr=es, color=c, marker="o", ms=4, capsize=3, lw=1.6, label=name)
