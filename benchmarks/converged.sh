@@ -19,8 +19,7 @@ C=$R/converged_core
 # 1+2: equal epochs, equal compute, the halved comparison and repeat_fraction, against CE at E
 "$PY" -m selfkd report $C --baseline "method=ce, epochs=100" --out $OUT/core
 # 3: label noise at convergence, each noise type against its CE at E
-for n in sym40 asym40; do
-  "$PY" -m selfkd report $R/converged_noise/noise=$n --baseline "method=ce, epochs=100" --out $OUT/noise_$n
-done
+"$PY" -m selfkd report $R/converged_noise/setting=sym40-* --baseline "method=ce, epochs=100" --out $OUT/noise_sym40
+"$PY" -m selfkd report $R/converged_noise/setting=asym40-* --baseline method=ce --out $OUT/noise_asym40
 # 4: the methods at equal epochs, with CE, DLB and the equal-compute CE of the core sweep
 "$PY" -m selfkd report $R/converged_methods $C/setting=ce $C/setting=dlb $C/setting=ce-200ep --baseline "method=ce, epochs=100" --out $OUT/methods
