@@ -31,11 +31,19 @@ def _atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise _write_error(path, err) from None
-        if isinstance(err, RuntimeError) and "PytorchStreamWriter failed" in str(err):  # torch.save's own ENOSPC
-            raise _write_error(path, OSError(errno.ENOSPC, "no space left on device")) from None
+        cause = _os_cause(err)  # torch.save wraps a full disk in a RuntimeError of its zip writer
+        if cause is not None:
+            raise _write_error(path, cause) from None
         raise
+
+
+def _os_cause(err: BaseException | None) -> OSError | None:
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def _write_error(path: Path, err: OSError) -> SelfKDError:

@@ -315,23 +315,21 @@ def _normal(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def check_paths(sweep: Sweep) -> None:
-    """Path errors shared by runs, reported once before anything is written: the root of the run
-    directories must be writable, and every distinct data root must exist and be readable."""
+    """Path errors shared by every run still to do, reported once before anything is written: the root
+    of the run directories must be writable, and a data root they all read must exist and be readable.
+    A data root only some runs use is left to those runs: each records its error in ``failed.json``."""
     from ..data.loaders import check_root
 
     rundir.check_writable(sweep.out, f"sweep {sweep.path}: out")
-    roots: dict[tuple[str, str | None, bool], list[Run]] = {}
-    for r in sweep.runs:
-        if r.status != "finished":
-            d = r.cfg.data
-            roots.setdefault((d.name, d.dir, d.download), []).append(r)
-    for (name, root, download), runs in roots.items():
+    todo = [r for r in sweep.runs if r.status != "finished"]
+    roots = {(r.cfg.data.name, r.cfg.data.dir, r.cfg.data.download) for r in todo}
+    if len(roots) == 1 and len(todo) > 0:
+        name, root, download = roots.pop()
         try:
             check_root(name, root, download)
         except SelfKDError as err:
-            who = f"all {len(runs)} runs" if len(runs) == len(sweep.runs) else \
-                f"{len(runs)} run{'s' if len(runs) != 1 else ''} (first: {runs[0].name})"
-            raise ConfigError(f"sweep {sweep.path}: {who}: {err}") from None
+            many = f"all {len(todo)} runs" if len(todo) > 1 else "its run"
+            raise ConfigError(f"sweep {sweep.path}: {many}: {err}") from None
 
 
 def _check_existing(run: Run, where: str) -> None:

@@ -290,6 +290,9 @@ class Trainer:
         old = state.get("config")
         if isinstance(old, dict) and state.get("config_sha256") != config_hash(self.cfg):
             diff = config_diff(old, self.cfg.to_dict())
+            if any(k == "method.name" for k, _, _ in diff):  # another method: its parameters differ anyway
+                diff = [d for d in diff if d[0] == "method.name" or not d[0].startswith("method.")]
+            diff.sort(key=lambda d: not d[0].endswith(".name"))  # data/model/method names first
             if diff:
                 shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff[:3])
                 more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
