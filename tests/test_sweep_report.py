@@ -281,7 +281,8 @@ def test_a_bad_sweep_fails_before_anything_runs_and_writes_nothing(tmp_path, cha
 
 def test_only_plan_lists_the_runs_and_writes_nothing(tmp_path):
     path = write_sweep(tmp_path / "s", preset="cpu-short",
-                       base={**BASE, "train": {"epochs": 2, "device": "cpu"}, "optim.lr": 0.02},  # dotted keys too
+                       base={**BASE, "train": {"epochs": 2, "device": "cpu"}, "optim.lr": 0.02,  # dotted keys too
+                             "data.noise.kind": "symmetric"},  # a rate without a kind is an error (issue 8)
                        grid={"data.noise.rate": [0.0, 0.4], "train.seed": [3]},
                        variants={"method": [{"method.name": "ce"}, {"method.name": "dlb", "method.temperature": 4}]})
     lines: list[str] = []
