@@ -559,3 +559,15 @@ def test_demo_threads_progress_and_what_the_numbers_are(tmp_path, capsys):
     assert json.loads((tmp_path / "d" / "ce-noise0" / "summary.json").read_text())["threads"] == 1
     code, _, err = run_cli(capsys, "demo", "--epochs", "1", "--out", tmp_path / "d", "--no-progress")
     one_line_error(code, err, "already holds a run")  # a second demo never overwrites the first
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
+    (["train", "--set", "-x"], "argument --set: expected one argument"),
+    (["trian"], "invalid choice: 'trian'"),
+])
+def test_usage_errors_are_one_line_too(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    one_line_error(e.value.code, err, needle, "--help")

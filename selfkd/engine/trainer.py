@@ -3,7 +3,8 @@
 A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one object per epoch),
 ``checkpoint.pt`` (everything needed to continue: model, optimiser, scheduler, every RNG, the
 method's state and the sampler position), ``best.pt`` (weights of the best epoch) and, once the run
-has finished, ``summary.json``. Every file is written atomically.
+has finished, ``summary.json``. Every file is written atomically. Every writer holds the folder's
+``flock`` (``.lock``, see :mod:`selfkd.engine.rundir`); only a new or empty folder becomes a run.
 """
 from __future__ import annotations
 
