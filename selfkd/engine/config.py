@@ -119,6 +119,7 @@ class TrainCfg(Section):
     compile: bool = False
     eval_batch_size: int = Field(500, ge=1)
     log_every: int = Field(20, ge=1, description="steps between progress updates and non-finite checks")
+    eval_every: int = Field(1, ge=1, description="epochs between evaluations; the last epoch is always evaluated")
 
 
 class Config(Section):
