@@ -536,7 +536,7 @@ def test_listings_and_help_do_not_import_torch():
     assert res.returncode == 0, res.stderr
     torch_loaded, seconds = res.stdout.split()
     assert torch_loaded == "False"
-    assert float(seconds) < 1.0
+    assert float(seconds) < 2.0  # about 0.1 s on an idle machine; the bound leaves room for a loaded CI box
 
 
 def test_generated_catalog_matches_the_registries(capsys):
