@@ -80,6 +80,9 @@ class Method:
     Params: ClassVar[type[Params]] = Params
     #: the method defines the targets of mixed rows (``batch.mix``); others refuse mixup/CutMix
     supports_mix: ClassVar[bool] = False
+    #: ``train_step`` runs forward passes of its own (partners, a second view, exits, a teacher): an
+    #: integration that only hands over the model's logits (Hugging Face, Lightning) cannot run it
+    own_forward: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         try:
@@ -90,6 +93,11 @@ class Method:
             if "unknown key" in msg:
                 msg += f"; known hyper-parameters: {known}"
             raise ConfigError(msg) from None
+
+    @property
+    def runs_on_logits(self) -> bool:
+        """Whether ``loss(logits, target, index=...)`` is the whole method (no forward design of its own)."""
+        return not type(self).own_forward
 
     # -- cost accounting -------------------------------------------------------------------
     @property

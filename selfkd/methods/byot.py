@@ -349,6 +349,7 @@ class BYOT(Method):
     """
 
     name = "byot"
+    own_forward = True
     needs_stages = True  # the model must expose features(x) and stage_channels (not cnn_small)
     formula = "CE(z_S, y) + Σ_{i<S} [c·H(softmax(z_S/T).detach(), softmax(z_i/T)) + (1−c)·CE(z_i, y)]"
     Params = BYOTParams

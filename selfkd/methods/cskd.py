@@ -167,6 +167,7 @@ class CSKD(Method):
     """
 
     name = "cskd"
+    own_forward = True
     formula = "CE(z_a, y) + λ·T²·KL(softmax(z_p/T) ‖ softmax(z_a/T))"
     Params = CSKDParams
     supports_mix = True

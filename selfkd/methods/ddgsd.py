@@ -74,6 +74,7 @@ class DDGSD(Method):
     """
 
     name = "ddgsd"
+    own_forward = True
     formula = (
         "CE(z1,y) + CE(z2,y) + λ·T²·[KL(softmax(z2/T) ‖ softmax(z1/T)) + KL(softmax(z1/T) ‖ softmax(z2/T))]"
     )

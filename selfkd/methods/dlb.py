@@ -33,7 +33,7 @@ from ..data.mixing import (Mix, MixBlocks, Mixer, mix_from_state, mix_state, mix
                            remix)
 from ..errors import ConfigError, TrainingError
 from .base import Batch, Method, Params, StepOutput
-from .losses import cross_entropy, kd_kl
+from .losses import align_tokens, cross_entropy, kd_kl, token_mask
 from .registry import register
 
 
@@ -131,6 +131,10 @@ class DLBParams(Params):
     ramp_epochs: float = Field(0.0, ge=0, description="linear: epochs over which alpha and T move to their final values")
     alpha_start: float = Field(0.0, ge=0, description="linear: alpha at the start of the ramp")
     temperature_start: float | None = Field(None, gt=0, description="linear: T at the start of the ramp (None: T)")
+    padding_side: Literal["right", "left"] = Field(
+        "right", description="token logits [B, T, V]: where the collator pads, to align a repeated row's positions "
+        "with its cached ones when its padded length changed",
+    )
 
 
 @register
@@ -173,6 +177,15 @@ class DLB(Method):
       raises ConfigError. ``batch.mix`` is a :class:`~selfkd.data.mixing.MixBlocks`
       ``[(0, previous Mix), (r, new Mix)]`` (a plain Mix on a step without repeated rows).
 
+    * **Token logits** (``[B, T, V]`` with ``[B, T]`` labels, -100 ignored: token classification,
+      language modelling): CE is the mean over the non-ignored tokens of the CE rows; the distillation
+      term is a per-token ``T²·KL`` averaged over the non-ignored tokens of the repeated rows (every
+      token weighs the same, see :mod:`~selfkd.methods.losses`). The cache holds the new rows' ``[B, T, V]``
+      logits (float32: ``B·T·V·4`` bytes). With dynamic padding a repeated row may come back padded to
+      another length: its cached logits are re-laid by position (``padding_side``: ``right`` aligns the
+      first positions, ``left`` the last) and the labels must then agree token by token, else
+      TrainingError. Mixing is not defined for tokens. ``[B, K]`` logits are unchanged.
+
     Use the sampler from :meth:`batch_sampler`; the loss checks that each batch has the layout the
     sampler produced, and that the repeated rows carry the labels of the cached ones.
     """
@@ -197,6 +210,10 @@ class DLB(Method):
     @property
     def alpha(self) -> float:
         return self.hp.alpha
+
+    @property
+    def runs_on_logits(self) -> bool:
+        return self.hp.forward == "joint"  # split: two forwards of its own
 
     @property
     def forwards_per_sample(self) -> float:
@@ -296,22 +313,34 @@ class DLB(Method):
                 f"DLB: the sampler built a batch of {rows} rows ({r} repeated + {layout.new} new) but the loss got "
                 f"{logits.shape[0]} logits and {target.shape[0]} labels; pass the whole batch, in loader order"
             )
+        if logits.dim() == 3 and mix is not None:
+            raise TrainingError("DLB: mixing (mixup/CutMix) is not defined for token logits [B, T, V]")
+        if logits.dim() not in (2, 3) or target.shape != logits.shape[:-1]:
+            raise TrainingError(f"DLB: expected logits [B, K] with labels [B] or [B, T, V] with labels [B, T] "
+                                f"(got {tuple(logits.shape)} and {tuple(target.shape)})")
         rep_mix, new_mix = self._split_mix(mix, r, rows)
         alpha, temp = self.hp.alpha, self.hp.temperature
         if r > 0:
             cached = self._cache_logits
             if cached is None or cached.shape[0] < r:
                 raise TrainingError(f"DLB: {r} repeated rows but only {0 if cached is None else cached.shape[0]} cached logits")
-            if not torch.equal(self._cache_labels[:r].to(target.device), target[:r]):
+            if logits.dim() == 3:  # tokens: re-lay the cache at the current positions (dynamic padding)
+                teacher, same = align_tokens(cached[:r], self._cache_labels[:r], target[:r], self.hp.padding_side)
+                mask = token_mask(target[:r])
+            else:
+                teacher, mask = cached[:r], None
+                same = torch.equal(self._cache_labels[:r].to(target.device), target[:r])
+            if not bool(same):
                 raise TrainingError(
                     "DLB: the labels of the repeated rows differ from the previous step's new rows; "
                     "the loader must not reorder or relabel samples (use dlb.batch_sampler, shuffle=False)"
+                    + (f"; token rows are aligned with padding_side={self.hp.padding_side!r}" if mask is not None else "")
                 )
             if index is not None and not torch.equal(self._track.prev_new[:r], index[:r].cpu()):
                 raise TrainingError("DLB: the repeated rows are not the previous step's new samples")
-            teacher = cached[:r].to(logits.device)
+            teacher = teacher.to(logits.device)
             alpha, temp = self.schedule_values(layout.progress, teacher, target[:r], rep_mix)
-            kd = kd_kl(logits[:r], teacher, temp)
+            kd = kd_kl(logits[:r], teacher, temp, mask=mask)
         else:
             kd = logits.float().sum() * 0.0
         ce_from = r if self.hp.ce_rows == "new" else 0
@@ -346,8 +375,12 @@ class DLB(Method):
             t0 = hp.temperature if hp.temperature_start is None else hp.temperature_start
             return hp.alpha_start + (hp.alpha - hp.alpha_start) * f, t0 + (hp.temperature - t0) * f
         if hp.schedule == "dynamic":
-            probs = teacher.float().softmax(dim=1)
-            if mix is None:
+            probs = teacher.float().softmax(dim=-1)
+            if probs.dim() == 3:  # tokens: mean over the non-ignored ones
+                keep = token_mask(labels)
+                p_true = probs.gather(2, labels.clamp_min(0)[..., None])[..., 0]
+                conf = float((p_true * keep).sum() / keep.sum().clamp_min(1))
+            elif mix is None:
                 conf = float(probs.gather(1, labels[:, None]).mean())
             else:
                 conf = float((probs * mix_targets(labels, probs.shape[1], mix)).sum(dim=1).mean())

@@ -126,6 +126,7 @@ class MrKD(Method):
     """
 
     name = "mrkd"
+    own_forward = True
     formula = "CE(z, y) + α·T²·KL(softmax(z_b/T) ‖ softmax(z/T)), z_b: past snapshots of the model"
     Params = MrKDParams
     supports_mix = True

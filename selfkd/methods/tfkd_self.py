@@ -103,6 +103,7 @@ class TfKDSelf(Method):
     """
 
     name = "tfkd-self"
+    own_forward = True
     formula = "(1−α)·CE(z, y) + α·T²·KL(softmax(z_t/T) ‖ softmax(z/T)), z_t: a CE-trained copy"
     Params = TfKDSelfParams
     needs_teacher: ClassVar[bool] = True
