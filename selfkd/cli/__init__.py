@@ -161,17 +161,22 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfkd", description="Self-knowledge distillation: DLB and its family.")
     p.add_argument("--version", action="version", version=f"selfkd {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module first (its @selfkd.register_model / register_method run); repeatable")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    imports = argparse.ArgumentParser(add_help=False)  # also accepted before the command
+    imports.add_argument("--import", dest="imports", action="append", default=argparse.SUPPRESS, metavar="MODULE",
+                         help="import a module first (its @selfkd.register_model / register_method run); repeatable")
     threads = argparse.ArgumentParser(add_help=False)
     threads.add_argument("--threads", type=int, metavar="N",
                          help="CPU threads per process (default: torch's choice, usually one per core)")
-    t = sub.add_parser("train", help="train one run", parents=[common, threads])
+    t = sub.add_parser("train", help="train one run", parents=[common, threads, imports])
     _train_args(t)
     t.set_defaults(func=cmd_train)
     w = sub.add_parser("sweep", help="run a grid of configs from a sweep file (skips finished runs, resumes the rest)",
-                       parents=[common, threads])
+                       parents=[common, threads, imports])
     w.add_argument("file", metavar="SWEEP_FILE", help="YAML: out, preset, base, grid, variants")
     w.add_argument("--plan", action="store_true", help="list the runs and their status; run nothing, write nothing")
     w.add_argument("--out", metavar="DIR", help="root of the run directories (default: the file's `out`, "
@@ -192,10 +197,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
-    m = sub.add_parser("methods", help="list methods, their hyper-parameters and formulas")
+    m = sub.add_parser("methods", help="list methods, their hyper-parameters and formulas", parents=[imports])
     m.add_argument("names", nargs="*")
     m.set_defaults(func=cmd_methods)
-    sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
+    sub.add_parser("models", help="list model names", parents=[imports]).set_defaults(func=cmd_models)
     sub.add_parser("presets", help="list named recipes").set_defaults(func=cmd_presets)
     return p
 
@@ -203,6 +208,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.imports:
+            from ..plugins import import_modules
+
+            import_modules(args.imports)
         return args.func(args)
     except SelfKDError as err:
         if args.debug:
