@@ -1,4 +1,4 @@
-"""Command line: ``selfkd train | sweep | report | demo | methods | models | presets``.
+"""Command line: ``selfkd train | sweep | report | export | demo | methods | models | presets``.
 
 Errors a user can fix print one line (``selfkd: error: ...``) and exit 2; ``--debug`` shows the
 traceback instead.
@@ -120,6 +120,15 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_run
+
+    meta = export_run(a.run, a.format, a.out, weights=a.weights)
+    print(f"{a.out}: {a.format}, {meta['model']} ({meta['weights']} weights, epoch {meta['epoch']}), "
+          f"{meta['num_classes']} classes, {meta['in_channels']}x{meta['image_size']}x{meta['image_size']} input")
+    return 0
+
+
 def cmd_methods(a: argparse.Namespace) -> int:
     from ..methods import available_methods, method_class
 
@@ -197,6 +206,13 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+    e = sub.add_parser("export", help="write a run's weights for deployment (safetensors or TorchScript)",
+                       parents=[common, imports])
+    e.add_argument("run", metavar="RUN_DIR")
+    e.add_argument("--format", required=True, choices=["safetensors", "torchscript"])
+    e.add_argument("--out", required=True, metavar="FILE", help="a new file")
+    e.add_argument("--weights", choices=["best", "last"], default="best", help="best epoch (default) or last checkpoint")
+    e.set_defaults(func=cmd_export)
     m = sub.add_parser("methods", help="list methods, their hyper-parameters and formulas", parents=[imports])
     m.add_argument("names", nargs="*")
     m.set_defaults(func=cmd_methods)
