@@ -98,8 +98,29 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def recipes() -> dict[str, Any]:
+    """The sweep files shipped as package data (``selfkd/recipes/NAME.yaml``)."""
+    from importlib import resources
+
+    return {f.name[:-5]: f for f in resources.files("selfkd").joinpath("recipes").iterdir() if f.name.endswith(".yaml")}
+
+
+def _recipe(a: argparse.Namespace) -> None:
+    """``--recipe NAME``: the packaged file, its runs under ./runs/NAME unless --out."""
+    if (a.file is None) == (a.recipe is None):
+        raise ConfigError("sweep: give a SWEEP_FILE or --recipe NAME (one of them)")
+    if a.recipe is not None:
+        known = recipes()
+        if a.recipe not in known:
+            raise ConfigError(f"--recipe {a.recipe}: unknown; known: {', '.join(sorted(known))}")
+        a.file = str(known[a.recipe])
+        a.out = a.out or str(Path("runs") / a.recipe)
+
+
 def cmd_sweep(a: argparse.Namespace) -> int:
     from ..engine.sweep import run_sweep
+
+    _recipe(a)
 
     _threads(a)
     if a.jobs is not None and not a.plan:
@@ -186,7 +207,9 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     w = sub.add_parser("sweep", help="run a grid of configs from a sweep file (skips finished runs, resumes the rest)",
                        parents=[common, threads, imports])
-    w.add_argument("file", metavar="SWEEP_FILE", help="YAML: out, preset, base, grid, variants")
+    w.add_argument("file", metavar="SWEEP_FILE", nargs="?", help="YAML: out, preset, base, grid, variants, import")
+    w.add_argument("--recipe", metavar="NAME", help="a sweep shipped with selfkd instead of a file: "
+                   + ", ".join(sorted(recipes())) + " (runs in ./runs/NAME unless --out)")
     w.add_argument("--plan", action="store_true", help="list the runs and their status; run nothing, write nothing")
     w.add_argument("--out", metavar="DIR", help="root of the run directories (default: the file's `out`, "
                                                 "relative to the file's folder)")
