@@ -73,6 +73,11 @@ class ArrayDataset(Dataset):
             raise IndexError(f"index {index} out of range for a data set of {n} samples")
         return self.images[i], self.labels[i], i
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
     def batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(images[idx], labels[idx], idx)`` for a list of indices: one gather per tensor, no per-sample
         ``__getitem__`` and no collate. Indices are checked as :meth:`__getitem__` checks them."""
@@ -127,7 +132,7 @@ class DataBundle:
     """
 
     name: str
-    train: ArrayDataset
+    train: ArrayDataset  # or a StreamDataset (data.stream): the same batch interface
     test: ArrayDataset
     classes: list[str]
     mean: tuple[float, ...]
@@ -140,11 +145,11 @@ class DataBundle:
 
     @property
     def channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self.train.image_shape[0])
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[2])
+        return int(self.train.image_shape[1])
 
     def __repr__(self) -> str:
         return (f"DataBundle(name={self.name!r}, train={len(self.train)}, test={len(self.test)}, "
