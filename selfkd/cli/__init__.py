@@ -27,6 +27,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, metavar="S")
     p.add_argument("--batch-size", type=int, metavar="B", help="new samples per step")
     p.add_argument("--lr", type=float)
+    p.add_argument("--image-size", type=int, metavar="PX", help="resize images to PX x PX (data.image_size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -36,45 +37,47 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
 
 
+# flag attribute -> (flag, config section, key); None: not a config key
+FLAGS: dict[str, tuple[str, str | None, str | None]] = {
+    "data": ("--data", "data", "name"), "data_dir": ("--data-dir", "data", "dir"),
+    "download": ("--download", "data", "download"), "image_size": ("--image-size", "data", "image_size"),
+    "model": ("--model", "model", "name"), "method": ("--method", "method", "name"),
+    "epochs": ("--epochs", "train", "epochs"), "seed": ("--seed", "train", "seed"),
+    "batch_size": ("--batch-size", "optim", "batch_size"), "lr": ("--lr", "optim", "lr"),
+    "device": ("--device", "train", "device"), "compile": ("--compile", "train", "compile"),
+    "config": ("--config", None, None), "preset": ("--preset", None, None), "overrides": ("--set", None, None),
+    "out": ("--out", None, None),
+}
+
+
 def _flags(a: argparse.Namespace) -> dict[str, Any]:
-    table = {
-        "data": ("data", "name"), "data_dir": ("data", "dir"), "download": ("data", "download"),
-        "model": ("model", "name"), "method": ("method", "name"), "epochs": ("train", "epochs"),
-        "seed": ("train", "seed"), "batch_size": ("optim", "batch_size"), "lr": ("optim", "lr"),
-        "device": ("train", "device"), "compile": ("train", "compile"),
-    }
     out: dict[str, Any] = {}
-    for attr, (section, key) in table.items():
+    for attr, (_, section, key) in FLAGS.items():
         value = getattr(a, attr)
-        if value is not None:
+        if section is not None and value is not None:
             out.setdefault(section, {})[key] = value
     return out
 
 
-def _is_run_dir(path: Path) -> bool:
-    from ..engine.trainer import CHECKPOINT, CONFIG
+def _given(a: argparse.Namespace) -> list[str]:
+    """The flags given on the command line, as the user typed them."""
+    return [flag for attr, (flag, _, _) in FLAGS.items() if getattr(a, attr) not in (None, [], False)]
 
-    return (path / CONFIG).exists() or (path / CHECKPOINT).exists()
 
-
-def _threads(a: argparse.Namespace) -> None:
-    if a.threads is not None:
-        if a.threads < 1:
-            raise ConfigError(f"--threads {a.threads}: expected a positive number of threads")
-        import torch
-
-        torch.set_num_threads(a.threads)
+def _check_threads(a: argparse.Namespace) -> None:
+    if a.threads is not None and a.threads < 1:
+        raise ConfigError(f"--threads {a.threads}: expected a positive number of threads")
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     from ..engine import config as C
+    from ..engine import rundir
     from ..engine.trainer import CONFIG, SUMMARY, train_run
 
-    _threads(a)
+    _check_threads(a)
     progress = False if a.no_progress else None
     if a.resume:
-        given = [k for k, v in _flags(a).items() if v] + (["--config"] if a.config else []) + \
-                (["--preset"] if a.preset else []) + (["--set"] if a.overrides else []) + (["--out"] if a.out else [])
+        given = _given(a)
         if given:
             raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
         run = Path(a.resume)
@@ -84,15 +87,15 @@ def cmd_train(a: argparse.Namespace) -> int:
         if (run / SUMMARY).exists():
             print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
             return 0
-        summary = train_run(cfg, run, resume=True, progress=progress)
+        summary = train_run(cfg, run, resume=True, progress=progress, threads=a.threads)
     else:
         if not a.out:
             raise ConfigError("train: --out RUN_DIR is required (or --resume RUN_DIR)")
         run = Path(a.out)
-        if run.exists() and (not run.is_dir() or _is_run_dir(run)):
-            raise ConfigError(f"--out {run}: already holds a run; use --resume {run} or choose another directory")
+        rundir.check_new(run)  # cheap checks first: a bad --out fails before the config is even read
+        rundir.check_writable(run)
         cfg = C.resolve(preset=a.preset, file=a.config, flags=_flags(a), overrides=a.overrides)
-        summary = train_run(cfg, run, progress=progress)
+        summary = train_run(cfg, run, progress=progress, threads=a.threads)
     print(f"{run}: last acc {summary['last_acc']:.2f} | best acc {summary['best_acc']:.2f} (epoch {summary['best_epoch']})"
           f" | ece {summary['ece']:.4f} | nll {summary['nll']:.4f} | {summary['seconds']:.1f}s")
     return 0
@@ -101,14 +104,16 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_sweep(a: argparse.Namespace) -> int:
     from ..engine.sweep import run_sweep
 
-    _threads(a)
+    _check_threads(a)
     if a.jobs is not None and not a.plan:
         from ..engine.sweep import run_jobs
 
         result = run_jobs(a.file, a.jobs, threads=a.threads, out=a.out)
         return 1 if result["failed"] else 0
+    if a.plan and a.threads is not None:
+        raise ConfigError("--threads has no effect with --plan (nothing is trained)")
     result = run_sweep(a.file, only_plan=a.plan, progress=False if a.no_progress else None, out=a.out,
-                       log=print if a.plan else None)
+                       log=print if a.plan else None, threads=a.threads)
     return 1 if result["failed"] else 0  # some runs failed (see RUN/failed.json); the rest ran
 
 
@@ -121,28 +126,23 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_methods(a: argparse.Namespace) -> int:
-    from ..methods import available_methods, method_class
+    from .catalog import method_lines
 
-    names = a.names or available_methods()
-    for name in names:
-        cls = method_class(name)
-        print(f"{name}: {cls.formula}")
-        for key, field in cls.Params.model_fields.items():
-            print(f"    {key} = {field.default!r}  {field.description or ''}".rstrip())
+    print("\n".join(method_lines(a.names)))
     return 0
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    from ..models import available_models
+    from .catalog import model_names
 
-    print("\n".join(available_models()))
+    print("\n".join(model_names()))
     return 0
 
 
 def cmd_presets(a: argparse.Namespace) -> int:
     import yaml
 
-    from ..engine.config import presets
+    from ..engine.presets import presets
 
     for name, body in presets().items():
         print(f"{name}:\n" + "".join(f"  {line}\n" for line in yaml.safe_dump(body, sort_keys=False).splitlines()))
@@ -152,7 +152,9 @@ def cmd_presets(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(out=a.out, epochs=a.epochs, seed=a.seed, progress=False if a.no_progress else None)
+    _check_threads(a)
+    return run_demo(out=a.out, epochs=a.epochs, seed=a.seed, progress=False if a.no_progress else None,
+                    threads=a.threads)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -186,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--baseline", metavar="GROUP", help="a group label (e.g. 'method=ce'): add each group's "
                    "differences to it, paired by seed")
     r.set_defaults(func=cmd_report)
-    d = sub.add_parser("demo", help="CE vs DLB on digits, clean and 40%% symmetric noise", parents=[common])
+    d = sub.add_parser("demo", help="CE vs DLB on digits, clean and 40%% symmetric noise", parents=[common, threads])
     d.add_argument("--out", metavar="DIR", help="keep the runs here (default: a temporary directory)")
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
@@ -198,6 +200,17 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
     sub.add_parser("presets", help="list named recipes").set_defaults(func=cmd_presets)
     return p
+
+
+def _os_error(err: OSError) -> str:
+    import errno
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) and err.filename:
+        from ..engine.rundir import disk_full
+
+        return str(disk_full(Path(err.filename), err))
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{(err.strerror or str(err)).splitlines()[0] if (err.strerror or str(err)) else type(err).__name__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,3 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as err:  # the file system said no somewhere no check caught: still one line
+        if args.debug:
+            raise
+        print(f"selfkd: error: {_os_error(err)}", file=sys.stderr)
+        return EXIT_USER

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ._util import channel_stats, check_image_size, default_cache_dir
 from .dataset import ArrayDataset, DataBundle, resize_uint8
 
@@ -55,6 +55,43 @@ def _resized(bundle: DataBundle, size: int | None) -> DataBundle:
 STREAM_ABOVE_MB = 4096.0
 
 
+def _readable(path: Path, what: str) -> None:
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        raise DataError(f"{what} {path}: cannot read it (permission denied)") from None
+    except OSError as err:
+        raise DataError(f"{what} {path}: cannot read it ({err.strerror or err})") from None
+
+
+def check_root(name: str, root: str | os.PathLike | None, download: bool = False) -> None:
+    """Cheap checks of where a data set would be read from (exists, readable), without loading it:
+    the sweep runs them once per distinct root before any run starts. Raises DataError/ConfigError."""
+    key = name.strip().lower() if isinstance(name, str) else None
+    if key in ("cifar10", "cifar100"):
+        from .cifar import LAYOUTS
+
+        data_root = Path(root).expanduser() if root is not None else default_cache_dir() / "datasets"
+        if data_root.exists():
+            _readable(data_root, f"{key}: data folder")
+        elif not download:
+            raise DataError(f"{key}: data folder {data_root} does not exist; expected {LAYOUTS[key].folder}/ under "
+                            "it (pass --download / download=True to fetch it)")
+    elif key == "imagefolder":
+        if root is None:
+            raise ConfigError("imagefolder needs a root (--data-dir): a folder with train/ and val/ or test/, "
+                              "or a .tar.gz of it")
+        p = Path(root).expanduser()
+        if not p.exists():
+            raise DataError(f"imagefolder root {p} does not exist; expected a folder with train/<class>/ and "
+                            "val/ or test/, or a .tar.gz of it")
+        _readable(p, "imagefolder root")
+
+
 def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False,
                  image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
                  stream: bool | str = False, stream_above_mb: float = STREAM_ABOVE_MB) -> DataBundle:
@@ -79,6 +116,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
     size = check_image_size(image_size)
     if stream is True and key != "imagefolder":
         raise ConfigError(f"data.stream=true: only imagefolder data can be streamed (got data.name={key}, which fits in memory)")
+    check_root(key, root, download)
     if key == "digits":
         return _resized(load_digits(), size)
     if key in ("cifar10", "cifar100"):

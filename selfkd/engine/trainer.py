@@ -29,7 +29,8 @@ from ..errors import ConfigError, SelfKDError, TrainingError
 from ..methods import Batch, Method, build_method, method_class
 from ..models import build_model
 from . import checkpoint as ckpt
-from .config import Config, MethodCfg, save_yaml
+from . import rundir
+from .config import Config, MethodCfg, config_diff, config_hash, save_yaml
 from .metrics import classification_metrics, reliability
 from .progress import Progress
 from .schedule import lr_lambda
@@ -128,12 +129,34 @@ def build(cfg: Config) -> Setup:
         method.check_mix(mixer)  # e.g. DLB's repeat_fraction < 1 cannot re-apply a mix: fail before writing
     method.setup(num_samples=len(train), num_classes=bundle.num_classes, epochs=cfg.train.epochs)
     model = method.prepare_model(model)
+    _dry_forward(model, test.images[:2], augment, cfg)
     cl = cfg.train.channels_last
     channels_last = cl == "on" or (cl == "auto" and bundle.image_size >= 16)
     amp = cfg.train.amp
     amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
     return Setup(cfg, device, train, test, clean, bundle.num_classes, augment, policies, mixer, model,
                  method, channels_last, amp_dtype)
+
+
+@torch.no_grad()
+def _dry_forward(model: nn.Module, images: torch.Tensor, augment: BatchAugment, cfg: Config) -> None:
+    """Two test images through the model in eval mode (no state changes, no RNG draws): a model that
+    cannot take the data fails here, before anything is written."""
+    was = model.training
+    model.eval()
+    try:
+        x = augment.normalize(images)
+        z = model.forward_exits(x)[-1] if hasattr(model, "forward_exits") else model(x)
+    except (RuntimeError, ValueError, IndexError) as err:
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)[:160]
+        c, h, w = images.shape[1:]
+        raise ConfigError(f"model.name={cfg.model.name} cannot take {cfg.data.name} images of {c}x{h}x{w} "
+                          f"({first}); choose another model or resize with data.image_size (--image-size)") from None
+    finally:
+        model.train(was)
+    if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[0] != len(images):
+        raise ConfigError(f"model.name={cfg.model.name}: expected (N, classes) logits on {cfg.data.name}, "
+                          f"got {tuple(getattr(z, 'shape', ()))}")
 
 
 def _rng_state(gens: dict[str, torch.Generator]) -> dict[str, Any]:
@@ -188,12 +211,24 @@ def _peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's lifetime peak
 
 
+@contextlib.contextmanager
+def _thread_scope():
+    """Restore torch's thread count after a run (a resumed run may set its recorded count)."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 class Trainer:
     """Train ``setup`` into ``run_dir``; :meth:`run` returns the summary."""
 
     def __init__(self, setup: Setup, run_dir: str | Path, *, progress: bool | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, threads: int | None = None):
         self.s = setup
+        self.threads = threads  # None: torch's current count for a new run, the recorded one on resume
         self.cfg = setup.cfg
         self.dir = Path(run_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -235,6 +270,9 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
+            "config": self.cfg.to_dict(),
+            "config_sha256": config_hash(self.cfg),
+            "threads": torch.get_num_threads(),
             "epoch": self.epoch,
             "global_step": self.global_step,
             "model": self.model.state_dict(),
@@ -246,16 +284,35 @@ class Trainer:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
+        path = self.dir / CHECKPOINT
         if state.get("format") != FORMAT:
-            raise SelfKDError(f"checkpoint format {state.get('format')!r} is not {FORMAT}")
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.method.load_state_dict(state["method"])
-        _set_rng_state(state["rng"], self.gens)
-        self.history = list(state["history"])
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
+            raise SelfKDError(f"checkpoint {path}: format {state.get('format')!r} is not {FORMAT}")
+        old = state.get("config")
+        if isinstance(old, dict) and state.get("config_sha256") != config_hash(self.cfg):
+            diff = config_diff(old, self.cfg.to_dict())
+            if any(k == "method.name" for k, _, _ in diff):  # another method: its parameters differ anyway
+                diff = [d for d in diff if d[0] == "method.name" or not d[0].startswith("method.")]
+            diff.sort(key=lambda d: not d[0].endswith(".name"))  # data/model/method names first
+            if diff:
+                shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff[:3])
+                more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
+                raise SelfKDError(f"--resume {self.dir}: {CONFIG} differs from the config {CHECKPOINT} was trained "
+                                  f"with ({shown}{more}); restore {CONFIG} or start a new run")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.method.load_state_dict(state["method"])
+            _set_rng_state(state["rng"], self.gens)
+            self.history = list(state["history"])
+            self.epoch = int(state["epoch"])
+            self.global_step = int(state["global_step"])
+        except SelfKDError:
+            raise
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
+            first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")[:160]
+            raise SelfKDError(f"checkpoint {path} does not fit this run's model {self.cfg.model.name!r} and method "
+                              f"{self.cfg.method.name!r} ({type(err).__name__}: {first})") from None
 
     def _write_label_noise(self) -> None:
         s, noise = self.s, self.cfg.data.noise
@@ -342,10 +399,12 @@ class Trainer:
         bad = int(first_bad)
         if bad >= 0:
             step_in_epoch = bad - self.epoch * self.steps_per_epoch
-            last = f"epoch {self.epoch}" if self.epoch else "none yet"
+            path = self.dir / CHECKPOINT
+            last = (f"last good checkpoint: {path} (epoch {self.epoch})" if self.epoch and path.is_file()
+                    else "no checkpoint was written yet")
             raise TrainingError(
                 f"non-finite loss at epoch {self.epoch + 1} step {step_in_epoch + 1} (global step {bad + 1}); "
-                f"stopped; last good checkpoint: {self.dir / CHECKPOINT} ({last})"
+                f"stopped; {last}"
             )
 
     @torch.no_grad()
@@ -390,16 +449,36 @@ class Trainer:
                 "clean_acc": share(~bad, pred == s.clean_labels)}
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Train to the end; ``resume``: continue from ``checkpoint.pt`` when there is one (otherwise start).
+
+        Holds the run directory's lock throughout. A new run needs a new or empty folder, unless the
+        caller already holds the lock (``train_run`` and the sweep check and prepare the folder).
+        """
+        with rundir.locked(self.dir), _thread_scope():
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict[str, Any]:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         if resume and (self.dir / CHECKPOINT).exists():
-            self._restore(ckpt.load(self.dir / CHECKPOINT))
+            gone = rundir.remove_leftovers(self.dir)
+            if gone:
+                self.log(f"removed {len(gone)} temp file{'s' if len(gone) != 1 else ''} of an interrupted write: "
+                         f"{', '.join(gone)}")
+            state = ckpt.load(self.dir / CHECKPOINT)
+            self._restore(state)
+            self._resume_threads(state.get("threads"))
             self._write_metrics()  # drop lines of an epoch that never reached its checkpoint
             self.log(f"resumed {self.dir} at epoch {self.epoch}/{self.cfg.train.epochs}")
         else:
+            if not resume and rundir.depth(self.dir) == 1:  # a caller holding the lock prepared the folder
+                rundir.check_new(self.dir)
+            rundir.remove_leftovers(self.dir)
             ckpt.write_text(self.dir / CONFIG, save_yaml(self.cfg))
             if self.noisy:
                 self._write_label_noise()
             self._write_metrics()
+        self.log(self.startup_line())
         total = self.cfg.train.epochs
         wall0 = time.perf_counter()
         with Progress(total_steps=self.steps_per_epoch, enabled=self.progress, log=self.log) as bar:
@@ -413,10 +492,10 @@ class Trainer:
                     m.update({f"train_{k}": v for k, v in self.evaluate_train_noise().items()})
                 m["epoch_seconds"] = time.perf_counter() - t0
                 self.epoch += 1
-                self.history.append(m)
-                best = max(h["test_acc"] for h in self.history)
-                if m["test_acc"] >= best:
+                # best.pt holds the first epoch of the best accuracy, as summary.json's best_epoch does
+                if all(m["test_acc"] > h["test_acc"] for h in self.history):
                     ckpt.save(self.dir / BEST, {"epoch": self.epoch, "model": self.model.state_dict()})
+                self.history.append(m)
                 ckpt.save(self.dir / CHECKPOINT, self._state())
                 self._write_metrics()
                 bar.end_epoch(m)
@@ -424,6 +503,28 @@ class Trainer:
         summary["wall_seconds_this_session"] = time.perf_counter() - wall0
         ckpt.write_json(self.dir / SUMMARY, summary)
         return summary
+
+    def _resume_threads(self, saved: Any) -> None:
+        """Bit-identical resume needs the thread count the run was started with: reuse the recorded one
+        unless the caller chose a count, and say so when they differ."""
+        if not isinstance(saved, int) or saved < 1:
+            return
+        if self.threads is None:
+            if torch.get_num_threads() != saved:
+                torch.set_num_threads(saved)
+                self.log(f"{self.dir}: resuming with {saved} thread{'s' if saved != 1 else ''} as recorded in "
+                         f"{CHECKPOINT} (bit-identical results need the same count; --threads overrides)")
+        elif self.threads != saved:
+            self.log(f"{self.dir}: resuming with {self.threads} threads, the run started with {saved}: the "
+                     "results will not be bit-identical to an uninterrupted run")
+
+    def startup_line(self) -> str:
+        s, d = self.s, self.s.train.images.shape
+        params = sum(p.numel() for p in self.model.parameters())
+        n = torch.get_num_threads()
+        return (f"{self.cfg.data.name}: {len(s.train)} train / {len(s.test)} test, {s.num_classes} classes, "
+                f"{d[1]}x{d[2]}x{d[3]} | {self.cfg.model.name}: {params:,} parameters | {self.method.describe()} | "
+                f"{s.device}, {n} thread{'s' if n != 1 else ''} | {self.dir}")
 
     def summary(self) -> dict[str, Any]:
         h = self.history
@@ -451,8 +552,12 @@ class Trainer:
 
 
 def train_run(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, threads: int | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``, first training a CE teacher when the method needs one.
+
+    Before any data is loaded, ``run_dir`` must be writable and (unless ``resume``) new or empty; the
+    data and model are then built (a bad config writes nothing), and the run's lock is held while
+    anything is written. ``resume``: continue from the checkpoint when there is one, else start.
 
     A method with ``needs_teacher`` and no ``method.teacher`` gets ``RUN/teacher``: a CE run of the
     same config (model, data, seed, epochs). ``config.yaml`` is written before the teacher trains,
@@ -460,6 +565,10 @@ def train_run(cfg: Config, run_dir: str | Path, *, resume: bool = False, progres
     """
     run = Path(run_dir)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    rundir.check_writable(run, "--resume" if resume else "--out")
+    if not resume:
+        rundir.check_new(run)
+    teacher: Trainer | None = None
     if getattr(method_class(cfg.method.name), "needs_teacher", False):
         own = run / "teacher"
         if cfg.method.params().get("teacher") is None:
@@ -467,9 +576,17 @@ def train_run(cfg: Config, run_dir: str | Path, *, resume: bool = False, progres
             cfg = cfg.model_copy(update={"method": MethodCfg(name=cfg.method.name, **params)})
         if Path(cfg.method.params()["teacher"]).resolve() == own.resolve() and not (own / SUMMARY).exists():
             teacher_cfg = cfg.model_copy(update={"method": MethodCfg(name="ce")})
-            setup = build(teacher_cfg)  # validate data and model before anything is written
+            # validate data and model before anything is written
+            teacher = Trainer(build(teacher_cfg), own, progress=progress, log=log, threads=threads)
+    main = None if teacher is not None else Trainer(build(cfg), run, progress=progress, log=log, threads=threads)
+    with rundir.locked(run):
+        if not resume:
+            rundir.check_new(run)  # again under the lock: another process may have started here meanwhile
+        if teacher is not None:
             if not resume:
                 ckpt.write_text(run / CONFIG, save_yaml(cfg))
-            say(f"training the CE teacher first: {own}")
-            Trainer(setup, own, progress=progress, log=log).run(resume=(own / CHECKPOINT).exists())
-    return Trainer(build(cfg), run, progress=progress, log=log).run(resume=resume)
+            say(f"training the CE teacher first: {teacher.dir}")
+            teacher.run(resume=(teacher.dir / CONFIG).exists())
+            main = Trainer(build(cfg), run, progress=progress, log=log, threads=threads)
+        assert main is not None
+        return main.run(resume=resume)
