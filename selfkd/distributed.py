@@ -63,6 +63,10 @@ def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0)
     return device
 
 
+def backend_name() -> str:
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -133,12 +137,17 @@ def all_reduce_mean_(tensors: list[Tensor]) -> None:
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), rank order. One process: ``[obj]``."""
+    """Every rank's ``obj`` (plain containers of tensors, numbers, strings), rank order; serialised with
+    ``torch.save`` and read back with ``weights_only=True``. One process: ``[obj]``."""
     if not active():
         return [obj]
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    dist.all_gather_object(out, buf.getvalue())
+    return [torch.load(io.BytesIO(b), map_location="cpu", weights_only=True) for b in out]
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -176,3 +185,74 @@ def gather_chunks(local: Tensor, n: int, chunk: int) -> Tensor:
     out = torch.empty_like(rows)
     out[order] = rows
     return out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of every rank's output gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:  # type: ignore[override]
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        g = grad.clone()
+        dist.all_reduce(g)
+        return g
+
+
+class SyncBatchNormCPU(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are over every rank's batch, for gloo on the CPU (PyTorch's
+    ``nn.SyncBatchNorm`` needs CUDA). Mean, then variance, each one differentiable all-reduce
+    (``torch.distributed.nn``), so the gradient is that of BatchNorm over the union of the ranks'
+    batches; running statistics as BatchNorm's (unbiased variance over the global count)."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (got {x.dim()}-D)")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and active()):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        n_local = xf.numel() // xf.shape[1]
+        packed = torch.cat([xf.sum(dims), xf.new_tensor([float(n_local)])])
+        packed = all_reduce(packed)
+        count = packed[-1]
+        mean = packed[:-1] / count
+        centred = xf - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp_min(1), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+    @classmethod
+    def convert(cls, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` with every BatchNorm replaced (weights and buffers copied)."""
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            new.load_state_dict(module.state_dict())
+            new.train(module.training)
+            return new
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert(child))
+        return module
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """SyncBatchNorm for ``device``: PyTorch's on CUDA (NCCL), :class:`SyncBatchNormCPU` on the CPU."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return SyncBatchNormCPU.convert(module)

@@ -371,7 +371,9 @@ class BYOT(Method):
         return MultiExit(model, head=self.hp.head, attention=self.hp.attention)
 
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
-        if isinstance(model, nn.parallel.DistributedDataParallel):  # its forward syncs the gradients
+        inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+        inner = inner.module if isinstance(inner, nn.parallel.DistributedDataParallel) else inner
+        if isinstance(inner, MultiExit) and inner is not model:  # through DDP (gradient sync) or the compiled graph
             if self.hp.hint_weight > 0:
                 exits, feats = model(batch.x, exits=True, with_features=True)
             else:
