@@ -23,7 +23,8 @@ What the subclass changes, and nothing else:
   ``train(resume_from_checkpoint=...)``; a resumed run continues the method exactly (tested: equal
   weights to the uninterrupted run).
 * **set-up**: ``method.setup(num_samples, num_classes, epochs)`` once (``num_classes``: the model
-  config's ``num_labels``; pass ``num_classes=`` otherwise) and ``method.on_epoch_start`` per epoch.
+  config's ``num_labels``; pass ``num_classes=`` otherwise), ``method.on_epoch_start`` and
+  ``method.on_epoch_end`` per epoch.
 
 Methods whose step runs forward passes of their own (CS-KD's partners, DDGSD's second view, BYOT's
 exits, DLB with ``forward="split"``) are refused: ``method.runs_on_logits`` must be true. So is
@@ -261,6 +262,9 @@ class _EpochHook(transformers.TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         epochs = max(1, math.ceil(state.num_train_epochs or args.num_train_epochs))
         self.trainer.method.on_epoch_start(min(int(math.floor(state.epoch + 1e-9)), epochs - 1), epochs)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.method.on_epoch_end()  # before the epoch's checkpoint (e.g. PS-KD's memory across ranks)
 
 
 def _labels(data: Any) -> torch.Tensor | None:
