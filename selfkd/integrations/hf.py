@@ -243,14 +243,12 @@ class SelfKDTrainer(transformers.Trainer):
             raise ConfigError(f"resume_from_checkpoint: {path} holds method '{saved.get('method')}', "
                               f"this trainer runs '{self.method.name}'")
         self.method.load_state_dict(saved["state"])
-        # a sampler that continues by itself (DLB: its position is method state) gets placeholders for
-        # the batches the Trainer will skip; any other sampler replays its seeded epoch order
-        position = saved["state"].get("position")
-        order = saved["state"].get("order")
-        if position is not None and order is not None:
-            per_epoch = len(order) // self._train_batch_size if self.args.dataloader_drop_last else \
-                math.ceil(len(order) / self._train_batch_size)
-            self._resume_skip = int(position) if int(position) < per_epoch else 0
+        # a sampler that continues by itself (DLB's) gets placeholders for the batches the Trainer will
+        # skip; any other sampler replays its seeded epoch order and the Trainer's skip is right as it is
+        position = self.method.resumes_at()
+        n, bs = math.ceil(len(self.train_dataset) / self.args.world_size), self._train_batch_size  # per rank
+        per_epoch = n // bs if self.args.dataloader_drop_last else math.ceil(n / bs)
+        self._resume_skip = position if position is not None and 0 < position < per_epoch else 0
 
 
 class _EpochHook(transformers.TrainerCallback):

@@ -129,6 +129,12 @@ class Method:
         ``labels`` (the training labels, indexed like the data set) serve class-aware samplers."""
         return BatchSampler(sampler, batch_size, drop_last)
 
+    def resumes_at(self) -> int | None:
+        """After ``load_state_dict``: the batch of the current epoch at which this method's own batch sampler
+        continues by itself (its position is method state, as DLB's), or None when the sampler replays its
+        epoch from the start (a loop that skips batches on resume must then skip them itself)."""
+        return None
+
     def mix(self, batch: Batch, mixer: Mixer, generator: torch.Generator) -> Batch:
         """Mix the batch (mixup/CutMix) the way this method's targets need. Default: the whole batch,
         with one permutation and coefficient; ``batch.mix`` records it for the loss."""

@@ -231,6 +231,10 @@ class DLB(Method):
     def forwards_per_sample(self) -> float:
         return 1.0 + self.hp.repeat_fraction
 
+    def resumes_at(self) -> int | None:
+        t = self._track
+        return t.position if t.resume and t.order is not None else None
+
     def repeat_count(self, n_prev: int) -> int:
         return int(math.floor(self.hp.repeat_fraction * n_prev + 0.5))
 
