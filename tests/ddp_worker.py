@@ -57,9 +57,9 @@ def tiny_config(method: str, batch: int, **train):
     from selfkd.engine.config import build_config
 
     return build_config({
-        "data": {"name": "digits", "subset": 128},
+        "data": {"name": "digits", "subset": 64},
         "augment": {"crop_padding": 0, "flip": False},
-        "model": {"name": "cnn_small"}, "method": {"name": method},
+        "model": {"name": "resnet8"}, "method": {"name": method},
         "optim": {"batch_size": batch, "lr": 0.1},
         "train": {"epochs": 2, "seed": 3, "device": "cpu", "log_every": 1000, **train},
     })

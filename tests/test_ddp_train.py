@@ -60,19 +60,29 @@ def test_two_ranks_train_as_one_process_on_the_union_batch(tmp_path):
         assert {f.name for f in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoint.pt", "best.pt"}
         cfg = tiny_config(method, 16)  # one process, batch 2b: the union of both ranks' batches
         twin = Trainer(build(cfg), tmp_path / "one" / method, progress=False, log=lambda m: None,
-                       sampler=UnionSampler(128, cfg.train.seed, 8))
+                       sampler=UnionSampler(64, cfg.train.seed, 8))
         twin.run()
         a, b = weights(run), weights(tmp_path / "one" / method)
+        init = build(cfg).model.state_dict()  # the seeded initial weights both runs started from
         assert a.keys() == b.keys()
         for k in a:
-            if a[k].is_floating_point():
-                assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (method, k, (a[k] - b[k]).abs().max())
-            else:
+            if not a[k].is_floating_point():
                 assert torch.equal(a[k], b[k]), (method, k)
+                continue
+            # float32 sums in another order differ by ~1e-7; a ReLU input that close to 0 flips and routes one
+            # row's gradient differently, so after 8 steps the runs may differ by more than rounding. Measured
+            # against how far training moved the weights, they must agree to 3% (a wrong reduction, no
+            # sync_bn or another sample order moves them by 10-100%; the largest gap measured here was 1.5%)
+            moved = (b[k].double() - init[k].double()).norm()
+            gap = (a[k].double() - b[k].double()).norm()
+            assert gap <= 0.03 * moved + 1e-6, (method, k, float(gap), float(moved))
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         twin_rows = [json.loads(x) for x in (tmp_path / "one" / method / "metrics.jsonl").read_text().splitlines()]
-        assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in twin_rows]  # sharded eval = one process
-        assert abs(rows[-1]["train_loss"] - twin_rows[-1]["train_loss"]) < 1e-4
+        assert abs(rows[-1]["train_loss"] - twin_rows[-1]["train_loss"]) < 1e-2 * twin_rows[-1]["train_loss"]
+        # the sharded, gathered evaluation equals one process evaluating the same weights
+        twin.model.load_state_dict(a)
+        one = twin.evaluate()
+        assert (one["acc"], one["nll"], one["ece"]) == (rows[-1]["test_acc"], rows[-1]["test_nll"], rows[-1]["test_ece"])
 
 
 def selfkd(*args: str, **kw) -> subprocess.CompletedProcess:
