@@ -36,6 +36,8 @@ def live() -> dict[str, Any]:
     methods = {}
     for name in available_methods():
         cls = method_class(name)
+        if not cls.__module__.startswith("selfkd.methods."):
+            continue  # registered at run time by other code (tests, plugins): not a shipped method
         methods[name] = {"formula": cls.formula,
                          "params": [[k, repr(f.default), f.description or ""] for k, f in cls.Params.model_fields.items()]}
     return {"methods": methods, "models": available_models()}
