@@ -162,3 +162,19 @@ def test_distributed_bad_input_is_one_line_on_rank_zero(tmp_path, monkeypatch, c
             "selfkd: error: train.backend=nccl needs CUDA devices, but training runs on the CPU (use "
             "train.backend=gloo or auto on CPU machines)"])
     assert not (tmp_path / "nccl").exists()
+
+
+def test_sync_bn_on_a_model_without_batchnorm_is_an_error(monkeypatch):
+    from torch import nn
+
+    from selfkd import models
+    from selfkd.engine.config import build_config
+    from selfkd.errors import ConfigError
+
+    def plain(num_classes: int, in_channels: int = 1) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 64, num_classes))
+
+    monkeypatch.setitem(models._MODELS, "plain_linear", plain)
+    cfg = build_config({"data": {"name": "digits"}, "model": {"name": "plain_linear"}, "train": {"sync_bn": True}})
+    with pytest.raises(ConfigError, match="train.sync_bn = true: model.name=plain_linear has no BatchNorm layer"):
+        build(cfg)

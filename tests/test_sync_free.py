@@ -97,3 +97,51 @@ def test_host_checks_stay_strict():
     wrong[0] = (wrong[0] + 1) % K
     with pytest.raises(TrainingError, match="labels of the repeated rows"):
         m.loss(torch.zeros(len(y), K), y.clone(), index=idx, target_host=wrong)
+
+
+def test_the_trainer_step_reads_no_device_value(tmp_path):
+    """The trainer's own step (Trainer._step: transfer, augment, method, backward, optimiser, scheduler), DLB with
+    the dynamic schedule and a policy, counted over a whole epoch."""
+    from selfkd.engine.config import build_config
+    from selfkd.engine.trainer import Trainer, build
+
+    per_step = []
+
+    class Counted(Trainer):
+        def _step(self, *args):
+            with SyncCounter() as c:
+                out = super()._step(*args)
+            per_step.append(c.calls)
+            return out
+
+    cfg = build_config({"data": {"name": "digits", "subset": 200}, "model": {"name": "cnn_small"},
+                        "method": {"name": "dlb", "schedule": "dynamic"}, "augment": {"policy": "trivialaugment"},
+                        "optim": {"batch_size": 32}, "train": {"epochs": 1, "device": "cpu", "log_every": 1000}})
+    Counted(build(cfg), tmp_path / "run", progress=False, log=lambda m: None).run()
+    assert len(per_step) == 7 and all(calls == [] for calls in per_step), per_step
+
+
+def test_compiled_model_takes_every_batch_size_with_one_graph():
+    """DLB's batches alternate B rows (first step) and 2B (the rest), a last batch is short: the trainer's
+    compile wrapper marks the batch dimension dynamic, so one graph serves them all (no recompiles)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from selfkd.engine.trainer import _DynamicBatch
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = build_model("cnn_small", num_classes=K, in_channels=1).eval()
+    fwd = _DynamicBatch(torch.compile(model, backend=counter))
+    # DLB at batch 4: 4 rows first, then 8, a short last batch (3 new + 4 repeated); all below 16, where
+    # PyTorch's CPU convolution guards on the batch size by itself (its kernel choice changes there)
+    shapes = (4, 8, 8, 8, 7, 3, 8)
+    for rows in shapes:
+        fwd(torch.randn(rows, 1, 16, 16))
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+    plain = CompileCounter()
+    eager = torch.compile(model, backend=plain)
+    for rows in shapes:
+        eager(torch.randn(rows, 1, 16, 16))
+    assert plain.frame_count == 2  # without the wrapper: a static graph, then a recompile at the new size

@@ -259,7 +259,7 @@ class _DynamicBatch(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if x.shape[0] > 1:
-            torch._dynamo.maybe_mark_dynamic(x, 0)
+            torch._dynamo.mark_dynamic(x, 0)
         return self.compiled(x, *args, **kwargs)
 
     @property
