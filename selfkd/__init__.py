@@ -14,10 +14,13 @@ from .errors import ConfigError, DataError, SelfKDError, TrainingError
 
 __version__ = "0.1.0"
 
-_LAZY = {"CE": "methods", "DLB": "methods", "available_methods": "methods", "build_method": "methods"}
+_LAZY = {**{k: "methods" for k in ("CE", "DLB", "Method", "Params", "StepOutput", "available_methods",
+                                    "build_method", "register_method")},
+         **{k: "models" for k in ("available_models", "build_model", "register_model")}}
 
 __all__ = [
-    "CE", "DLB", "available_methods", "build_method",
+    "CE", "DLB", "Method", "Params", "StepOutput", "available_methods", "build_method", "register_method",
+    "available_models", "build_model", "register_model",
     "SelfKDError", "ConfigError", "DataError", "TrainingError", "__version__",
 ]
 

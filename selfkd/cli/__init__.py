@@ -1,4 +1,4 @@
-"""Command line: ``selfkd train | sweep | report | demo | methods | models | presets``.
+"""Command line: ``selfkd train | sweep | report | export | demo | methods | models | presets``.
 
 Errors a user can fix print one line (``selfkd: error: ...``) and exit 2; ``--debug`` shows the
 traceback instead.
@@ -32,7 +32,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", metavar="NAME", help="see `selfkd methods`")
     p.add_argument("--epochs", type=int, metavar="N")
     p.add_argument("--seed", type=int, metavar="S")
-    p.add_argument("--batch-size", type=int, metavar="B", help="new samples per step")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="new samples per step, per rank under torchrun / --nproc (global batch = B x ranks)")
     p.add_argument("--lr", type=float)
     p.add_argument("--image-size", type=int, metavar="PX", help="resize images to PX x PX (data.image_size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -42,6 +43,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last checkpoint left off")
     p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (DistributedDataParallel: gloo on CPU, nccl on CUDA), "
+                   "as torchrun does in its standalone mode with N processes per node; only rank 0 writes")
 
 
 # flag attribute -> (flag, config section, key); None: not a config key
@@ -53,7 +57,7 @@ FLAGS: dict[str, tuple[str, str | None, str | None]] = {
     "batch_size": ("--batch-size", "optim", "batch_size"), "lr": ("--lr", "optim", "lr"),
     "device": ("--device", "train", "device"), "compile": ("--compile", "train", "compile"),
     "config": ("--config", None, None), "preset": ("--preset", None, None), "overrides": ("--set", None, None),
-    "out": ("--out", None, None),
+    "out": ("--out", None, None), "nproc": ("--nproc", None, None),
 }
 
 
@@ -77,6 +81,108 @@ def _check_threads(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    import os
+
+    if a.nproc is not None:
+        return _launch(a)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # started by torchrun (or --nproc)
+        return _train_distributed(a)
+    return _train(a)
+
+
+def _launch(a: argparse.Namespace) -> int:
+    """``--nproc N``: N copies of this command, one per rank, with torchrun's environment (one node,
+    127.0.0.1, a free port). The first rank to fail stops the others; its exit status is returned."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    n = a.nproc
+    if n < 1:
+        raise ConfigError(f"--nproc {n}: expected a positive number of processes")
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--nproc: this process was started by torchrun already (WORLD_SIZE is set); drop --nproc")
+    argv = list(a.argv)
+    i = argv.index("--nproc") if "--nproc" in argv else next(k for k, v in enumerate(argv) if v.startswith("--nproc="))
+    del argv[i : i + (1 if argv[i].startswith("--nproc=") else 2)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    def die_with_parent() -> None:  # a killed launcher takes its ranks along (Linux)
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    procs = []
+    for r in range(n):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                   GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: one thread per rank unless told otherwise
+        procs.append(subprocess.Popen([sys.executable, "-m", "selfkd", *argv], env=env, preexec_fn=die_with_parent))
+    codes: list[int | None] = [None] * n
+    failed_at = None
+    try:
+        while any(c is None for c in codes):
+            for r, p in enumerate(procs):
+                if codes[r] is None:
+                    codes[r] = p.poll()
+                    if codes[r] not in (None, 0) and failed_at is None:
+                        failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > 10:  # the rest hang in a collective
+                for r, p in enumerate(procs):
+                    if codes[r] is None:
+                        p.kill()
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        return 130
+    bad = [c for c in codes if c]
+    return bad[0] if bad else 0
+
+
+def _train_distributed(a: argparse.Namespace) -> int:
+    """One rank of a torchrun run: the config is resolved on every rank, then the process group starts."""
+    from .. import distributed
+    from ..engine import config as C
+    from ..engine.trainer import CONFIG, SUMMARY, select_device
+
+    _check_threads(a)
+    if a.resume:
+        given = _given(a)
+        if given:
+            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
+        run = Path(a.resume)
+        if not (run / CONFIG).is_file():
+            raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
+        cfg = C.build_config(C.load_yaml(run / CONFIG), source=str(run / CONFIG))
+        if (run / SUMMARY).exists():
+            if distributed.env_ranks()[0] == 0:
+                print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+            return 0
+    else:
+        if not a.out:
+            raise ConfigError("train: --out RUN_DIR is required (or --resume RUN_DIR)")
+        cfg = C.resolve(preset=a.preset, file=a.config, flags=_flags(a), overrides=a.overrides)
+    device = select_device(cfg.train.device)
+    distributed.pick_backend(cfg.train.backend, device)  # NCCL without CUDA: one line, before any rendezvous
+    distributed.init(device, cfg.train.backend)
+    try:
+        return _train(a, cfg)
+    finally:
+        distributed.shutdown()
+
+
+def _train(a: argparse.Namespace, resolved: Any = None) -> int:
+    from .. import distributed
     from ..engine import config as C
     from ..engine import rundir
     from ..engine.trainer import CONFIG, SUMMARY, train_run
@@ -88,29 +194,55 @@ def cmd_train(a: argparse.Namespace) -> int:
         if given:
             raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
         run = Path(a.resume)
-        if not (run / CONFIG).is_file():
-            raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
-        cfg = C.build_config(C.load_yaml(run / CONFIG), source=str(run / CONFIG))
-        if (run / SUMMARY).exists():
-            print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
-            return 0
+        if resolved is None:
+            if not (run / CONFIG).is_file():
+                raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
+            cfg = C.build_config(C.load_yaml(run / CONFIG), source=str(run / CONFIG))
+            if (run / SUMMARY).exists():
+                print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+                return 0
+        cfg = resolved if resolved is not None else cfg
         summary = train_run(cfg, run, resume=True, progress=progress, threads=a.threads)
     else:
         if not a.out:
             raise ConfigError("train: --out RUN_DIR is required (or --resume RUN_DIR)")
         run = Path(a.out)
-        rundir.check_new(run)  # cheap checks first: a bad --out fails before the config is even read
-        rundir.check_writable(run)
-        cfg = C.resolve(preset=a.preset, file=a.config, flags=_flags(a), overrides=a.overrides)
+        if resolved is None:  # one process: cheap checks first, a bad --out fails before the config is read
+            rundir.check_new(run)
+            rundir.check_writable(run)
+        cfg = resolved if resolved is not None else C.resolve(preset=a.preset, file=a.config, flags=_flags(a),
+                                                              overrides=a.overrides)
         summary = train_run(cfg, run, progress=progress, threads=a.threads)
+    if not distributed.is_main():
+        return 0
     print(f"{run}: last acc {summary['last_acc']:.2f} | best acc {summary['best_acc']:.2f} (epoch {summary['best_epoch']})"
           f" | ece {summary['ece']:.4f} | nll {summary['nll']:.4f} | {summary['seconds']:.1f}s")
     return 0
 
 
+def recipes() -> dict[str, Any]:
+    """The sweep files shipped as package data (``selfkd/recipes/NAME.yaml``)."""
+    from importlib import resources
+
+    return {f.name[:-5]: f for f in resources.files("selfkd").joinpath("recipes").iterdir() if f.name.endswith(".yaml")}
+
+
+def _recipe(a: argparse.Namespace) -> None:
+    """``--recipe NAME``: the packaged file, its runs under ./runs/NAME unless --out."""
+    if (a.file is None) == (a.recipe is None):
+        raise ConfigError("sweep: give a SWEEP_FILE or --recipe NAME (one of them)")
+    if a.recipe is not None:
+        known = recipes()
+        if a.recipe not in known:
+            raise ConfigError(f"--recipe {a.recipe}: unknown; known: {', '.join(sorted(known))}")
+        a.file = str(known[a.recipe])
+        a.out = a.out or str(Path("runs") / a.recipe)
+
+
 def cmd_sweep(a: argparse.Namespace) -> int:
     from ..engine.sweep import run_sweep
 
+    _recipe(a)
     _check_threads(a)
     if a.jobs is not None and not a.plan:
         from ..engine.sweep import run_jobs
@@ -129,6 +261,15 @@ def cmd_report(a: argparse.Namespace) -> int:
 
     build_report(a.dirs, out=a.out, baseline=a.baseline)
     print(Path(a.out or Path(a.dirs[0]) / "report") / "report.md")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_run
+
+    meta = export_run(a.run, a.format, a.out, weights=a.weights)
+    print(f"{a.out}: {a.format}, {meta['model']} ({meta['weights']} weights, epoch {meta['epoch']}), "
+          f"{meta['num_classes']} classes, {meta['in_channels']}x{meta['image_size']}x{meta['image_size']} input")
     return 0
 
 
@@ -170,18 +311,25 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="selfkd", description="Self-knowledge distillation: DLB and its family.")
     p.add_argument("--version", action="version", version=f"selfkd {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module first (its @selfkd.register_model / register_method run); repeatable")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    imports = argparse.ArgumentParser(add_help=False)  # also accepted before the command
+    imports.add_argument("--import", dest="imports", action="append", default=argparse.SUPPRESS, metavar="MODULE",
+                         help="import a module first (its @selfkd.register_model / register_method run); repeatable")
     threads = argparse.ArgumentParser(add_help=False)
     threads.add_argument("--threads", type=int, metavar="N",
                          help="CPU threads per process (default: torch's choice, usually one per core)")
-    t = sub.add_parser("train", help="train one run", parents=[common, threads])
+    t = sub.add_parser("train", help="train one run", parents=[common, threads, imports])
     _train_args(t)
     t.set_defaults(func=cmd_train)
     w = sub.add_parser("sweep", help="run a grid of configs from a sweep file (skips finished runs, resumes the rest)",
-                       parents=[common, threads])
-    w.add_argument("file", metavar="SWEEP_FILE", help="YAML: out, preset, base, grid, variants")
+                       parents=[common, threads, imports])
+    w.add_argument("file", metavar="SWEEP_FILE", nargs="?", help="YAML: out, preset, base, grid, variants, import")
+    w.add_argument("--recipe", metavar="NAME", help="a sweep shipped with selfkd instead of a file: "
+                   + ", ".join(sorted(recipes())) + " (runs in ./runs/NAME unless --out)")
     w.add_argument("--plan", action="store_true", help="list the runs and their status; run nothing, write nothing")
     w.add_argument("--out", metavar="DIR", help="root of the run directories (default: the file's `out`, "
                                                 "relative to the file's folder)")
@@ -201,10 +349,17 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
-    m = sub.add_parser("methods", help="list methods, their hyper-parameters and formulas")
+    e = sub.add_parser("export", help="write a run's weights for deployment (safetensors or TorchScript)",
+                       parents=[common, imports])
+    e.add_argument("run", metavar="RUN_DIR")
+    e.add_argument("--format", required=True, choices=["safetensors", "torchscript"])
+    e.add_argument("--out", required=True, metavar="FILE", help="a new file")
+    e.add_argument("--weights", choices=["best", "last"], default="best", help="best epoch (default) or last checkpoint")
+    e.set_defaults(func=cmd_export)
+    m = sub.add_parser("methods", help="list methods, their hyper-parameters and formulas", parents=[imports])
     m.add_argument("names", nargs="*")
     m.set_defaults(func=cmd_methods)
-    sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
+    sub.add_parser("models", help="list model names", parents=[imports]).set_defaults(func=cmd_models)
     sub.add_parser("presets", help="list named recipes").set_defaults(func=cmd_presets)
     return p
 
@@ -222,13 +377,23 @@ def _os_error(err: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.argv = argv
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 reports; every rank exits non-zero
     try:
+        if args.imports:
+            from ..plugins import import_modules
+
+            import_modules(args.imports)
         return args.func(args)
     except SelfKDError as err:
         if args.debug:
             raise
-        print(f"selfkd: error: {err}", file=sys.stderr)
+        if not quiet:
+            print(f"selfkd: error: {err}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
         print("selfkd: interrupted", file=sys.stderr)

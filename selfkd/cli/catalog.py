@@ -28,23 +28,37 @@ def sources_hash() -> str:
     return h.hexdigest()
 
 
-def live() -> dict[str, Any]:
-    """The listing from the registries themselves (imports torch)."""
+def live(shipped_only: bool = True) -> dict[str, Any]:
+    """The listing from the registries themselves (imports torch); ``shipped_only=False`` adds user methods."""
     from ..methods import available_methods, method_class
     from ..models import available_models
 
     methods = {}
     for name in available_methods():
         cls = method_class(name)
-        if not cls.__module__.startswith("selfkd.methods."):
+        if shipped_only and not cls.__module__.startswith("selfkd.methods."):
             continue  # registered at run time by other code (tests, plugins): not a shipped method
         methods[name] = {"formula": cls.formula,
                          "params": [[k, repr(f.default), f.description or ""] for k, f in cls.Params.model_fields.items()]}
     return {"methods": methods, "models": available_models()}
 
 
+def _user_code() -> bool:
+    """User models/methods may be registered: a module loaded the registries (``--import``), or an installed
+    package declares entry points."""
+    import sys
+
+    if "selfkd.methods.registry" in sys.modules or "selfkd.models" in sys.modules:
+        return True
+    from ..plugins import METHODS, MODELS, entry_points
+
+    return bool(entry_points(METHODS) or entry_points(MODELS))
+
+
 def catalog() -> dict[str, Any]:
-    """The generated listing if its sources are unchanged, else the live one."""
+    """The generated listing if its sources are unchanged and no user code can add to it, else the live one."""
+    if _user_code():
+        return live(shipped_only=False)
     try:
         from . import _catalog
     except ImportError:

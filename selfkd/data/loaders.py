@@ -52,6 +52,9 @@ def _resized(bundle: DataBundle, size: int | None) -> DataBundle:
     return DataBundle(bundle.name, train, test, bundle.classes, mean, std, dict(bundle.default_augment))
 
 
+STREAM_ABOVE_MB = 4096.0
+
+
 def _readable(path: Path, what: str) -> None:
     try:
         if path.is_dir():
@@ -90,7 +93,8 @@ def check_root(name: str, root: str | os.PathLike | None, download: bool = False
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False,
-                 image_size: int | None = None, cache_dir: str | os.PathLike | None = None) -> DataBundle:
+                 image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 stream: bool | str = False, stream_above_mb: float = STREAM_ABOVE_MB) -> DataBundle:
     """Load a data set by name into memory.
 
     - ``digits``: scikit-learn's 8x8 digits, bundled (``root``, ``download`` and ``cache_dir`` unused).
@@ -101,11 +105,17 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
 
     ``image_size`` resizes to a square of that side (bilinear, antialiased); ``None`` keeps the
     native size. Unknown names and bad option values raise ConfigError, bad data DataError.
+
+    ``stream`` (imagefolder only): ``True`` reads images from disk per batch
+    (:mod:`selfkd.data.stream`, folder trees or uncompressed .tar shards) instead of decoding them
+    all into memory; ``"auto"`` streams a folder whose files exceed ``stream_above_mb`` MiB.
     """
     key = name.strip().lower() if isinstance(name, str) else None
     if key not in KNOWN_DATASETS:
         raise ConfigError(f"unknown data set {name!r}; known: {', '.join(KNOWN_DATASETS)}")
     size = check_image_size(image_size)
+    if stream is True and key != "imagefolder":
+        raise ConfigError(f"data.stream=true: only imagefolder data can be streamed (got data.name={key}, which fits in memory)")
     check_root(key, root, download)
     if key == "digits":
         return _resized(load_digits(), size)
@@ -118,6 +128,18 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
         return _resized(load_cifar(key, data_root), size)
     if download:
         raise ConfigError("download: only cifar10 and cifar100 can be downloaded; imagefolder reads a local folder or archive")
+    if stream not in (True, False, "auto"):
+        raise ConfigError(f"data.stream: expected true, false or auto (got {stream!r})")
+    if stream == "auto" and root is not None and Path(root).expanduser().is_dir():
+        from .stream import tree_bytes
+
+        stream = tree_bytes(Path(root).expanduser()) > stream_above_mb * 2**20
+    if stream is True:
+        if root is None:
+            raise ConfigError("data.stream: needs data.dir (--data-dir), a folder with train/ and val/ or test/")
+        from .stream import load_stream
+
+        return load_stream(root, image_size=size)
     from .imagefolder import load_imagefolder
 
     return load_imagefolder(root, image_size=size, cache_dir=cache_dir)

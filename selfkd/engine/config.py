@@ -45,6 +45,12 @@ class DataCfg(Section):
         "None: the whole test set")
     num_workers: int = Field(0, ge=0)
     cache_dir: str | None = None
+    stream: bool | Literal["auto"] = Field(
+        "auto", description="imagefolder: read images from disk per batch (folders or .tar shards) instead of "
+        "holding them in memory; auto: when the folder's files exceed stream_above_mb")
+    stream_above_mb: float = Field(4096.0, gt=0, description="data.stream=auto streams folders larger than this (MiB)")
+    on_device: bool = Field(False, description="keep the in-memory training set on the GPU (CIFAR scale): a batch is "
+                            "one gather on the device")
     noise: NoiseCfg = NoiseCfg()
 
 
@@ -117,9 +123,18 @@ class TrainCfg(Section):
     channels_last: Literal["auto", "on", "off"] = "auto"
     amp: Literal["auto", "bf16", "off"] = "auto"
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode; reduce-overhead uses CUDA graphs")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend under torchrun: auto is nccl on CUDA, gloo on the CPU")
+    sync_bn: bool = Field(False, description="under torchrun: BatchNorm statistics over every rank's batch (SyncBatchNorm)")
     eval_batch_size: int = Field(500, ge=1)
     log_every: int = Field(20, ge=1, description="steps between progress updates and non-finite checks")
     eval_every: int = Field(1, ge=1, description="epochs between evaluations; the last epoch is always evaluated")
+    log: Literal["auto", "csv", "tensorboard"] = Field(
+        "auto", description="RUN/metrics.csv is always written; tensorboard: also RUN/tb event files (needs "
+        "selfkd[tensorboard]); auto: those when tensorboard is installed",
+    )
 
 
 class Config(Section):
@@ -163,6 +178,18 @@ def _no_effect(cfg: Config) -> str | None:
     if d.noise.kind == "none" and d.noise.rate > 0:
         return (f"data.noise.rate = {d.noise.rate} has no effect without a noise kind: set data.noise.kind to "
                 "symmetric, asymmetric or pairflip")
+    if d.stream is True and name != "imagefolder":
+        return f"data.stream = true has no effect for data.name={d.name!r}: only imagefolder data is streamed"
+    if d.stream_above_mb != DataCfg().stream_above_mb and (d.stream != "auto" or name != "imagefolder"):
+        return "data.stream_above_mb has no effect unless data.stream=auto and data.name=imagefolder"
+    if d.on_device and cfg.train.device == "cpu":
+        return "data.on_device = true has no effect with train.device=cpu: the data set is already in host memory"
+    if d.on_device and d.num_workers:
+        return "data.on_device = true: batches are gathered on the GPU, so data.num_workers must be 0"
+    if d.on_device and d.stream is True:
+        return "data.on_device = true cannot hold a streamed data set (data.stream=true)"
+    if cfg.train.compile_mode != "default" and not cfg.train.compile:
+        return f"train.compile_mode = {cfg.train.compile_mode!r} has no effect without train.compile (--compile)"
     if d.subset is None and d.test_subset is None and d.subset_seed != 0:
         return "data.subset_seed has no effect without data.subset or data.test_subset"
     default = AugmentCfg()

@@ -20,7 +20,8 @@ from ..errors import SelfKDError
 LOCK = ".lock"
 # Files the engine writes into a run directory (atomically, through ``checkpoint._atomic``). Only
 # temp files of these names are ever removed.
-RUN_FILES = ("checkpoint.pt", "best.pt", "config.yaml", "metrics.jsonl", "summary.json", "label_noise.json",
+RUN_FILES = ("checkpoint.pt", "best.pt", "config.yaml", "metrics.jsonl", "metrics.csv", "data.json", "summary.json",
+             "label_noise.json",
              "failed.json")
 # ``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")``: 8 characters from [a-z0-9_]
 _TMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")

@@ -32,8 +32,8 @@ from torch.utils.data import Sampler
 from ..data.mixing import (Mix, MixBlocks, Mixer, mix_from_state, mix_state, mix_targets, mixed_cross_entropy,
                            remix)
 from ..errors import ConfigError, TrainingError
-from .base import Batch, Method, Params, StepOutput
-from .losses import cross_entropy, kd_kl
+from .base import Batch, Method, Params, StepOutput, host_equal
+from .losses import align_tokens, cross_entropy, kd_kl, token_mask
 from .registry import register
 
 
@@ -131,6 +131,10 @@ class DLBParams(Params):
     ramp_epochs: float = Field(0.0, ge=0, description="linear: epochs over which alpha and T move to their final values")
     alpha_start: float = Field(0.0, ge=0, description="linear: alpha at the start of the ramp")
     temperature_start: float | None = Field(None, gt=0, description="linear: T at the start of the ramp (None: T)")
+    padding_side: Literal["right", "left"] = Field(
+        "right", description="token logits [B, T, V]: where the collator pads, to align a repeated row's positions "
+        "with its cached ones when its padded length changed",
+    )
 
 
 @register
@@ -173,8 +177,29 @@ class DLB(Method):
       raises ConfigError. ``batch.mix`` is a :class:`~selfkd.data.mixing.MixBlocks`
       ``[(0, previous Mix), (r, new Mix)]`` (a plain Mix on a step without repeated rows).
 
+    * **Token logits** (``[B, T, V]`` with ``[B, T]`` labels, -100 ignored: token classification,
+      language modelling): CE is the mean over the non-ignored tokens of the CE rows; the distillation
+      term is a per-token ``T²·KL`` averaged over the non-ignored tokens of the repeated rows (every
+      token weighs the same, see :mod:`~selfkd.methods.losses`). The cache holds the new rows' ``[B, T, V]``
+      logits (float32: ``B·T·V·4`` bytes). With dynamic padding a repeated row may come back padded to
+      another length: its cached logits are re-laid by position (``padding_side``: ``right`` aligns the
+      first positions, ``left`` the last) and the labels must then agree token by token, else
+      TrainingError. Mixing is not defined for tokens. ``[B, K]`` logits are unchanged.
+
     Use the sampler from :meth:`batch_sampler`; the loss checks that each batch has the layout the
-    sampler produced, and that the repeated rows carry the labels of the cached ones.
+    sampler produced, and that the repeated rows carry the labels of the cached ones. The checks
+    compare CPU tensors (the loader's indices and labels, ``batch.y_host``), so a step never waits
+    for the device; ``schedule="dynamic"`` keeps α and T as device tensors for the same reason.
+
+    * **Distributed** (DDP): shard first, then pair. The sampler wraps this rank's
+      ``DistributedSampler``, so each rank's batch is ``[this rank's previous new rows | this rank's
+      new rows]``: the repeated rows sit on the rank that holds their cached logits, and no logits
+      cross ranks. ``DistributedSampler`` pads every rank to the same sample count, so all ranks
+      have equal row counts at every step (none blocks the gradient all-reduce on a short batch).
+      The loss per rank is the one above; DDP averages the gradients, which equals one process
+      whose batch is the union of the ranks' batches (``[every rank's repeated | every rank's
+      new]``, CE a mean over all rows, KL a batchmean over all repeated rows). The cache, the order
+      and the position are per-rank state, saved for every rank.
     """
 
     name = "dlb"
@@ -199,8 +224,16 @@ class DLB(Method):
         return self.hp.alpha
 
     @property
+    def runs_on_logits(self) -> bool:
+        return self.hp.forward == "joint"  # split: two forwards of its own
+
+    @property
     def forwards_per_sample(self) -> float:
         return 1.0 + self.hp.repeat_fraction
+
+    def resumes_at(self) -> int | None:
+        t = self._track
+        return t.position if t.resume and t.order is not None else None
 
     def repeat_count(self, n_prev: int) -> int:
         return int(math.floor(self.hp.repeat_fraction * n_prev + 0.5))
@@ -275,9 +308,7 @@ class DLB(Method):
             logits = torch.cat([z_rep, z_new])
         else:
             logits = model(batch.x)
-        if batch.mix is None:
-            return self.loss(logits, batch.y, index=batch.index)
-        return self.loss(logits, batch.y, index=batch.index, mix=batch.mix)
+        return self.loss(logits, batch.y, index=batch.index, mix=batch.mix, target_host=batch.y_host)
 
     def _peek(self) -> Layout:
         if not self._track.pending:
@@ -288,30 +319,53 @@ class DLB(Method):
         return self._track.pending[0]
 
     def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
-             mix: Mix | MixBlocks | None = None) -> StepOutput:
+             mix: Mix | MixBlocks | None = None, target_host: Tensor | None = None) -> StepOutput:
+        """``target_host``: the same labels on the CPU (the trainer's ``batch.y_host``); with it, or with
+        CPU ``target`` and ``index``, the layout checks read no device value."""
         layout = self._peek()
+        host = target_host if target_host is not None else (target if target.device.type == "cpu" else None)
+        if host is not None and host.shape[0] != target.shape[0]:
+            raise TrainingError(f"DLB: target_host has {host.shape[0]} labels but target {target.shape[0]}")
         r, rows = layout.repeat, layout.repeat + layout.new
         if logits.shape[0] != rows or target.shape[0] != rows:
             raise TrainingError(
                 f"DLB: the sampler built a batch of {rows} rows ({r} repeated + {layout.new} new) but the loss got "
                 f"{logits.shape[0]} logits and {target.shape[0]} labels; pass the whole batch, in loader order"
             )
+        if logits.dim() == 3 and mix is not None:
+            raise TrainingError("DLB: mixing (mixup/CutMix) is not defined for token logits [B, T, V]")
+        if logits.dim() not in (2, 3) or target.shape != logits.shape[:-1]:
+            raise TrainingError(f"DLB: expected logits [B, K] with labels [B] or [B, T, V] with labels [B, T] "
+                                f"(got {tuple(logits.shape)} and {tuple(target.shape)})")
         rep_mix, new_mix = self._split_mix(mix, r, rows)
         alpha, temp = self.hp.alpha, self.hp.temperature
         if r > 0:
             cached = self._cache_logits
             if cached is None or cached.shape[0] < r:
                 raise TrainingError(f"DLB: {r} repeated rows but only {0 if cached is None else cached.shape[0]} cached logits")
-            if not torch.equal(self._cache_labels[:r].to(target.device), target[:r]):
+            labels = host if host is not None else target
+            cached_labels = self._cache_labels
+            if cached_labels.device != labels.device:  # a plain loop switched between host and device labels
+                cached_labels = cached_labels.to(labels.device)
+            if logits.dim() == 3:  # tokens: re-lay the cache at the current positions (dynamic padding)
+                teacher, same = align_tokens(cached[:r], cached_labels[:r], labels[:r], self.hp.padding_side)
+                mask = token_mask(target[:r])
+                same = bool(same)  # on the host with host labels: no device sync
+            else:
+                teacher, mask = cached[:r], None
+                same = (host_equal(cached_labels[:r], labels[:r]) if labels.device.type == "cpu"
+                        else torch.equal(cached_labels[:r], labels[:r]))  # device labels only: one sync
+            if not same:
                 raise TrainingError(
                     "DLB: the labels of the repeated rows differ from the previous step's new rows; "
                     "the loader must not reorder or relabel samples (use dlb.batch_sampler, shuffle=False)"
+                    + (f"; token rows are aligned with padding_side={self.hp.padding_side!r}" if mask is not None else "")
                 )
-            if index is not None and not torch.equal(self._track.prev_new[:r], index[:r].cpu()):
+            if index is not None and not host_equal(self._track.prev_new[:r], index[:r].cpu()):
                 raise TrainingError("DLB: the repeated rows are not the previous step's new samples")
-            teacher = cached[:r].to(logits.device)
+            teacher = teacher.to(logits.device)
             alpha, temp = self.schedule_values(layout.progress, teacher, target[:r], rep_mix)
-            kd = kd_kl(logits[:r], teacher, temp)
+            kd = kd_kl(logits[:r], teacher, temp, mask=mask)
         else:
             kd = logits.float().sum() * 0.0
         ce_from = r if self.hp.ce_rows == "new" else 0
@@ -326,14 +380,14 @@ class DLB(Method):
         # commit: the new rows' logits become the next step's teacher
         self._track.pending.popleft()
         self._cache_logits = logits[r:].detach().float()
-        self._cache_labels = target[r:].detach().clone()
+        self._cache_labels = (host if host is not None else target)[r:].detach().clone()
         self._last_mix = new_mix
         self._track.prev_new = layout.new_index
         self._track.position = layout.position + 1
         self.steps += 1
         parts = {"ce": ce.detach(), "kd": kd.detach()}
         if self.hp.schedule != "constant" and r > 0:
-            parts.update(alpha=torch.tensor(float(alpha)), temperature=torch.tensor(float(temp)))
+            parts.update(alpha=torch.as_tensor(alpha).detach(), temperature=torch.as_tensor(temp).detach())
         return StepOutput(loss, parts, logits, target)
 
     def schedule_values(self, progress: float, teacher: Tensor, labels: Tensor,
@@ -346,11 +400,16 @@ class DLB(Method):
             t0 = hp.temperature if hp.temperature_start is None else hp.temperature_start
             return hp.alpha_start + (hp.alpha - hp.alpha_start) * f, t0 + (hp.temperature - t0) * f
         if hp.schedule == "dynamic":
-            probs = teacher.float().softmax(dim=1)
-            if mix is None:
-                conf = float(probs.gather(1, labels[:, None]).mean())
+            probs = teacher.float().softmax(dim=-1)
+            if probs.dim() == 3:  # tokens: mean over the non-ignored ones
+                keep = token_mask(labels)
+                p_true = probs.gather(2, labels.clamp_min(0)[..., None])[..., 0]
+                conf = (p_true * keep).sum() / keep.sum().clamp_min(1)
+            elif mix is None:
+                conf = probs.gather(1, labels[:, None]).mean()
             else:
-                conf = float((probs * mix_targets(labels, probs.shape[1], mix)).sum(dim=1).mean())
+                conf = (probs * mix_targets(labels, probs.shape[1], mix)).sum(dim=1).mean()
+            # tensors on the teacher's device: the step never waits for the value
             return hp.alpha * conf, hp.temperature * (2.0 - conf)
         return hp.alpha, hp.temperature
 

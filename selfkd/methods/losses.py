@@ -1,7 +1,17 @@
 """Pure, device-agnostic loss functions. The T² factor lives here and nowhere else.
 
-Every function upcasts to float32 (logits may arrive in bfloat16 under autocast) and reduces
-with ``batchmean``: a sum over classes, a mean over rows. Teachers are always detached.
+Every function upcasts to float32 (logits may arrive in bfloat16 under autocast). The class
+dimension is the last one:
+
+* ``[B, K]`` logits (image or sequence classification) reduce with ``batchmean``: a sum over
+  classes, a mean over rows;
+* ``[B, T, V]`` logits (token classification, language modelling) with ``[B, T]`` labels reduce
+  **per token**: a sum over the vocabulary, a mean over the tokens that count, i.e. those whose
+  label is not :data:`IGNORE` (-100, the Hugging Face convention) or that ``mask`` selects. A batch
+  with no such token gives 0 (not NaN). Every token weighs the same, wherever its row is and however
+  long that row is (Hugging Face's own token-level mean).
+
+Teachers are always detached.
 """
 from __future__ import annotations
 
@@ -9,30 +19,98 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+#: the label of a position that gets no loss (padding, prompt tokens): PyTorch's and Hugging Face's -100
+IGNORE = -100
 
-def kd_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, mean over rows.
+
+def _tokens(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``[..., V]`` -> ``[N, V]`` rows, and the mask flattened alike (None: every row counts)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows, None if mask is None else mask.reshape(-1).to(rows.device)
+
+
+def _masked_mean(per_row: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return per_row.sum() / max(per_row.shape[0], 1)
+    w = mask.to(per_row.dtype)
+    return (per_row * w).sum() / w.sum().clamp_min(1.0)
+
+
+def kd_kl(student: Tensor, teacher: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the last dimension, mean over rows
+    (``[B, K]``) or over the tokens that ``mask`` (``[B, T]`` bool) selects (``[B, T, V]``; no mask:
+    every token).
 
     The T² factor keeps the gradient scale of the soft term independent of T (Hinton et al., 2015).
-    Gradients flow into ``student`` only. Zero rows give zero (not NaN).
+    Gradients flow into ``student`` only. No rows (or no selected token) give zero (not NaN).
     """
     if student.shape != teacher.shape:
         raise ValueError(f"kd_kl: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
+    if mask is not None and tuple(mask.shape) != tuple(student.shape[:-1]):
+        raise ValueError(f"kd_kl: mask {tuple(mask.shape)} must have the shape {tuple(student.shape[:-1])}")
     if student.shape[0] == 0:
         return student.float().sum() * 0.0
     t = temperature
-    log_s = F.log_softmax(student.float() / t, dim=1)
-    log_t = F.log_softmax(teacher.detach().float() / t, dim=1)
-    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * (t * t)
+    if student.dim() == 2 and mask is None:  # the image path: one fused batchmean
+        log_s = F.log_softmax(student.float() / t, dim=1)
+        log_t = F.log_softmax(teacher.detach().float() / t, dim=1)
+        return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * (t * t)
+    s, m = _tokens(student, mask)
+    log_s = F.log_softmax(s.float() / t, dim=1)
+    log_t = F.log_softmax(teacher.detach().reshape(s.shape).float() / t, dim=1)
+    per_token = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(dim=1)
+    return _masked_mean(per_token, m) * (t * t)
 
 
 def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Hard-label cross-entropy, mean over rows, in float32; ``label_smoothing=ε`` targets
+    """Hard-label cross-entropy in float32, mean over rows (``[B, K]``) or over the non-ignored tokens
+    (``[B, T, V]`` with ``[B, T]`` labels, -100 ignored; none left: 0). ``label_smoothing=ε`` targets
     ``(1−ε)·onehot + ε/K`` (PyTorch's form)."""
-    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    z, y = logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)
+    total = F.cross_entropy(z, y, ignore_index=IGNORE, label_smoothing=label_smoothing, reduction="sum")
+    return total / (y != IGNORE).sum().clamp_min(1).to(total.dtype)
 
 
-def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
-    """``-Σ_k q_k log softmax(z)_k``, mean over rows; ``target_probs`` is detached."""
-    log_p = F.log_softmax(logits.float(), dim=1)
-    return -(target_probs.detach().float() * log_p).sum(dim=1).mean()
+def soft_cross_entropy(logits: Tensor, target_probs: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``-Σ_k q_k log softmax(z)_k`` over the last dimension, mean over rows (or the tokens ``mask``
+    selects); ``target_probs`` is detached."""
+    if logits.dim() == 2 and mask is None:
+        log_p = F.log_softmax(logits.float(), dim=1)
+        return -(target_probs.detach().float() * log_p).sum(dim=1).mean()
+    z, m = _tokens(logits, mask)
+    log_p = F.log_softmax(z.float(), dim=1)
+    per_token = -(target_probs.detach().reshape(z.shape).float() * log_p).sum(dim=1)
+    return _masked_mean(per_token, m)
+
+
+def token_mask(labels: Tensor) -> Tensor:
+    """Positions that count: label not -100."""
+    return labels != IGNORE
+
+
+def align_tokens(cached: Tensor, cached_labels: Tensor, labels: Tensor, side: str = "right") -> tuple[Tensor, Tensor]:
+    """Cached ``[R, T0, V]`` logits re-laid at the positions of the current ``[R, T]`` labels, for rows that
+    a collator padded to another length than when they were cached (dynamic padding).
+
+    ``side="right"`` (padding after the tokens, Hugging Face's default) aligns the first positions;
+    ``"left"`` aligns the last. Positions the cache lacks get logits 0 (they are padding: their label
+    is -100). Returns ``(teacher [R, T, V], same)``: ``same`` is a 0-dim bool tensor, true when every
+    cached token lands on a position with the same label and every current token has a cached one
+    (the caller raises if not; no host sync here).
+    """
+    t0, t = cached.shape[1], labels.shape[1]
+    width = max(t0, t)
+
+    def pad(x: Tensor, n: int, value: float) -> Tensor:  # to ``width`` positions along dim 1
+        extra = width - n
+        if extra == 0:
+            return x
+        spec = (0, extra) if side == "right" else (extra, 0)
+        return F.pad(x, ((0, 0) if x.dim() == 3 else ()) + spec, value=value)
+
+    same = (pad(cached_labels.to(labels.device), t0, IGNORE) == pad(labels, t, IGNORE)).all()
+    z = pad(cached, t0, 0.0)
+    z = z[:, :t] if side == "right" else z[:, width - t:]
+    return z, same

@@ -100,9 +100,13 @@ class TfKDSelf(Method):
     * **Mixed samples** (mixup/CutMix): the teacher forwards the same mixed input as the student (its
       soft target is its own prediction for the mixture, unchanged); CE becomes
       ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``.
+    * **Distributed** (DDP): per rank; each rank forwards the frozen teacher (loaded from the same file on every rank) on its own
+      shard. A teacher trained by ``selfkd train`` first (``needs_teacher``) is trained with the same
+      world size, as a distributed CE run.
     """
 
     name = "tfkd-self"
+    own_forward = True
     formula = "(1−α)·CE(z, y) + α·T²·KL(softmax(z_t/T) ‖ softmax(z/T)), z_t: a CE-trained copy"
     Params = TfKDSelfParams
     needs_teacher: ClassVar[bool] = True

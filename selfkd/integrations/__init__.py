@@ -1,0 +1,12 @@
+"""selfkd inside other training loops: one small module per library, each an optional extra.
+
+* :mod:`selfkd.integrations.hf`: a Hugging Face ``Trainer`` subclass (``pip install selfkd[hf]``);
+* :mod:`selfkd.integrations.lightning`: a Lightning callback (``pip install selfkd[lightning]``).
+
+Nothing here is imported by ``import selfkd``.
+"""
+from __future__ import annotations
+
+from ..plugins import require
+
+__all__ = ["require"]

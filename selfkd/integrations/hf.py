@@ -1,0 +1,280 @@
+"""selfkd methods inside the Hugging Face ``Trainer`` (``pip install selfkd[hf]``).
+
+    from selfkd.integrations.hf import SelfKDTrainer
+    trainer = SelfKDTrainer(model=model, args=args, train_dataset=train, data_collator=collator,
+                            method=selfkd.DLB(temperature=3, alpha=1))
+    trainer.train()                                   # or train(resume_from_checkpoint=True)
+
+What the subclass changes, and nothing else:
+
+* **loss**: ``compute_loss`` runs the model without ``labels`` and hands its ``logits`` to
+  ``method.loss(logits, labels, index=...)``: ``[B, K]`` for sequence classification, ``[B, T, V]``
+  with ``[B, T]`` labels (-100 ignored) for token classification; ``causal_lm=True`` shifts them
+  (logit ``t`` predicts label ``t+1``, as the models' own loss). Evaluation (the model in eval mode)
+  scores plain cross-entropy, so a method's state only moves on training steps. The method's
+  parts are logged beside ``loss`` as ``selfkd/<part>`` (means over the logging window).
+* **data**: the training loader's batches come from ``method.batch_sampler`` (DLB's
+  ``[repeated | new]`` batches) over a ``DistributedSampler`` seeded with ``args.data_seed`` (else
+  ``args.seed``) and re-shuffled per epoch (one process: one replica). Every example carries its
+  dataset index to the loss (PS-KD's memory, DLB's checks), any collator pads as it likes (DLB
+  re-aligns a repeated row padded to another length).
+* **state**: ``method.state_dict()`` is saved in every checkpoint folder (``selfkd_method.pt``, one
+  file per rank in multi-process runs: ``selfkd_method_rank{r}.pt``) and loaded by
+  ``train(resume_from_checkpoint=...)``; a resumed run continues the method exactly (tested: equal
+  weights to the uninterrupted run).
+* **set-up**: ``method.setup(num_samples, num_classes, epochs)`` once (``num_classes``: the model
+  config's ``num_labels``; pass ``num_classes=`` otherwise), ``method.on_epoch_start`` and
+  ``method.on_epoch_end`` per epoch.
+
+Methods whose step runs forward passes of their own (CS-KD's partners, DDGSD's second view, BYOT's
+exits, DLB with ``forward="split"``) are refused: ``method.runs_on_logits`` must be true. So is
+``args.label_smoothing_factor`` (use the ``ls`` method, or DLB's ``label_smoothing``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from . import require
+
+require("transformers", "hf")
+require("accelerate", "hf")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler  # noqa: E402
+
+from ..errors import ConfigError  # noqa: E402
+from ..methods import Method  # noqa: E402
+from ..methods.losses import cross_entropy  # noqa: E402
+
+INDEX = "selfkd_index"
+STATE = "selfkd_method.pt"
+
+__all__ = ["SelfKDTrainer", "STATE"]
+
+
+class _Indexed(Dataset):
+    """Each example, a dict, with its dataset index under :data:`INDEX`."""
+
+    def __init__(self, data: Any):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.data[i]
+        if not isinstance(item, dict):
+            raise ConfigError(f"SelfKDTrainer: training examples must be dicts (got {type(item).__name__} at index {i})")
+        return {**item, INDEX: i}
+
+
+class _IndexCollator:
+    """Takes the indices out before the user's collator (which may drop unknown keys), puts them back after."""
+
+    def __init__(self, collate: Any):
+        self.collate = collate
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        index = torch.tensor([f[INDEX] for f in features], dtype=torch.int64)
+        batch = self.collate([{k: v for k, v in f.items() if k != INDEX} for f in features])
+        batch[INDEX] = index
+        return batch
+
+
+class _MethodBatches(BatchSampler):
+    """The method's batch sampler, made to fit the Trainer's resume.
+
+    On resume the Trainer skips the batches already trained in the current epoch by iterating the
+    batch sampler and discarding them. A sampler whose position is method state (DLB's) continues
+    by itself, so this wrapper first yields that many placeholders for the Trainer to discard.
+    """
+
+    def __init__(self, inner: Any, sampler: Any, batch_size: int, drop_last: bool):
+        self.inner, self.sampler, self.batch_size, self.drop_last = inner, sampler, batch_size, drop_last
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+        else:
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for _ in range(skip):
+            yield []  # discarded unread by accelerate's SkipBatchSampler
+        yield from self.inner
+
+
+class SelfKDTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` whose training loss, batches and checkpoints come from a selfkd method
+    (see the module docstring). Extra keyword arguments: ``method`` (a :class:`~selfkd.methods.Method`),
+    ``num_classes`` (default: ``model.config.num_labels``), ``causal_lm`` (shift logits and labels)."""
+
+    def __init__(self, *args: Any, method: Method, num_classes: int | None = None, causal_lm: bool = False,
+                 **kwargs: Any):
+        if not isinstance(method, Method):
+            raise ConfigError(f"SelfKDTrainer: method must be a selfkd Method (got {type(method).__name__})")
+        if not method.runs_on_logits:
+            raise ConfigError(f"SelfKDTrainer: method '{method.name}' runs forward passes of its own "
+                              f"({method.describe()}); only methods computed from the model's logits run here")
+        super().__init__(*args, **kwargs)
+        if self.args.label_smoothing_factor:
+            raise ConfigError("SelfKDTrainer: args.label_smoothing_factor has no effect here; use the 'ls' method "
+                              "or DLB's label_smoothing")
+        if self.args.ignore_data_skip:
+            raise ConfigError("SelfKDTrainer: args.ignore_data_skip=True would restart the epoch's batches on resume "
+                              "while the method continues; leave it False")
+        self.method = method
+        self.causal_lm = causal_lm
+        self.model_accepts_loss_kwargs = False  # our loss is a mean per step: let the Trainer divide by accumulation
+        self._parts: dict[str, torch.Tensor] = {}
+        self._part_steps = 0
+        self._batches: _MethodBatches | None = None
+        if self.train_dataset is not None:
+            k = num_classes if num_classes is not None else getattr(getattr(self.model, "config", None), "num_labels", None)
+            if k is None:
+                raise ConfigError("SelfKDTrainer: pass num_classes= (the model has no config.num_labels)")
+            epochs = max(1, math.ceil(self.args.num_train_epochs))
+            if self.args.max_steps and self.args.max_steps > 0:
+                steps_per_epoch = max(1, math.ceil(len(self.train_dataset) / self._train_batch_size))
+                epochs = max(1, math.ceil(self.args.max_steps * self.args.gradient_accumulation_steps / steps_per_epoch))
+            method.setup(num_samples=len(self.train_dataset), num_classes=int(k), epochs=epochs)
+        self.add_callback(_EpochHook(self))
+
+    # -- data ------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        data, collate = self.train_dataset, self.data_collator
+        try:
+            import datasets
+
+            if isinstance(data, datasets.Dataset):
+                data = self._remove_unused_columns(data, description="training")
+            else:
+                collate = self._get_collator_with_removed_columns(collate, description="training")
+        except ImportError:
+            collate = self._get_collator_with_removed_columns(collate, description="training")
+        args = self.args
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        sampler = DistributedSampler(data, num_replicas=args.world_size, rank=args.process_index, shuffle=True, seed=seed)
+        labels = _labels(data)
+        inner = self.method.batch_sampler(sampler, self._train_batch_size, drop_last=args.dataloader_drop_last,
+                                          labels=labels)
+        self._batches = _MethodBatches(inner, sampler, self._train_batch_size, args.dataloader_drop_last)
+        self._batches.skip = self._resume_skip
+        self._resume_skip = 0
+        loader = DataLoader(_Indexed(data), batch_sampler=self._batches, collate_fn=_IndexCollator(collate),
+                            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                            persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0)
+        prepared = self.accelerator.prepare(loader)
+        shard = getattr(prepared, "batch_sampler", None)
+        if shard is not None and getattr(shard, "batch_sampler", None) is self._batches:
+            shard.num_processes, shard.process_index = 1, 0  # already one stream per rank: accelerate must not re-split
+        return prepared
+
+    _resume_skip = 0
+
+    # -- loss ------------------------------------------------------------------------------
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        labels = inputs.pop("labels")
+        index = inputs.pop(INDEX, None)
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if self.causal_lm:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        if not model.training:  # evaluation: no method state moves
+            loss = cross_entropy(logits, labels)
+        else:
+            out = self.method.loss(logits, labels, index=index)
+            loss = out.loss
+            for k, v in out.parts.items():
+                self._parts[k] = self._parts.get(k, 0) + v.detach().float()
+            self._part_steps += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._part_steps and "loss" in logs:
+            for k, v in self._parts.items():
+                logs[f"selfkd/{k}"] = float(v) / self._part_steps
+            self._parts, self._part_steps = {}, 0
+        super().log(logs, *args, **kwargs)
+
+    # -- state -----------------------------------------------------------------------------
+    def _state_file(self, folder: str) -> str:
+        name = STATE if self.args.world_size == 1 else STATE.replace(".pt", f"_rank{self.args.process_index}.pt")
+        return os.path.join(folder, name)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-"
+                              f"{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        from ..engine import checkpoint as ckpt
+
+        ckpt.save(self._state_file(folder), {"method": self.method.name, "state": self.method.state_dict()})
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ConfigError(f"resume_from_checkpoint=True: no checkpoint in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            self._load_method_state(str(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_method_state(self, folder: str) -> None:
+        from ..engine import checkpoint as ckpt
+
+        path = self._state_file(folder)
+        if not os.path.isfile(path):
+            raise ConfigError(f"resume_from_checkpoint: {path} is missing (not a SelfKDTrainer checkpoint?)")
+        saved = ckpt.load(path)
+        if saved.get("method") != self.method.name:
+            raise ConfigError(f"resume_from_checkpoint: {path} holds method '{saved.get('method')}', "
+                              f"this trainer runs '{self.method.name}'")
+        self.method.load_state_dict(saved["state"])
+        # a sampler that continues by itself (DLB's) gets placeholders for the batches the Trainer will
+        # skip; any other sampler replays its seeded epoch order and the Trainer's skip is right as it is
+        position = self.method.resumes_at()
+        n, bs = math.ceil(len(self.train_dataset) / self.args.world_size), self._train_batch_size  # per rank
+        per_epoch = n // bs if self.args.dataloader_drop_last else math.ceil(n / bs)
+        self._resume_skip = position if position is not None and 0 < position < per_epoch else 0
+
+
+class _EpochHook(transformers.TrainerCallback):
+    """``method.on_epoch_start(epoch, epochs)`` at the start of every epoch (resumed ones included)."""
+
+    def __init__(self, trainer: SelfKDTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        epochs = max(1, math.ceil(state.num_train_epochs or args.num_train_epochs))
+        self.trainer.method.on_epoch_start(min(int(math.floor(state.epoch + 1e-9)), epochs - 1), epochs)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.method.on_epoch_end()  # before the epoch's checkpoint (e.g. PS-KD's memory across ranks)
+
+
+def _labels(data: Any) -> torch.Tensor | None:
+    """Per-example class labels for class-aware samplers, when the data set has a flat label column."""
+    for key in ("labels", "label"):
+        try:
+            col = data[key]  # datasets.Dataset column
+        except Exception:
+            continue
+        try:
+            t = torch.as_tensor(col)
+        except Exception:
+            return None
+        return t if t.dim() == 1 else None
+    return None
