@@ -1,4 +1,4 @@
-"""Command line: ``selfkd train | sweep | report | demo | methods | models | presets``.
+"""Command line: ``selfkd train | finetune | sweep | report | demo | methods | models | presets``.
 
 Errors a user can fix print one line (``selfkd: error: ...``) and exit 2; ``--debug`` shows the
 traceback instead.
@@ -80,7 +80,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         run = Path(a.resume)
         if not (run / CONFIG).is_file():
             raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
-        cfg = C.build_config(C.load_yaml(run / CONFIG), source=str(run / CONFIG))
+        raw = C.load_yaml(run / CONFIG)
+        if raw.get("kind") == "finetune":
+            raise ConfigError(f"--resume {run}: a finetune run; resume it with selfkd finetune --resume {run}")
+        cfg = C.build_config(raw, source=str(run / CONFIG))
         if (run / SUMMARY).exists():
             print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
             return 0
@@ -95,6 +98,58 @@ def cmd_train(a: argparse.Namespace) -> int:
         summary = train_run(cfg, run, progress=progress)
     print(f"{run}: last acc {summary['last_acc']:.2f} | best acc {summary['best_acc']:.2f} (epoch {summary['best_epoch']})"
           f" | ece {summary['ece']:.4f} | nll {summary['nll']:.4f} | {summary['seconds']:.1f}s")
+    return 0
+
+
+def _finetune_flags(a: argparse.Namespace) -> dict[str, Any]:
+    table = {
+        "data": ("data", "path"), "model": ("model", "path"), "method": ("method", "name"),
+        "epochs": ("train", "epochs"), "seed": ("train", "seed"), "batch_size": ("optim", "batch_size"),
+        "lr": ("optim", "lr"), "device": ("train", "device"),
+    }
+    out: dict[str, Any] = {}
+    for attr, (section, key) in table.items():
+        value = getattr(a, attr)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from ..engine import config as C
+    from ..engine.finetune_config import build_finetune_config, resolve_finetune
+    from ..engine.trainer import CONFIG, SUMMARY
+
+    _threads(a)
+    if a.resume:
+        given = list(_finetune_flags(a)) + (["--config"] if a.config else []) + (["--set"] if a.overrides else []) + \
+            (["--out"] if a.out else [])
+        if given:
+            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
+        run = Path(a.resume)
+        if not (run / CONFIG).is_file():
+            raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
+        raw = C.load_yaml(run / CONFIG)
+        if raw.get("kind") != "finetune":
+            raise ConfigError(f"--resume {run}: not a finetune run (resume it with selfkd train --resume)")
+        cfg = build_finetune_config(raw, source=str(run / CONFIG))
+        if (run / SUMMARY).exists():
+            print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+            return 0
+        resume = True
+    else:
+        if not a.out:
+            raise ConfigError("finetune: --out RUN_DIR is required (or --resume RUN_DIR)")
+        run = Path(a.out)
+        if run.exists() and (not run.is_dir() or _is_run_dir(run)):
+            raise ConfigError(f"--out {run}: already holds a run; use --resume {run} or choose another directory")
+        cfg = resolve_finetune(file=a.config, flags=_finetune_flags(a), overrides=a.overrides)
+        resume = False
+    from ..integrations.finetune import finetune_run  # transformers: imported only for this command
+
+    s = finetune_run(cfg, run, resume=resume)
+    print(f"{run}: last acc {s['last_acc']:.2f} | best acc {s['best_acc']:.2f} (epoch {s['best_epoch']}) | macro-F1 "
+          f"{s['macro_f1']:.2f} | ece {s['ece']:.4f} | nll {s['nll']:.4f} | {s['seconds']:.1f}s")
     return 0
 
 
@@ -170,6 +225,22 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run", parents=[common, threads])
     _train_args(t)
     t.set_defaults(func=cmd_train)
+    f = sub.add_parser("finetune", help="fine-tune a local Hugging Face model on labelled text (pip install selfkd[hf])",
+                       parents=[common, threads])
+    f.add_argument("--config", metavar="FILE", help="YAML config (sections: data, model, method, optim, train)")
+    f.add_argument("--data", metavar="PATH", help="a folder of class folders of .txt files, or a .csv/.tsv/.jsonl file")
+    f.add_argument("--model", metavar="DIR", help="a local Hugging Face model folder (with its tokenizer)")
+    f.add_argument("--method", metavar="NAME", help="ce, ls, dlb, ... (methods computed from the logits)")
+    f.add_argument("--epochs", type=int, metavar="N")
+    f.add_argument("--seed", type=int, metavar="S")
+    f.add_argument("--batch-size", type=int, metavar="B", help="new samples per step")
+    f.add_argument("--lr", type=float)
+    f.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set method.schedule=entropy (repeatable)")
+    f.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
+    f.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch's checkpoint")
+    f.set_defaults(func=cmd_finetune)
     w = sub.add_parser("sweep", help="run a grid of configs from a sweep file (skips finished runs, resumes the rest)",
                        parents=[common, threads])
     w.add_argument("file", metavar="SWEEP_FILE", help="YAML: out, preset, base, grid, variants")
