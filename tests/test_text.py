@@ -73,6 +73,13 @@ def test_csv_latin1_with_named_columns_and_declared_classes(tmp_path):
         load_text(p, label_column="sentiment")
 
 
+def test_csv_quoted_fields_keep_their_line_breaks(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('text,label\n"two\nlines",a\n"tab\x0bvertical",b\nplain,a\nmore,b\n', newline="")
+    b = load_text(p, test_fraction=0.5)
+    assert sorted(b.train.texts + b.test.texts) == sorted(["two\nlines", "tab\x0bvertical", "plain", "more"])
+
+
 def test_jsonl(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text("".join(json.dumps({"body": f"text {i}", "y": i % 2}) + "\n" for i in range(6)))

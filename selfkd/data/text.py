@@ -33,6 +33,7 @@ Nothing is tokenised here (that is the model's business), and nothing runs at im
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -129,7 +130,8 @@ def _columns(where: str, have: Sequence[str], text_column: str, label_column: st
 
 def _csv(path: Path, text_column: str, label_column: str, encodings: Sequence[str]) -> list[tuple[str, str, str]]:
     text = _read(path, encodings)
-    reader = csv.reader(text.splitlines(keepends=True), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    # newline="": line breaks inside quoted fields stay in the field (str.splitlines would also split on \x0b, \u2028, ...)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     try:
         header = next(reader)
     except StopIteration:
