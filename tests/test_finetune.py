@@ -54,12 +54,17 @@ def test_dlb_run_directory_summary_and_report(parts, tmp_path, capsys):
 
 
 def weights(run):
-    return load_file(str(run / "model" / "model.safetensors"))
+    name = "adapter_model.safetensors" if (run / "model" / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(str(run / "model" / name))
 
 
-def test_resume_is_exact(parts, tmp_path, monkeypatch):
-    """Stopped after epoch 1's checkpoint (dropout on: the RNG state counts), resumed: the same weights as one run."""
-    extra = ("--set", "method.schedule=entropy", "--set", "train.seed=3")
+@pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
+def test_resume_is_exact(parts, tmp_path, monkeypatch, lora):
+    """Stopped after epoch 1's checkpoint (dropout on: the RNG state counts), resumed: the same weights as one run
+    (with LoRA: the same adapters and head)."""
+    if lora:
+        pytest.importorskip("peft")
+    extra = ("--set", "method.schedule=entropy", "--set", "train.seed=3", "--set", f"model.lora.r={lora}")
     assert cli(parts, tmp_path / "whole", *extra, epochs=3) == 0
     from selfkd.integrations import finetune
 
@@ -76,7 +81,8 @@ def test_resume_is_exact(parts, tmp_path, monkeypatch):
     monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", begin)
     assert main(["finetune", "--resume", str(tmp_path / "cut")]) == 0
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("lora_" in k for k in a) == bool(lora)
 
     def metrics(run):
         drop = ("train_seconds", "epoch_seconds")
