@@ -8,11 +8,13 @@ The three-line use of DLB in any training loop::
         loss = dlb(model(x), y)
 """
 from .errors import ConfigError, DataError, SelfKDError, TrainingError
-from .methods import CE, DLB, available_methods, build_method
+from .methods import CE, DLB, Method, Params, StepOutput, available_methods, build_method, register_method
+from .models import available_models, build_model, register_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CE", "DLB", "available_methods", "build_method",
+    "CE", "DLB", "Method", "Params", "StepOutput", "available_methods", "build_method", "register_method",
+    "available_models", "build_model", "register_model",
     "SelfKDError", "ConfigError", "DataError", "TrainingError", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``selfkd train | finetune | sweep | report | demo | methods | models | presets``.
+"""Command line: ``selfkd train | finetune | sweep | report | export | demo | methods | models | presets``.
 
 Errors a user can fix print one line (``selfkd: error: ...``) and exit 2; ``--debug`` shows the
 traceback instead.
@@ -153,8 +153,29 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     return 0
 
 
+def recipes() -> dict[str, Any]:
+    """The sweep files shipped as package data (``selfkd/recipes/NAME.yaml``)."""
+    from importlib import resources
+
+    return {f.name[:-5]: f for f in resources.files("selfkd").joinpath("recipes").iterdir() if f.name.endswith(".yaml")}
+
+
+def _recipe(a: argparse.Namespace) -> None:
+    """``--recipe NAME``: the packaged file, its runs under ./runs/NAME unless --out."""
+    if (a.file is None) == (a.recipe is None):
+        raise ConfigError("sweep: give a SWEEP_FILE or --recipe NAME (one of them)")
+    if a.recipe is not None:
+        known = recipes()
+        if a.recipe not in known:
+            raise ConfigError(f"--recipe {a.recipe}: unknown; known: {', '.join(sorted(known))}")
+        a.file = str(known[a.recipe])
+        a.out = a.out or str(Path("runs") / a.recipe)
+
+
 def cmd_sweep(a: argparse.Namespace) -> int:
     from ..engine.sweep import run_sweep
+
+    _recipe(a)
 
     _threads(a)
     if a.jobs is not None and not a.plan:
@@ -172,6 +193,15 @@ def cmd_report(a: argparse.Namespace) -> int:
 
     build_report(a.dirs, out=a.out, baseline=a.baseline)
     print(Path(a.out or Path(a.dirs[0]) / "report") / "report.md")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_run
+
+    meta = export_run(a.run, a.format, a.out, weights=a.weights)
+    print(f"{a.out}: {a.format}, {meta['model']} ({meta['weights']} weights, epoch {meta['epoch']}), "
+          f"{meta['num_classes']} classes, {meta['in_channels']}x{meta['image_size']}x{meta['image_size']} input")
     return 0
 
 
@@ -216,17 +246,22 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfkd", description="Self-knowledge distillation: DLB and its family.")
     p.add_argument("--version", action="version", version=f"selfkd {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module first (its @selfkd.register_model / register_method run); repeatable")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    imports = argparse.ArgumentParser(add_help=False)  # also accepted before the command
+    imports.add_argument("--import", dest="imports", action="append", default=argparse.SUPPRESS, metavar="MODULE",
+                         help="import a module first (its @selfkd.register_model / register_method run); repeatable")
     threads = argparse.ArgumentParser(add_help=False)
     threads.add_argument("--threads", type=int, metavar="N",
                          help="CPU threads per process (default: torch's choice, usually one per core)")
-    t = sub.add_parser("train", help="train one run", parents=[common, threads])
+    t = sub.add_parser("train", help="train one run", parents=[common, threads, imports])
     _train_args(t)
     t.set_defaults(func=cmd_train)
     f = sub.add_parser("finetune", help="fine-tune a local Hugging Face model on labelled text (pip install selfkd[hf])",
-                       parents=[common, threads])
+                       parents=[common, threads, imports])
     f.add_argument("--config", metavar="FILE", help="YAML config (sections: data, model, method, optim, train)")
     f.add_argument("--data", metavar="PATH", help="a folder of class folders of .txt files, or a .csv/.tsv/.jsonl file")
     f.add_argument("--model", metavar="DIR", help="a local Hugging Face model folder (with its tokenizer)")
@@ -242,8 +277,10 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch's checkpoint")
     f.set_defaults(func=cmd_finetune)
     w = sub.add_parser("sweep", help="run a grid of configs from a sweep file (skips finished runs, resumes the rest)",
-                       parents=[common, threads])
-    w.add_argument("file", metavar="SWEEP_FILE", help="YAML: out, preset, base, grid, variants")
+                       parents=[common, threads, imports])
+    w.add_argument("file", metavar="SWEEP_FILE", nargs="?", help="YAML: out, preset, base, grid, variants, import")
+    w.add_argument("--recipe", metavar="NAME", help="a sweep shipped with selfkd instead of a file: "
+                   + ", ".join(sorted(recipes())) + " (runs in ./runs/NAME unless --out)")
     w.add_argument("--plan", action="store_true", help="list the runs and their status; run nothing, write nothing")
     w.add_argument("--out", metavar="DIR", help="root of the run directories (default: the file's `out`, "
                                                 "relative to the file's folder)")
@@ -263,10 +300,17 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
-    m = sub.add_parser("methods", help="list methods, their hyper-parameters and formulas")
+    e = sub.add_parser("export", help="write a run's weights for deployment (safetensors or TorchScript)",
+                       parents=[common, imports])
+    e.add_argument("run", metavar="RUN_DIR")
+    e.add_argument("--format", required=True, choices=["safetensors", "torchscript"])
+    e.add_argument("--out", required=True, metavar="FILE", help="a new file")
+    e.add_argument("--weights", choices=["best", "last"], default="best", help="best epoch (default) or last checkpoint")
+    e.set_defaults(func=cmd_export)
+    m = sub.add_parser("methods", help="list methods, their hyper-parameters and formulas", parents=[imports])
     m.add_argument("names", nargs="*")
     m.set_defaults(func=cmd_methods)
-    sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
+    sub.add_parser("models", help="list model names", parents=[imports]).set_defaults(func=cmd_models)
     sub.add_parser("presets", help="list named recipes").set_defaults(func=cmd_presets)
     return p
 
@@ -274,6 +318,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.imports:
+            from ..plugins import import_modules
+
+            import_modules(args.imports)
         return args.func(args)
     except SelfKDError as err:
         if args.debug:

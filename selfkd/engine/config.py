@@ -114,6 +114,10 @@ class TrainCfg(Section):
     compile: bool = False
     eval_batch_size: int = Field(500, ge=1)
     log_every: int = Field(20, ge=1, description="steps between progress updates and non-finite checks")
+    log: Literal["auto", "csv", "tensorboard"] = Field(
+        "auto", description="RUN/metrics.csv is always written; tensorboard: also RUN/tb event files (needs "
+        "selfkd[tensorboard]); auto: those when tensorboard is installed",
+    )
 
 
 class Config(Section):

@@ -10,6 +10,7 @@ A sweep file::
     grid:                          # axes: dotted config key -> list of values; the runs are the product
       data.noise.rate: [0.0, 0.4]
       train.seed: [0, 1, 2]
+    import: [my_pkg.my_models]     # optional: modules to import first (user models and methods)
     variants:                      # optional named axes whose values set several keys at once
       method:
         - {method.name: ce}
@@ -73,7 +74,7 @@ FAILED = "failed.json"
 LOCK = ".lock"
 RUNS = "runs.json"
 SPEC = "sweep.yaml"
-TOP_KEYS = ("out", "preset", "base", "grid", "variants")
+TOP_KEYS = ("out", "preset", "base", "grid", "variants", "import")
 SEED_KEY = "train.seed"
 _SAFE = re.compile(r"[^A-Za-z0-9._,+=-]")
 _MAX_LABEL = 48
@@ -319,6 +320,12 @@ def plan(path: str | Path, out: str | Path | None = None) -> Sweep:
     unknown = [k for k in spec if k not in TOP_KEYS]
     if unknown:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}'; known: {', '.join(TOP_KEYS)}")
+    modules = spec.get("import", [])
+    if not isinstance(modules, list):
+        raise ConfigError(f"{where}: import: expected a list of module names (got {modules!r})")
+    from ..plugins import import_modules
+
+    import_modules(modules, f"{where}: import:")  # user models/methods, before any config is resolved
     if out is not None:
         root = Path(out)
     else:

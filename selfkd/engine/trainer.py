@@ -14,7 +14,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +31,8 @@ from ..methods import Batch, Method, build_method, method_class
 from ..models import build_model
 from . import checkpoint as ckpt
 from .config import Config, MethodCfg, save_yaml
+from .logs import CSV, RunLogs, write_csv
+from .logs import check as check_logs
 from .metrics import classification_metrics, reliability
 from .progress import Progress
 from .schedule import lr_lambda
@@ -41,6 +43,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 LABEL_NOISE = "label_noise.json"
+DATA_INFO = "data.json"  # class names and preprocessing, for `selfkd export`
 FORMAT = 1
 TIMING_KEYS = ("epoch_seconds", "train_seconds", "images_per_s", "samples_per_s", "peak_mem_mb")
 
@@ -70,6 +73,7 @@ class Setup:
     method: Method
     channels_last: bool
     amp_dtype: torch.dtype | None
+    data_info: dict[str, Any] = field(default_factory=dict)  # classes, mean, std, image size (DATA_INFO)
 
 
 def build(cfg: Config) -> Setup:
@@ -105,6 +109,7 @@ def build(cfg: Config) -> Setup:
     if aug.cutout:
         policies.append(build_policy("cutout", size=aug.cutout, fill=fill))
     mixer = build_mixer(aug.mix, alpha=aug.mix_alpha, prob=aug.mix_prob) if aug.mix != "none" else None
+    check_logs(cfg.train.log)
     torch.manual_seed(cfg.train.seed)  # model init is part of the seeded run
     model = build_model(cfg.model.name, num_classes=bundle.num_classes, in_channels=bundle.channels)
     method = build_method(cfg.method.name, **cfg.method.params())
@@ -118,8 +123,11 @@ def build(cfg: Config) -> Setup:
     channels_last = cl == "on" or (cl == "auto" and bundle.image_size >= 16)
     amp = cfg.train.amp
     amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
+    info = {"dataset": bundle.name, "classes": list(bundle.classes), "num_classes": bundle.num_classes,
+            "in_channels": bundle.channels, "image_size": bundle.image_size, "mean": list(bundle.mean),
+            "std": list(bundle.std)}
     return Setup(cfg, device, train, test, clean, bundle.num_classes, augment, policies, mixer, model,
-                 method, channels_last, amp_dtype)
+                 method, channels_last, amp_dtype, info)
 
 
 def _rng_state(gens: dict[str, torch.Generator]) -> dict[str, Any]:
@@ -214,6 +222,7 @@ class Trainer:
         )
         self.noisy = bool((setup.train.labels != setup.clean_labels).any())
         self.history: list[dict[str, Any]] = []
+        self.logs = RunLogs(self.dir, "csv")  # run() opens the configured sinks
         self.epoch = 0
         self.global_step = 0
 
@@ -256,6 +265,7 @@ class Trainer:
         import json
 
         ckpt.write_text(self.dir / METRICS, "".join(json.dumps(h) + "\n" for h in self.history))
+        write_csv(self.dir / CSV, self.history)
 
     # -- the loop --------------------------------------------------------------------------------
     def _autocast(self):
@@ -281,6 +291,7 @@ class Trainer:
         # sample twice per epoch, CS-KD its partners, DDGSD a second view
         images_per_epoch = len(s.train) * self.method.forwards_per_sample
         first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.logs.start_epoch()
         aug_gen = self.gens["augment"]
 
         def augment(raw: torch.Tensor) -> torch.Tensor:
@@ -315,7 +326,9 @@ class Trainer:
             if steps % self.cfg.train.log_every == 0 or steps == self.steps_per_epoch:
                 self._check_finite(first_bad)
                 done = images_per_epoch * steps / self.steps_per_epoch
-                bar.update(steps, float(sums["loss"] / counts["loss"]), done / (time.perf_counter() - t0))
+                rate = done / (time.perf_counter() - t0)
+                bar.update(steps, float(sums["loss"] / counts["loss"]), rate)
+                self.logs.step(self.global_step, sums, counts, self.opt.param_groups[0]["lr"], rate)
         self._check_finite(first_bad)
         seconds = time.perf_counter() - t0
         out_m = {f"train_{k}": float(v / counts[k]) for k, v in sums.items()}
@@ -383,12 +396,14 @@ class Trainer:
             self.log(f"resumed {self.dir} at epoch {self.epoch}/{self.cfg.train.epochs}")
         else:
             ckpt.write_text(self.dir / CONFIG, save_yaml(self.cfg))
+            ckpt.write_json(self.dir / DATA_INFO, self.s.data_info)
             if self.noisy:
                 self._write_label_noise()
             self._write_metrics()
         total = self.cfg.train.epochs
         wall0 = time.perf_counter()
-        with Progress(total_steps=self.steps_per_epoch, enabled=self.progress, log=self.log) as bar:
+        self.logs = RunLogs(self.dir, self.cfg.train.log, purge_step=self.global_step + 1 if self.global_step else None)
+        with self.logs, Progress(total_steps=self.steps_per_epoch, enabled=self.progress, log=self.log) as bar:
             while self.epoch < total:
                 t0 = time.perf_counter()
                 bar.start_epoch(self.epoch + 1, total)
@@ -401,6 +416,7 @@ class Trainer:
                 self.epoch += 1
                 self.history.append(m)
                 best = max(h["test_acc"] for h in self.history)
+                self.logs.epoch(self.global_step, m)
                 if m["test_acc"] >= best:
                     ckpt.save(self.dir / BEST, {"epoch": self.epoch, "model": self.model.state_dict()})
                 ckpt.save(self.dir / CHECKPOINT, self._state())

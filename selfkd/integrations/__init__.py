@@ -9,15 +9,6 @@ Nothing here is imported by ``import selfkd``.
 """
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from ..plugins import require
 
-from ..errors import ConfigError
-
-
-def require(module: str, extra: str) -> ModuleType:
-    """Import ``module`` or raise one line naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ConfigError(f"{module} is not installed ({err.msg}); install it with: pip install selfkd[{extra}]") from None
+__all__ = ["require"]

@@ -1,0 +1,76 @@
+"""``selfkd export RUN_DIR --format safetensors|torchscript --out FILE``: a run's weights for deployment.
+
+The file holds the best epoch's weights (``best.pt``; ``--weights last``: the last checkpoint's) and, as
+metadata, what inference needs: the model name, the class names in label order, and the
+preprocessing: ``image_size``, ``in_channels``, per-channel ``mean``/``std`` in [0, 1] units (inputs are
+``(x / 255 − mean) / std``, NCHW). Safetensors: the metadata is string-valued (lists as JSON); the
+model is rebuilt with ``selfkd.build_model(model, num_classes, in_channels)`` (then the method's
+``prepare_model`` for methods that wrap it, e.g. BYOT's exits). TorchScript: a traced eval-mode module mapping
+a normalised ``[N, C, H, W]`` batch to logits, the metadata in the extra file ``selfkd.json``.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+
+def _info(run: Path, cfg: Any) -> dict[str, Any]:
+    from ..engine.trainer import DATA_INFO, build
+
+    f = run / DATA_INFO
+    if f.is_file():
+        return json.loads(f.read_text())
+    return build(cfg).data_info  # a run from before data.json: load its data set once
+
+
+def export_run(run_dir: str, fmt: str, out: str, weights: str = "best") -> dict[str, Any]:
+    import torch
+
+    from ..engine import checkpoint as ckpt
+    from ..engine import config as C
+    from ..engine.trainer import BEST, CHECKPOINT, CONFIG
+    from ..methods import build_method
+    from ..models import build_model
+
+    run, dest = Path(run_dir), Path(out)
+    if not (run / CONFIG).is_file():
+        raise ConfigError(f"export {run}: no {CONFIG} there (not a run directory)")
+    if dest.exists():
+        raise ConfigError(f"export --out {dest}: already exists; choose another file")
+    src = run / (BEST if weights == "best" else CHECKPOINT)
+    if not src.is_file():
+        raise ConfigError(f"export {run}: no {src.name} yet (the run has not finished an epoch)")
+    if fmt == "safetensors":
+        from ..plugins import require
+
+        require("safetensors", "export")
+    cfg = C.build_config(C.load_yaml(run / CONFIG), source=str(run / CONFIG))
+    info = _info(run, cfg)
+    state = ckpt.load(src)
+    model = build_model(cfg.model.name, num_classes=info["num_classes"], in_channels=info["in_channels"])
+    if set(state["model"]) != set(model.state_dict()):  # the method wrapped the model (BYOT's exits)
+        model = build_method(cfg.method.name, **cfg.method.params()).prepare_model(model)
+    model.load_state_dict(state["model"])
+    model.eval()
+    meta = {"model": cfg.model.name, "method": cfg.method.name, "weights": weights, "epoch": int(state["epoch"]),
+            "dataset": info["dataset"], "classes": info["classes"], "num_classes": info["num_classes"],
+            "in_channels": info["in_channels"], "image_size": info["image_size"], "mean": info["mean"],
+            "std": info["std"], "input": "(x / 255 - mean) / std, NCHW float32"}
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        data = save(tensors, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    else:
+        x = torch.zeros(1, info["in_channels"], info["image_size"], info["image_size"])
+        with torch.no_grad():
+            traced = torch.jit.trace(model, x, check_trace=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf, _extra_files={"selfkd.json": json.dumps(meta)})
+        data = buf.getvalue()
+    ckpt.write_bytes(dest, data)
+    return meta

@@ -1,0 +1,148 @@
+"""User code: register_model / register_method, --import, sweep `import:`, entry points, timm: names, and the
+README's "Adding a method" example (built and trained here, so the README stays true)."""
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import selfkd
+from selfkd.cli import main
+from selfkd.errors import ConfigError
+from selfkd.methods import registry
+from selfkd import models
+
+from handmath import hand_ce, softmax
+
+ROOT = Path(__file__).parents[1]
+EXAMPLE = ROOT / "examples" / "confidence_penalty.py"
+BASE = ["--data", "digits", "--model", "cnn_small", "--seed", "0", "--no-progress", "--set", "data.subset=200",
+        "--set", "data.test_subset=100"]
+
+
+@pytest.fixture(autouse=True)
+def clean_registries(monkeypatch):
+    """Each test sees the built-in registries and imports user modules afresh."""
+    monkeypatch.setattr(models, "_MODELS", dict(models._MODELS))
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    before = set(sys.modules)
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    yield
+    for name in set(sys.modules) - before:
+        if name in ("confidence_penalty", "user_net", "raising_mod", "ep_pkg"):
+            del sys.modules[name]
+
+
+def test_register_model_builds_and_guards_names():
+    @selfkd.register_model("tiny_mlp")
+    def tiny(num_classes, in_channels):
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    m = selfkd.build_model("tiny_mlp", num_classes=4, in_channels=1)
+    assert m(torch.zeros(2, 1, 8, 8)).shape == (2, 4) and "tiny_mlp" in selfkd.available_models()
+    with pytest.raises(ConfigError, match="'resnet8' is a built-in model; pass allow_override=True"):
+        selfkd.register_model("resnet8")(tiny)
+    with pytest.raises(ConfigError, match="'tiny_mlp' is already registered"):
+        selfkd.register_model("tiny_mlp")(lambda k, c: nn.Identity())
+    selfkd.register_model("resnet8", allow_override=True)(tiny)
+    assert isinstance(selfkd.build_model("resnet8", 10, 1), nn.Sequential)
+    with pytest.raises(ConfigError, match="invalid model name"):
+        selfkd.register_model("timm:x")
+
+
+def test_register_method_guards_names():
+    class Mine(selfkd.Method):
+        name = "dlb"
+
+    with pytest.raises(ConfigError, match="'dlb' is a built-in method; pass allow_override=True"):
+        selfkd.register_method(Mine)
+    assert selfkd.register_method(allow_override=True)(Mine) is Mine
+    assert registry.method_class("dlb") is Mine
+    with pytest.raises(ConfigError, match="expected a subclass of selfkd.Method"):
+        selfkd.register_method(object)
+    with pytest.raises(ConfigError, match="has no name"):
+        selfkd.register_method(type("Nameless", (selfkd.Method,), {}))
+
+
+def test_timm_names_parse_and_missing_timm_names_the_extra():
+    with pytest.raises(ConfigError, match=r"expected timm:ARCH"):
+        selfkd.build_model("timm:", 10)
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"^timm is not installed .*pip install selfkd\[timm\]$"):
+            selfkd.build_model("timm:resnet18", 10)
+    else:  # pragma: no cover - timm does not import beside the CPU torch used here
+        assert selfkd.build_model("timm:resnet18", 10)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_entry_points_find_an_installed_package(tmp_path, monkeypatch):
+    """A real distribution on sys.path (dist-info with entry_points.txt), found through importlib.metadata."""
+    (tmp_path / "ep_pkg.py").write_text(textwrap.dedent("""
+        import selfkd
+        from torch import nn
+        def net(num_classes, in_channels):
+            return nn.Linear(in_channels, num_classes)
+        class Half(selfkd.Method):
+            name = "half-ce"
+            def loss(self, logits, target, index=None):
+                from selfkd.methods.losses import cross_entropy
+                ce = cross_entropy(logits, target)
+                return selfkd.StepOutput(0.5 * ce, {"ce": ce.detach()}, logits, target)
+    """))
+    info = tmp_path / "ep_pkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-pkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[selfkd.models]\nep_net = ep_pkg:net\n\n[selfkd.methods]\nhalf-ce = ep_pkg:Half\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert selfkd.build_model("ep_net", 3, 5).out_features == 3
+    m = selfkd.build_method("half-ce")
+    z, y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    assert m(z, y).item() == pytest.approx(0.5 * hand_ce([1.0, 0.0], 0), rel=1e-6)
+    assert "half-ce" in selfkd.available_methods() and "ep_net" in selfkd.available_models()
+
+
+def test_cli_import_errors_are_one_line(tmp_path, capsys):
+    assert main(["--import", "no_such_pkg.mod", "models"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "selfkd: error: --import no_such_pkg.mod: module not found (No module named 'no_such_pkg')"
+    (tmp_path / "raising_mod.py").write_text("raise RuntimeError('boom at import')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["models", "--import", "raising_mod"]) == 2
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert capsys.readouterr().err.strip() == ("selfkd: error: --import raising_mod: importing it raised RuntimeError: "
+                                                "boom at import")
+
+
+def test_readme_adding_a_method_example_is_the_file_and_trains(tmp_path, capsys):
+    readme = (ROOT / "README.md").read_text()
+    assert EXAMPLE.read_text().strip() in readme  # the README shows this very file
+    # the test the README suggests: the loss against hand computation
+    assert main(["--import", "confidence_penalty", "methods", "cpen"]) == 0
+    assert "cpen: CE(z, y) − β·H(softmax(z))" in capsys.readouterr().out
+    m = selfkd.build_method("cpen", beta=0.5)
+    z, y = [0.5, -1.0, 2.0], 1
+    p = softmax(z)
+    want = hand_ce(z, y) - 0.5 * -sum(pi * math.log(pi) for pi in p)
+    assert m(torch.tensor([z]), torch.tensor([y])).item() == pytest.approx(want, rel=1e-6)
+    # and the CLI trains with it
+    run = tmp_path / "run"
+    assert main(["train", "--import", "confidence_penalty", *BASE, "--method", "cpen", "--epochs", "1",
+                 "--out", str(run)]) == 0
+    assert (run / "summary.json").is_file()
+
+
+def test_sweep_file_import_list(tmp_path, capsys):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("out: runs\nimport: [confidence_penalty]\nbase: {data: {name: digits}, model: {name: cnn_small}}\n"
+                     "grid: {method.name: [ce, cpen]}\n")
+    assert main(["sweep", str(sweep), "--plan"]) == 0
+    assert "method.name=cpen" in capsys.readouterr().out
+    sweep.write_text("out: runs\nimport: [nope_mod]\nbase: {method: {name: ce}}\n")
+    assert main(["sweep", str(sweep), "--plan"]) == 2
+    assert "import: nope_mod: module not found" in capsys.readouterr().err
