@@ -43,6 +43,11 @@ def _flags(a: argparse.Namespace) -> dict[str, Any]:
         "seed": ("train", "seed"), "batch_size": ("optim", "batch_size"), "lr": ("optim", "lr"),
         "device": ("train", "device"), "compile": ("train", "compile"),
     }
+    return _flag_tree(a, table)
+
+
+def _flag_tree(a: argparse.Namespace, table: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """The flags that were given, as a config layer: ``{section: {key: value}}``."""
     out: dict[str, Any] = {}
     for attr, (section, key) in table.items():
         value = getattr(a, attr)
@@ -102,17 +107,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def _finetune_flags(a: argparse.Namespace) -> dict[str, Any]:
-    table = {
+    return _flag_tree(a, {
         "data": ("data", "path"), "model": ("model", "path"), "method": ("method", "name"),
         "epochs": ("train", "epochs"), "seed": ("train", "seed"), "batch_size": ("optim", "batch_size"),
         "lr": ("optim", "lr"), "device": ("train", "device"),
-    }
-    out: dict[str, Any] = {}
-    for attr, (section, key) in table.items():
-        value = getattr(a, attr)
-        if value is not None:
-            out.setdefault(section, {})[key] = value
-    return out
+    })
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
