@@ -139,19 +139,31 @@ def report(a: argparse.Namespace, results: dict, argv: list[str] | None) -> str:
                   f"{first.get('train_docs')} training / {first.get('test_docs')} test documents, "
                   f"max_length {first.get('max_length')} tokens ({first.get('truncated_train')} training documents "
                   "truncated).", "",
-                  "| arm | acc % | macro-F1 % | ECE | NLL | fwd passes/doc | seconds/run | Δacc vs ce (paired) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        base = {s["seed"]: s for s in arms.get("ce", [])}
+                  "| arm | acc % | macro-F1 % | ECE | NLL | fwd passes/doc | seconds/run | Δacc vs ce | Δacc vs ce2x |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        paired = {b: {s["seed"]: s for s in arms.get(b, [])} for b in ("ce", "ce2x")}
+
+        def delta(arm: str, runs: list[dict], b: str) -> list[float]:
+            return [s["last_acc"] - paired[b][s["seed"]]["last_acc"] for s in runs if s["seed"] in paired[b] and arm != b]
+
+        flat: list[str] = []
         for arm, runs in arms.items():
-            diffs = [s["last_acc"] - base[s["seed"]]["last_acc"] for s in runs if s["seed"] in base and arm != "ce"]
+            diffs, diffs2 = delta(arm, runs, "ce"), delta(arm, runs, "ce2x")
+            if arm.startswith("dlb"):
+                for b, d in (("ce", diffs), ("ce2x", diffs2)):
+                    if d and statistics.mean(d) <= 0:
+                        flat.append(f"`{arm}` vs `{b}`: {statistics.mean(d):+.2f} points")
             lines.append(
                 f"| `{arm}` | {cell([s['last_acc'] for s in runs], '{:.2f}')} | "
                 f"{cell([s['macro_f1'] for s in runs], '{:.2f}')} | {cell([s['ece'] for s in runs], '{:.4f}')} | "
                 f"{cell([s['nll'] for s in runs], '{:.4f}')} | "
                 f"{cell([s['forwards_per_sample'] * s['epochs'] for s in runs], '{:.0f}')} | "
                 f"{cell([s['seconds'] for s in runs], '{:.0f}')} | "
-                f"{cell(diffs, '{:+.2f}') if diffs else '–'} |")
-        lines.append("")
+                f"{cell(diffs, '{:+.2f}') if diffs else '–'} | {cell(diffs2, '{:+.2f}') if diffs2 else '–'} |")
+        lines += ["", "Δ: last-epoch accuracy minus the baseline's, paired by seed (mean ± std). `ce2x` has DLB's "
+                  "forward passes (equal compute).", "",
+                  "Where DLB does not help (paired mean Δ ≤ 0): " + ("; ".join(flat) if flat else "nowhere in this table") + ".",
+                  ""]
     return "\n".join(lines) + "\n"
 
 
