@@ -122,6 +122,10 @@ def test_out_holding_a_run_is_refused(parts, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "run")]) == 2
     assert "a finetune run; resume it with selfkd finetune --resume" in capsys.readouterr().err
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "config.yaml").write_text("data: {name: digits}\n")
+    assert main(["finetune", "--resume", str(tmp_path / "img")]) == 2
+    assert "a train run; resume it with selfkd train --resume" in capsys.readouterr().err
 
 
 def test_lora_trains_adapters_only_and_dlb_caches_the_adapted_logits(parts, tmp_path):

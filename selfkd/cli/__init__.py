@@ -22,18 +22,23 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="where the data set lives (or a .tar.gz for imagefolder)")
     p.add_argument("--download", action="store_true", default=None, help="fetch CIFAR from its canonical address (md5-checked)")
     p.add_argument("--model", metavar="NAME", help="see `selfkd models`")
-    p.add_argument("--method", metavar="NAME", help="see `selfkd methods`")
+    _run_args(p, "see `selfkd methods`", "method.temperature=4")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last checkpoint left off")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+
+
+def _run_args(p: argparse.ArgumentParser, method_help: str, example: str) -> None:
+    """The options ``train`` and ``finetune`` share."""
+    p.add_argument("--method", metavar="NAME", help=method_help)
     p.add_argument("--epochs", type=int, metavar="N")
     p.add_argument("--seed", type=int, metavar="S")
     p.add_argument("--batch-size", type=int, metavar="B", help="new samples per step")
     p.add_argument("--lr", type=float)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set method.temperature=4 (repeatable)")
+                   help=f"override any config key, e.g. --set {example} (repeatable)")
     p.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last checkpoint left off")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
 
 
 def _flags(a: argparse.Namespace) -> dict[str, Any]:
@@ -71,34 +76,55 @@ def _threads(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
 
 
-def cmd_train(a: argparse.Namespace) -> int:
+def _run_target(a: argparse.Namespace, given: list[str], command: str) -> tuple[Path, dict[str, Any] | None]:
+    """The run directory, and its saved config with ``--resume`` (None: a new run), after the checks
+    that keep a run directory safe: --resume takes nothing else, --out must not hold a run."""
     from ..engine import config as C
-    from ..engine.trainer import CONFIG, SUMMARY, train_run
+    from ..engine.trainer import CONFIG
 
-    _threads(a)
-    progress = False if a.no_progress else None
     if a.resume:
-        given = [k for k, v in _flags(a).items() if v] + (["--config"] if a.config else []) + \
-                (["--preset"] if a.preset else []) + (["--set"] if a.overrides else []) + (["--out"] if a.out else [])
+        given = given + [flag for flag, on in (("--config", a.config), ("--preset", getattr(a, "preset", None)),
+                                               ("--set", a.overrides), ("--out", a.out)) if on]
         if given:
             raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
         run = Path(a.resume)
         if not (run / CONFIG).is_file():
             raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
         raw = C.load_yaml(run / CONFIG)
-        if raw.get("kind") == "finetune":
-            raise ConfigError(f"--resume {run}: a finetune run; resume it with selfkd finetune --resume {run}")
+        kind = "finetune" if raw.get("kind") == "finetune" else "train"
+        if kind != command:
+            raise ConfigError(f"--resume {run}: a {kind} run; resume it with selfkd {kind} --resume {run}")
+        return run, raw
+    if not a.out:
+        raise ConfigError(f"{command}: --out RUN_DIR is required (or --resume RUN_DIR)")
+    run = Path(a.out)
+    if run.exists() and (not run.is_dir() or _is_run_dir(run)):
+        raise ConfigError(f"--out {run}: already holds a run; use --resume {run} or choose another directory")
+    return run, None
+
+
+def _finished(run: Path) -> bool:
+    from ..engine.trainer import SUMMARY
+
+    if (run / SUMMARY).exists():
+        print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+        return True
+    return False
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from ..engine import config as C
+    from ..engine.trainer import CONFIG, train_run
+
+    _threads(a)
+    progress = False if a.no_progress else None
+    run, raw = _run_target(a, [k for k, v in _flags(a).items() if v], "train")
+    if raw is not None:
         cfg = C.build_config(raw, source=str(run / CONFIG))
-        if (run / SUMMARY).exists():
-            print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+        if _finished(run):
             return 0
         summary = train_run(cfg, run, resume=True, progress=progress)
     else:
-        if not a.out:
-            raise ConfigError("train: --out RUN_DIR is required (or --resume RUN_DIR)")
-        run = Path(a.out)
-        if run.exists() and (not run.is_dir() or _is_run_dir(run)):
-            raise ConfigError(f"--out {run}: already holds a run; use --resume {run} or choose another directory")
         cfg = C.resolve(preset=a.preset, file=a.config, flags=_flags(a), overrides=a.overrides)
         summary = train_run(cfg, run, progress=progress)
     print(f"{run}: last acc {summary['last_acc']:.2f} | best acc {summary['best_acc']:.2f} (epoch {summary['best_epoch']})"
@@ -115,38 +141,20 @@ def _finetune_flags(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from ..engine import config as C
     from ..engine.finetune_config import build_finetune_config, resolve_finetune
-    from ..engine.trainer import CONFIG, SUMMARY
+    from ..engine.trainer import CONFIG
 
     _threads(a)
-    if a.resume:
-        given = list(_finetune_flags(a)) + (["--config"] if a.config else []) + (["--set"] if a.overrides else []) + \
-            (["--out"] if a.out else [])
-        if given:
-            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
-        run = Path(a.resume)
-        if not (run / CONFIG).is_file():
-            raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
-        raw = C.load_yaml(run / CONFIG)
-        if raw.get("kind") != "finetune":
-            raise ConfigError(f"--resume {run}: not a finetune run (resume it with selfkd train --resume)")
+    run, raw = _run_target(a, list(_finetune_flags(a)), "finetune")
+    if raw is not None:
         cfg = build_finetune_config(raw, source=str(run / CONFIG))
-        if (run / SUMMARY).exists():
-            print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+        if _finished(run):
             return 0
-        resume = True
     else:
-        if not a.out:
-            raise ConfigError("finetune: --out RUN_DIR is required (or --resume RUN_DIR)")
-        run = Path(a.out)
-        if run.exists() and (not run.is_dir() or _is_run_dir(run)):
-            raise ConfigError(f"--out {run}: already holds a run; use --resume {run} or choose another directory")
         cfg = resolve_finetune(file=a.config, flags=_finetune_flags(a), overrides=a.overrides)
-        resume = False
     from ..integrations.finetune import finetune_run  # transformers: imported only for this command
 
-    s = finetune_run(cfg, run, resume=resume)
+    s = finetune_run(cfg, run, resume=raw is not None)
     print(f"{run}: last acc {s['last_acc']:.2f} | best acc {s['best_acc']:.2f} (epoch {s['best_epoch']}) | macro-F1 "
           f"{s['macro_f1']:.2f} | ece {s['ece']:.4f} | nll {s['nll']:.4f} | {s['seconds']:.1f}s")
     return 0
@@ -264,15 +272,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--config", metavar="FILE", help="YAML config (sections: data, model, method, optim, train)")
     f.add_argument("--data", metavar="PATH", help="a folder of class folders of .txt files, or a .csv/.tsv/.jsonl file")
     f.add_argument("--model", metavar="DIR", help="a local Hugging Face model folder (with its tokenizer)")
-    f.add_argument("--method", metavar="NAME", help="ce, ls, dlb, ... (methods computed from the logits)")
-    f.add_argument("--epochs", type=int, metavar="N")
-    f.add_argument("--seed", type=int, metavar="S")
-    f.add_argument("--batch-size", type=int, metavar="B", help="new samples per step")
-    f.add_argument("--lr", type=float)
-    f.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set method.schedule=entropy (repeatable)")
-    f.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
+    _run_args(f, "ce, ls, dlb, ... (methods computed from the logits)", "method.schedule=entropy")
     f.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch's checkpoint")
     f.set_defaults(func=cmd_finetune)
     w = sub.add_parser("sweep", help="run a grid of configs from a sweep file (skips finished runs, resumes the rest)",

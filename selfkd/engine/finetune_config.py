@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from ..errors import ConfigError
 from ..methods import method_class
-from ..methods.base import format_validation_error
-from .config import MethodCfg, Section, _merge, load_yaml, parse_override
+from .config import MethodCfg, Section, build_config, resolve
 
 KIND = "finetune"
 
@@ -92,25 +91,12 @@ class FinetuneConfig(Section):
 
 
 def build_finetune_config(*layers: dict[str, Any], source: str = "config") -> FinetuneConfig:
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        merged = _merge(merged, layer, "")
-    try:
-        return FinetuneConfig.model_validate(merged)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(source, err)) from None
+    return build_config(*layers, source=source, schema=FinetuneConfig)
 
 
 def resolve_finetune(file: str | None = None, flags: dict[str, Any] | None = None,
                      overrides: list[str] | None = None) -> FinetuneConfig:
-    layers: list[dict[str, Any]] = []
-    if file is not None:
-        layers.append(load_yaml(file))
-    if flags:
-        layers.append(flags)
-    for item in overrides or []:
-        layers.append(parse_override(item))
-    cfg = build_finetune_config(*layers)
+    cfg = resolve(file=file, flags=flags, overrides=overrides, schema=FinetuneConfig)
     for key, value in (("data.path", cfg.data.path), ("model.path", cfg.model.path)):
         if not value:
             raise ConfigError(f"{key} is required (flag {'--data' if key == 'data.path' else '--model'} or --set {key}=...)")
