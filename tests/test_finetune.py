@@ -34,7 +34,7 @@ def cli(parts, out, *extra, method="dlb", epochs=2):
 def test_dlb_run_directory_summary_and_report(parts, tmp_path, capsys):
     assert cli(parts, tmp_path / "runs" / "dlb", "--set", "method.schedule=confidence") == 0
     run = tmp_path / "runs" / "dlb"
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "data.json", "metrics.jsonl", "summary.json", "model"}
+    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "summary.json", "model"}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     s = json.loads((run / "summary.json").read_text())
@@ -120,6 +120,11 @@ def test_out_holding_a_run_is_refused(parts, tmp_path, capsys):
     (tmp_path / "run" / "config.yaml").write_text("kind: finetune\n")
     assert cli(parts, tmp_path / "run", epochs=1) == 2
     assert "already holds a run" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert cli(parts, tmp_path / "other", epochs=1) == 2
+    assert "folder is not empty (notes.txt)" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
     assert main(["train", "--resume", str(tmp_path / "run")]) == 2
     assert "a finetune run; resume it with selfkd finetune --resume" in capsys.readouterr().err
     (tmp_path / "img").mkdir()

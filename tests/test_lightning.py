@@ -69,6 +69,9 @@ def test_ddp_two_ranks_dlb_and_pskd(tmp_path):
         for epoch in (slice(0, 3), slice(3, 6)):  # Lightning's DistributedSampler: disjoint shards per epoch
             shards = [set(new_rows(res["full_seen"], method)[epoch].flatten().tolist()) for res in ranks]
             assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 96
+        if method == "pskd":  # on_epoch_end: one memory on every rank, a prediction for every sample
+            same_state(ranks[0]["full_state"], ranks[1]["full_state"])
+            assert torch.all(ranks[0]["full_state"]["memory"].float().sum(1) > 0.99)
         if method == "dlb":
             for res in ranks:
                 check_dlb_batches(res["full_seen"], 16)

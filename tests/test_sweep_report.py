@@ -167,10 +167,23 @@ def test_interrupt_stops_the_sweep_and_the_run_starts_again_next_time(tmp_path):
     assert (result["skipped"], result["finished"], result["failed"]) == (1, 1, 0)
 
 
+def _hold_lock(run):
+    """A second process that takes the run's flock and keeps it until killed."""
+    import subprocess
+    import sys
+
+    run.mkdir(parents=True, exist_ok=True)
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
 def test_a_run_claimed_by_another_process_is_passed_over_and_shown_running(tmp_path):
     path = write_sweep(tmp_path / "s", grid={"method.name": ["ce", "ls"]})
     runs = tmp_path / "s" / "runs"
-    held = sweep_mod._claim(runs / "method.name=ce")  # another open file description: flock conflicts
+    held = _hold_lock(runs / "method.name=ce")  # another process holds the run's flock
     try:
         lines: list[str] = []
         result = run_sweep(path, progress=False, log=lines.append)
@@ -180,9 +193,10 @@ def test_a_run_claimed_by_another_process_is_passed_over_and_shown_running(tmp_p
         assert (runs / "method.name=ls" / "summary.json").exists()
         assert any("method.name=ce: running in another process" in m for m in lines)
         assert json.loads((runs / "runs.json").read_text())["runs"]["method.name=ce"]["status"] == "running"
-        assert sweep_mod._claim(runs / "method.name=ce") is None
+        assert not sweep_mod._claim(runs / "method.name=ce")
     finally:
-        sweep_mod.os.close(held)
+        held.kill()
+        held.wait()
     result = run_sweep(path, progress=False, log=lambda m: None)  # the lock is gone: the run is trained now
     assert (result["finished"], result["elsewhere"], result["skipped"]) == (1, 0, 1)
     assert json.loads((runs / "runs.json").read_text())["runs"]["method.name=ce"]["status"] == "finished"
@@ -267,7 +281,8 @@ def test_a_bad_sweep_fails_before_anything_runs_and_writes_nothing(tmp_path, cha
 
 def test_only_plan_lists_the_runs_and_writes_nothing(tmp_path):
     path = write_sweep(tmp_path / "s", preset="cpu-short",
-                       base={**BASE, "train": {"epochs": 2, "device": "cpu"}, "optim.lr": 0.02},  # dotted keys too
+                       base={**BASE, "train": {"epochs": 2, "device": "cpu"}, "optim.lr": 0.02,  # dotted keys too
+                             "data.noise.kind": "symmetric"},  # a rate without a kind is an error (issue 8)
                        grid={"data.noise.rate": [0.0, 0.4], "train.seed": [3]},
                        variants={"method": [{"method.name": "ce"}, {"method.name": "dlb", "method.temperature": 4}]})
     lines: list[str] = []

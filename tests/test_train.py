@@ -164,10 +164,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle
 def test_existing_run_is_never_overwritten(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *BASE, "--epochs", "1", "--out", str(run)]) == 0
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}  # tb/ included
     code, _, err = _run_cli(["train", *BASE, "--epochs", "1", "--out", str(run)], capsys)
     assert code == 2 and "already holds a run" in err
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     code, out, _ = _run_cli(["train", "--resume", str(run)], capsys)
     assert code == 0 and "already finished" in out
     code, _, err = _run_cli(["train", "--resume", str(run), "--epochs", "3"], capsys)

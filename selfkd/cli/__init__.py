@@ -22,139 +22,243 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="where the data set lives (or a .tar.gz for imagefolder)")
     p.add_argument("--download", action="store_true", default=None, help="fetch CIFAR from its canonical address (md5-checked)")
     p.add_argument("--model", metavar="NAME", help="see `selfkd models`")
-    _run_args(p, "see `selfkd methods`", "method.temperature=4")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last checkpoint left off")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
-
-
-def _run_args(p: argparse.ArgumentParser, method_help: str, example: str) -> None:
-    """The options ``train`` and ``finetune`` share."""
-    p.add_argument("--method", metavar="NAME", help=method_help)
+    p.add_argument("--method", metavar="NAME", help="see `selfkd methods`")
     p.add_argument("--epochs", type=int, metavar="N")
     p.add_argument("--seed", type=int, metavar="S")
-    p.add_argument("--batch-size", type=int, metavar="B", help="new samples per step")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="new samples per step, per rank under torchrun / --nproc (global batch = B x ranks)")
     p.add_argument("--lr", type=float)
+    p.add_argument("--image-size", type=int, metavar="PX", help="resize images to PX x PX (data.image_size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"override any config key, e.g. --set {example} (repeatable)")
+                   help="override any config key, e.g. --set method.temperature=4 (repeatable)")
     p.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last checkpoint left off")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (DistributedDataParallel: gloo on CPU, nccl on CUDA), "
+                   "as `torchrun --standalone --nproc_per_node=N -m selfkd train ...` does; only rank 0 writes")
 
 
-def _flags(a: argparse.Namespace) -> dict[str, Any]:
-    table = {
-        "data": ("data", "name"), "data_dir": ("data", "dir"), "download": ("data", "download"),
-        "model": ("model", "name"), "method": ("method", "name"), "epochs": ("train", "epochs"),
-        "seed": ("train", "seed"), "batch_size": ("optim", "batch_size"), "lr": ("optim", "lr"),
-        "device": ("train", "device"), "compile": ("train", "compile"),
-    }
-    return _flag_tree(a, table)
+# flag attribute -> (flag, config section, key); None: not a config key
+FLAGS: dict[str, tuple[str, str | None, str | None]] = {
+    "data": ("--data", "data", "name"), "data_dir": ("--data-dir", "data", "dir"),
+    "download": ("--download", "data", "download"), "image_size": ("--image-size", "data", "image_size"),
+    "model": ("--model", "model", "name"), "method": ("--method", "method", "name"),
+    "epochs": ("--epochs", "train", "epochs"), "seed": ("--seed", "train", "seed"),
+    "batch_size": ("--batch-size", "optim", "batch_size"), "lr": ("--lr", "optim", "lr"),
+    "device": ("--device", "train", "device"), "compile": ("--compile", "train", "compile"),
+    "config": ("--config", None, None), "preset": ("--preset", None, None), "overrides": ("--set", None, None),
+    "out": ("--out", None, None), "nproc": ("--nproc", None, None),
+}
 
 
-def _flag_tree(a: argparse.Namespace, table: dict[str, tuple[str, str]]) -> dict[str, Any]:
-    """The flags that were given, as a config layer: ``{section: {key: value}}``."""
+# the same for `selfkd finetune`
+FINETUNE_FLAGS: dict[str, tuple[str, str | None, str | None]] = {
+    "data": ("--data", "data", "path"), "model": ("--model", "model", "path"), "method": ("--method", "method", "name"),
+    "epochs": ("--epochs", "train", "epochs"), "seed": ("--seed", "train", "seed"),
+    "batch_size": ("--batch-size", "optim", "batch_size"), "lr": ("--lr", "optim", "lr"),
+    "device": ("--device", "train", "device"), "config": ("--config", None, None),
+    "overrides": ("--set", None, None), "out": ("--out", None, None),
+}
+
+
+def _flags(a: argparse.Namespace, table: dict[str, tuple[str, str | None, str | None]] = FLAGS) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for attr, (section, key) in table.items():
+    for attr, (_, section, key) in table.items():
         value = getattr(a, attr)
-        if value is not None:
+        if section is not None and value is not None:
             out.setdefault(section, {})[key] = value
     return out
 
 
-def _is_run_dir(path: Path) -> bool:
-    from ..engine.trainer import CHECKPOINT, CONFIG
-
-    return (path / CONFIG).exists() or (path / CHECKPOINT).exists()
-
-
-def _threads(a: argparse.Namespace) -> None:
-    if a.threads is not None:
-        if a.threads < 1:
-            raise ConfigError(f"--threads {a.threads}: expected a positive number of threads")
-        import torch
-
-        torch.set_num_threads(a.threads)
+def _given(a: argparse.Namespace, table: dict[str, tuple[str, str | None, str | None]] = FLAGS) -> list[str]:
+    """The flags given on the command line, as the user typed them."""
+    return [flag for attr, (flag, _, _) in table.items() if getattr(a, attr) not in (None, [], False)]
 
 
-def _run_target(a: argparse.Namespace, given: list[str], command: str) -> tuple[Path, dict[str, Any] | None]:
-    """The run directory, and its saved config with ``--resume`` (None: a new run), after the checks
-    that keep a run directory safe: --resume takes nothing else, --out must not hold a run."""
+def _saved_config(run: Path, command: str) -> dict[str, Any]:
+    """``--resume RUN``: the run's own config.yaml, written by ``command`` (train or finetune)."""
     from ..engine import config as C
     from ..engine.trainer import CONFIG
 
-    if a.resume:
-        given = given + [flag for flag, on in (("--config", a.config), ("--preset", getattr(a, "preset", None)),
-                                               ("--set", a.overrides), ("--out", a.out)) if on]
-        if given:
-            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
-        run = Path(a.resume)
-        if not (run / CONFIG).is_file():
-            raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
-        raw = C.load_yaml(run / CONFIG)
-        kind = "finetune" if raw.get("kind") == "finetune" else "train"
-        if kind != command:
-            raise ConfigError(f"--resume {run}: a {kind} run; resume it with selfkd {kind} --resume {run}")
-        return run, raw
-    if not a.out:
-        raise ConfigError(f"{command}: --out RUN_DIR is required (or --resume RUN_DIR)")
-    run = Path(a.out)
-    if run.exists() and (not run.is_dir() or _is_run_dir(run)):
-        raise ConfigError(f"--out {run}: already holds a run; use --resume {run} or choose another directory")
-    return run, None
+    if not (run / CONFIG).is_file():
+        raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
+    raw = C.load_yaml(run / CONFIG)
+    kind = "finetune" if raw.get("kind") == "finetune" else "train"
+    if kind != command:
+        raise ConfigError(f"--resume {run}: a {kind} run; resume it with selfkd {kind} --resume {run}")
+    return raw
 
 
-def _finished(run: Path) -> bool:
-    from ..engine.trainer import SUMMARY
-
-    if (run / SUMMARY).exists():
-        print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
-        return True
-    return False
+def _check_threads(a: argparse.Namespace) -> None:
+    if a.threads is not None and a.threads < 1:
+        raise ConfigError(f"--threads {a.threads}: expected a positive number of threads")
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from ..engine import config as C
-    from ..engine.trainer import CONFIG, train_run
+    import os
 
-    _threads(a)
-    progress = False if a.no_progress else None
-    run, raw = _run_target(a, [k for k, v in _flags(a).items() if v], "train")
-    if raw is not None:
-        cfg = C.build_config(raw, source=str(run / CONFIG))
-        if _finished(run):
+    if a.nproc is not None:
+        return _launch(a)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # started by torchrun (or --nproc)
+        return _train_distributed(a)
+    return _train(a)
+
+
+def _launch(a: argparse.Namespace) -> int:
+    """``--nproc N``: N copies of this command, one per rank, with torchrun's environment (one node,
+    127.0.0.1, a free port). The first rank to fail stops the others; its exit status is returned."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    n = a.nproc
+    if n < 1:
+        raise ConfigError(f"--nproc {n}: expected a positive number of processes")
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--nproc: this process was started by torchrun already (WORLD_SIZE is set); drop --nproc")
+    argv = list(a.argv)
+    i = argv.index("--nproc") if "--nproc" in argv else next(k for k, v in enumerate(argv) if v.startswith("--nproc="))
+    del argv[i : i + (1 if argv[i].startswith("--nproc=") else 2)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    def die_with_parent() -> None:  # a killed launcher takes its ranks along (Linux)
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    procs = []
+    for r in range(n):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                   GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: one thread per rank unless told otherwise
+        procs.append(subprocess.Popen([sys.executable, "-m", "selfkd", *argv], env=env, preexec_fn=die_with_parent))
+    codes: list[int | None] = [None] * n
+    failed_at = None
+    try:
+        while any(c is None for c in codes):
+            for r, p in enumerate(procs):
+                if codes[r] is None:
+                    codes[r] = p.poll()
+                    if codes[r] not in (None, 0) and failed_at is None:
+                        failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > 10:  # the rest hang in a collective
+                for r, p in enumerate(procs):
+                    if codes[r] is None:
+                        p.kill()
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        return 130
+    bad = [c for c in codes if c]
+    return bad[0] if bad else 0
+
+
+def _train_distributed(a: argparse.Namespace) -> int:
+    """One rank of a torchrun run: the config is resolved on every rank, then the process group starts."""
+    from .. import distributed
+    from ..engine import config as C
+    from ..engine.trainer import CONFIG, SUMMARY, select_device
+
+    _check_threads(a)
+    if a.resume:
+        given = _given(a)
+        if given:
+            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
+        run = Path(a.resume)
+        cfg = C.build_config(_saved_config(run, "train"), source=str(run / CONFIG))
+        if (run / SUMMARY).exists():
+            if distributed.env_ranks()[0] == 0:
+                print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
             return 0
-        summary = train_run(cfg, run, resume=True, progress=progress)
     else:
+        if not a.out:
+            raise ConfigError("train: --out RUN_DIR is required (or --resume RUN_DIR)")
         cfg = C.resolve(preset=a.preset, file=a.config, flags=_flags(a), overrides=a.overrides)
-        summary = train_run(cfg, run, progress=progress)
+    device = select_device(cfg.train.device)
+    distributed.pick_backend(cfg.train.backend, device)  # NCCL without CUDA: one line, before any rendezvous
+    distributed.init(device, cfg.train.backend)
+    try:
+        return _train(a, cfg)
+    finally:
+        distributed.shutdown()
+
+
+def _train(a: argparse.Namespace, resolved: Any = None) -> int:
+    from .. import distributed
+    from ..engine import config as C
+    from ..engine import rundir
+    from ..engine.trainer import CONFIG, SUMMARY, train_run
+
+    _check_threads(a)
+    progress = False if a.no_progress else None
+    if a.resume:
+        given = _given(a)
+        if given:
+            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
+        run = Path(a.resume)
+        if resolved is None:
+            cfg = C.build_config(_saved_config(run, "train"), source=str(run / CONFIG))
+            if (run / SUMMARY).exists():
+                print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+                return 0
+        cfg = resolved if resolved is not None else cfg
+        summary = train_run(cfg, run, resume=True, progress=progress, threads=a.threads)
+    else:
+        if not a.out:
+            raise ConfigError("train: --out RUN_DIR is required (or --resume RUN_DIR)")
+        run = Path(a.out)
+        if resolved is None:  # one process: cheap checks first, a bad --out fails before the config is read
+            rundir.check_new(run)
+            rundir.check_writable(run)
+        cfg = resolved if resolved is not None else C.resolve(preset=a.preset, file=a.config, flags=_flags(a),
+                                                              overrides=a.overrides)
+        summary = train_run(cfg, run, progress=progress, threads=a.threads)
+    if not distributed.is_main():
+        return 0
     print(f"{run}: last acc {summary['last_acc']:.2f} | best acc {summary['best_acc']:.2f} (epoch {summary['best_epoch']})"
           f" | ece {summary['ece']:.4f} | nll {summary['nll']:.4f} | {summary['seconds']:.1f}s")
     return 0
 
 
-def _finetune_flags(a: argparse.Namespace) -> dict[str, Any]:
-    return _flag_tree(a, {
-        "data": ("data", "path"), "model": ("model", "path"), "method": ("method", "name"),
-        "epochs": ("train", "epochs"), "seed": ("train", "seed"), "batch_size": ("optim", "batch_size"),
-        "lr": ("optim", "lr"), "device": ("train", "device"),
-    })
-
-
 def cmd_finetune(a: argparse.Namespace) -> int:
     from ..engine.finetune_config import build_finetune_config, resolve_finetune
-    from ..engine.trainer import CONFIG
+    from ..engine.trainer import CONFIG, SUMMARY
 
-    _threads(a)
-    run, raw = _run_target(a, list(_finetune_flags(a)), "finetune")
-    if raw is not None:
-        cfg = build_finetune_config(raw, source=str(run / CONFIG))
-        if _finished(run):
+    _check_threads(a)
+    if a.resume:
+        given = _given(a, FINETUNE_FLAGS)
+        if given:
+            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
+        run = Path(a.resume)
+        cfg = build_finetune_config(_saved_config(run, "finetune"), source=str(run / CONFIG))
+        if (run / SUMMARY).exists():
+            print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
             return 0
     else:
-        cfg = resolve_finetune(file=a.config, flags=_finetune_flags(a), overrides=a.overrides)
+        if not a.out:
+            raise ConfigError("finetune: --out RUN_DIR is required (or --resume RUN_DIR)")
+        run = Path(a.out)
+        cfg = resolve_finetune(file=a.config, flags=_flags(a, FINETUNE_FLAGS), overrides=a.overrides)
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
     from ..integrations.finetune import finetune_run  # transformers: imported only for this command
 
-    s = finetune_run(cfg, run, resume=raw is not None)
+    s = finetune_run(cfg, run, resume=bool(a.resume))
     print(f"{run}: last acc {s['last_acc']:.2f} | best acc {s['best_acc']:.2f} (epoch {s['best_epoch']}) | macro-F1 "
           f"{s['macro_f1']:.2f} | ece {s['ece']:.4f} | nll {s['nll']:.4f} | {s['seconds']:.1f}s")
     return 0
@@ -183,15 +287,16 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from ..engine.sweep import run_sweep
 
     _recipe(a)
-
-    _threads(a)
+    _check_threads(a)
     if a.jobs is not None and not a.plan:
         from ..engine.sweep import run_jobs
 
         result = run_jobs(a.file, a.jobs, threads=a.threads, out=a.out)
         return 1 if result["failed"] else 0
+    if a.plan and a.threads is not None:
+        raise ConfigError("--threads has no effect with --plan (nothing is trained)")
     result = run_sweep(a.file, only_plan=a.plan, progress=False if a.no_progress else None, out=a.out,
-                       log=print if a.plan else None)
+                       log=print if a.plan else None, threads=a.threads)
     return 1 if result["failed"] else 0  # some runs failed (see RUN/failed.json); the rest ran
 
 
@@ -213,28 +318,23 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_methods(a: argparse.Namespace) -> int:
-    from ..methods import available_methods, method_class
+    from .catalog import method_lines
 
-    names = a.names or available_methods()
-    for name in names:
-        cls = method_class(name)
-        print(f"{name}: {cls.formula}")
-        for key, field in cls.Params.model_fields.items():
-            print(f"    {key} = {field.default!r}  {field.description or ''}".rstrip())
+    print("\n".join(method_lines(a.names)))
     return 0
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    from ..models import available_models
+    from .catalog import model_names
 
-    print("\n".join(available_models()))
+    print("\n".join(model_names()))
     return 0
 
 
 def cmd_presets(a: argparse.Namespace) -> int:
     import yaml
 
-    from ..engine.config import presets
+    from ..engine.presets import presets
 
     for name, body in presets().items():
         print(f"{name}:\n" + "".join(f"  {line}\n" for line in yaml.safe_dump(body, sort_keys=False).splitlines()))
@@ -244,7 +344,9 @@ def cmd_presets(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(out=a.out, epochs=a.epochs, seed=a.seed, progress=False if a.no_progress else None)
+    _check_threads(a)
+    return run_demo(out=a.out, epochs=a.epochs, seed=a.seed, progress=False if a.no_progress else None,
+                    threads=a.threads)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -272,7 +374,15 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--config", metavar="FILE", help="YAML config (sections: data, model, method, optim, train)")
     f.add_argument("--data", metavar="PATH", help="a folder of class folders of .txt files, or a .csv/.tsv/.jsonl file")
     f.add_argument("--model", metavar="DIR", help="a local Hugging Face model folder (with its tokenizer)")
-    _run_args(f, "ce, ls, dlb, ... (methods computed from the logits)", "method.schedule=entropy")
+    f.add_argument("--method", metavar="NAME", help="ce, ls, dlb, ... (methods computed from the logits)")
+    f.add_argument("--epochs", type=int, metavar="N")
+    f.add_argument("--seed", type=int, metavar="S")
+    f.add_argument("--batch-size", type=int, metavar="B", help="new documents per step (DLB adds the repeated ones)")
+    f.add_argument("--lr", type=float)
+    f.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set method.schedule=entropy (repeatable)")
+    f.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
     f.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch's checkpoint")
     f.set_defaults(func=cmd_finetune)
     w = sub.add_parser("sweep", help="run a grid of configs from a sweep file (skips finished runs, resumes the rest)",
@@ -293,7 +403,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--baseline", metavar="GROUP", help="a group label (e.g. 'method=ce'): add each group's "
                    "differences to it, paired by seed")
     r.set_defaults(func=cmd_report)
-    d = sub.add_parser("demo", help="CE vs DLB on digits, clean and 40%% symmetric noise", parents=[common])
+    d = sub.add_parser("demo", help="CE vs DLB on digits, clean and 40%% symmetric noise", parents=[common, threads])
     d.add_argument("--out", metavar="DIR", help="keep the runs here (default: a temporary directory)")
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
@@ -314,8 +424,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _os_error(err: OSError) -> str:
+    import errno
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) and err.filename:
+        from ..engine.rundir import disk_full
+
+        return str(disk_full(Path(err.filename), err))
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{(err.strerror or str(err)).splitlines()[0] if (err.strerror or str(err)) else type(err).__name__}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.argv = argv
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 reports; every rank exits non-zero
     try:
         if args.imports:
             from ..plugins import import_modules
@@ -325,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     except SelfKDError as err:
         if args.debug:
             raise
-        print(f"selfkd: error: {err}", file=sys.stderr)
+        if not quiet:
+            print(f"selfkd: error: {err}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
         print("selfkd: interrupted", file=sys.stderr)
@@ -335,3 +462,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as err:  # the file system said no somewhere no check caught: still one line
+        if args.debug:
+            raise
+        print(f"selfkd: error: {_os_error(err)}", file=sys.stderr)
+        return EXIT_USER

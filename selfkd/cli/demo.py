@@ -1,6 +1,7 @@
 """``selfkd demo``: CE vs DLB on scikit-learn's real 8x8 digits, clean and with 40% symmetric noise."""
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 import time
@@ -23,17 +24,37 @@ def demo_config(method: str, noise: float, epochs: int, seed: int):
     }, source="demo")
 
 
-def run_demo(out: str | None, epochs: int, seed: int, progress: bool | None) -> int:
+VERDICT = ("One seed on a small data set (1347 8x8 digits): these numbers show the tool at work, not which "
+           "method is better; multi-seed CIFAR-10 comparisons are in benchmarks/results/ (see benchmarks/README.md).")
+_EPOCH = re.compile(r"^epoch (\d+)/(\d+) \|.*\| test acc ([\d.]+)")
+
+
+def _epoch_lines(tag: str, epochs: int):
+    """Progress inside a demo run: about five lines per run (and a step bar on a terminal)."""
+    every = max(1, epochs // 5)
+
+    def log(msg: str) -> None:
+        m = _EPOCH.match(msg)
+        if m and (int(m.group(1)) % every == 0 or m.group(1) == m.group(2)):
+            print(f"  {tag}: epoch {m.group(1)}/{m.group(2)}, test acc {m.group(3)}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def run_demo(out: str | None, epochs: int, seed: int, progress: bool | None, threads: int | None = None) -> int:
     root = Path(out) if out else Path(tempfile.mkdtemp(prefix="selfkd-demo-"))
+    if epochs < 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--epochs {epochs}: expected at least 1")
     print(f"selfkd demo: cnn_small on digits (1347 train / 450 test), {epochs} epochs each, seed {seed}; runs in {root}",
           flush=True)
     rows = []
     for method, noise in GRID:
         run = root / f"{method}-noise{int(noise * 100)}"
         t0 = time.perf_counter()
-        log_lines: list[str] = []
         summary = Trainer(build(demo_config(method, noise, epochs, seed)), run, progress=progress,
-                          log=log_lines.append).run()
+                          log=_epoch_lines(f"{method} noise {noise:.0%}", epochs), threads=threads).run()
         print(f"  {method:>4} noise {noise:.0%}: last acc {summary['last_acc']:.2f} "
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
         rows.append((method, noise, summary))
@@ -45,6 +66,5 @@ def run_demo(out: str | None, epochs: int, seed: int, progress: bool | None) -> 
         label = f"{noise:.0%} symmetric" if noise else "clean"
         print(f"| {method} | {label} | {s['last_acc']:.2f} | {s['best_acc']:.2f} | "
               f"{s['ece']:.4f} | {s['nll']:.4f} | {s['seconds']:.1f} |")
-    print("\nSame epochs for both methods: DLB forwards every sample twice per epoch. One seed; see "
-          "benchmarks/ for multi-seed comparisons.", file=sys.stderr)
+    print(f"\n{VERDICT}\nSame epochs for both methods: DLB forwards every sample twice per epoch.")
     return 0

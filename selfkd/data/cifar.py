@@ -6,7 +6,9 @@ Layouts read (``root`` may also point directly at the inner folder)::
     root/cifar-100-python/{train, test, meta}          (fine labels, ``fine_label_names``)
 
 The pickles were written by Python 2. They are read with a restricted unpickler that admits only the
-globals a numpy array needs, so a tampered file cannot run code.
+globals a numpy array needs, so a tampered file cannot run code. Files re-written by Python 3 at
+protocol 2 spell bytes as ``_codecs.encode(text, "latin1")`` and ``b""`` as ``bytes()``: both are
+admitted through checked stand-ins that build bytes from a string and do nothing else.
 """
 from __future__ import annotations
 
@@ -82,7 +84,24 @@ def _np_reconstruct() -> Any:
     return _reconstruct
 
 
+def _latin1_bytes(text: Any = None, encoding: Any = None, *rest: Any) -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it: a str and 'latin1' -> bytes; nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "iso-8859-1") or rest:
+        raise pickle.UnpicklingError("_codecs.encode is admitted only as encode(str, 'latin1')")
+    return text.encode("latin-1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as protocol 2 writes ``b""``; any argument (``bytes(10**12)``) is refused."""
+    if args:
+        raise pickle.UnpicklingError("bytes is admitted only without arguments")
+    return b""
+
+
 _ALLOWED = {
+    ("_codecs", "encode"): lambda: _latin1_bytes,
+    ("__builtin__", "bytes"): lambda: _empty_bytes,
+    ("builtins", "bytes"): lambda: _empty_bytes,
     ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
     ("numpy", "ndarray"): lambda: np.ndarray,

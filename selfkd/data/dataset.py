@@ -73,6 +73,34 @@ class ArrayDataset(Dataset):
             raise IndexError(f"index {index} out of range for a data set of {n} samples")
         return self.images[i], self.labels[i], i
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(images[idx], labels[idx], idx)`` for a list of indices: one gather per tensor, no per-sample
+        ``__getitem__`` and no collate. Indices are checked as :meth:`__getitem__` checks them."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        n = self.images.shape[0]
+        if idx.numel():
+            a = idx.numpy()
+            lo, hi = int(a.min()), int(a.max())
+            if lo < -n or hi >= n:
+                raise IndexError(f"index {lo if lo < -n else hi} out of range for a data set of {n} samples")
+            if lo < 0:
+                idx = torch.where(idx < 0, idx + n, idx)
+        # images may live on the training device (data.on_device): gather there; labels and indices stay on the CPU
+        return self.images[idx.to(self.images.device, non_blocking=True)], self.labels[idx], idx
+
+    def to(self, device: torch.device | str) -> ArrayDataset:
+        """The same data set with its images on ``device`` (labels stay on the CPU, where the batch-layout
+        checks read them); for ``data.on_device``."""
+        out = ArrayDataset.__new__(ArrayDataset)
+        out.num_classes, out.labels = self.num_classes, self.labels
+        out.images = self.images.to(device)
+        return out
+
     def with_labels(self, new_labels: Any) -> ArrayDataset:
         """The same images (shared, not copied) with other labels, e.g. noisy ones. DataError when the
         labels are not integers of shape [N] in [0, num_classes)."""
@@ -104,7 +132,7 @@ class DataBundle:
     """
 
     name: str
-    train: ArrayDataset
+    train: ArrayDataset  # or a StreamDataset (data.stream): the same batch interface
     test: ArrayDataset
     classes: list[str]
     mean: tuple[float, ...]
@@ -117,11 +145,11 @@ class DataBundle:
 
     @property
     def channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self.train.image_shape[0])
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[2])
+        return int(self.train.image_shape[1])
 
     def __repr__(self) -> str:
         return (f"DataBundle(name={self.name!r}, train={len(self.train)}, test={len(self.test)}, "
@@ -139,3 +167,20 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Te
         y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[s : s + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
     return out
+
+
+class BatchView(Dataset):
+    """A batch-level view of an :class:`ArrayDataset`: ``view[list_of_indices]`` is the whole batch.
+
+    Use it with ``DataLoader(BatchView(ds), sampler=batch_sampler, batch_size=None)``: each step is
+    one indexing operation per tensor instead of ``B`` calls of ``__getitem__`` and a collate.
+    """
+
+    def __init__(self, data: ArrayDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.data.batch(indices)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ._util import channel_stats, check_image_size, default_cache_dir
 from .dataset import ArrayDataset, DataBundle, resize_uint8
 
@@ -52,8 +52,49 @@ def _resized(bundle: DataBundle, size: int | None) -> DataBundle:
     return DataBundle(bundle.name, train, test, bundle.classes, mean, std, dict(bundle.default_augment))
 
 
+STREAM_ABOVE_MB = 4096.0
+
+
+def _readable(path: Path, what: str) -> None:
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        raise DataError(f"{what} {path}: cannot read it (permission denied)") from None
+    except OSError as err:
+        raise DataError(f"{what} {path}: cannot read it ({err.strerror or err})") from None
+
+
+def check_root(name: str, root: str | os.PathLike | None, download: bool = False) -> None:
+    """Cheap checks of where a data set would be read from (exists, readable), without loading it:
+    the sweep runs them once per distinct root before any run starts. Raises DataError/ConfigError."""
+    key = name.strip().lower() if isinstance(name, str) else None
+    if key in ("cifar10", "cifar100"):
+        from .cifar import LAYOUTS
+
+        data_root = Path(root).expanduser() if root is not None else default_cache_dir() / "datasets"
+        if data_root.exists():
+            _readable(data_root, f"{key}: data folder")
+        elif not download:
+            raise DataError(f"{key}: data folder {data_root} does not exist; expected {LAYOUTS[key].folder}/ under "
+                            "it (pass --download / download=True to fetch it)")
+    elif key == "imagefolder":
+        if root is None:
+            raise ConfigError("imagefolder needs a root (--data-dir): a folder with train/ and val/ or test/, "
+                              "or a .tar.gz of it")
+        p = Path(root).expanduser()
+        if not p.exists():
+            raise DataError(f"imagefolder root {p} does not exist; expected a folder with train/<class>/ and "
+                            "val/ or test/, or a .tar.gz of it")
+        _readable(p, "imagefolder root")
+
+
 def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False,
-                 image_size: int | None = None, cache_dir: str | os.PathLike | None = None) -> DataBundle:
+                 image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 stream: bool | str = False, stream_above_mb: float = STREAM_ABOVE_MB) -> DataBundle:
     """Load a data set by name into memory.
 
     - ``digits``: scikit-learn's 8x8 digits, bundled (``root``, ``download`` and ``cache_dir`` unused).
@@ -64,11 +105,18 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
 
     ``image_size`` resizes to a square of that side (bilinear, antialiased); ``None`` keeps the
     native size. Unknown names and bad option values raise ConfigError, bad data DataError.
+
+    ``stream`` (imagefolder only): ``True`` reads images from disk per batch
+    (:mod:`selfkd.data.stream`, folder trees or uncompressed .tar shards) instead of decoding them
+    all into memory; ``"auto"`` streams a folder whose files exceed ``stream_above_mb`` MiB.
     """
     key = name.strip().lower() if isinstance(name, str) else None
     if key not in KNOWN_DATASETS:
         raise ConfigError(f"unknown data set {name!r}; known: {', '.join(KNOWN_DATASETS)}")
     size = check_image_size(image_size)
+    if stream is True and key != "imagefolder":
+        raise ConfigError(f"data.stream=true: only imagefolder data can be streamed (got data.name={key}, which fits in memory)")
+    check_root(key, root, download)
     if key == "digits":
         return _resized(load_digits(), size)
     if key in ("cifar10", "cifar100"):
@@ -80,6 +128,18 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
         return _resized(load_cifar(key, data_root), size)
     if download:
         raise ConfigError("download: only cifar10 and cifar100 can be downloaded; imagefolder reads a local folder or archive")
+    if stream not in (True, False, "auto"):
+        raise ConfigError(f"data.stream: expected true, false or auto (got {stream!r})")
+    if stream == "auto" and root is not None and Path(root).expanduser().is_dir():
+        from .stream import tree_bytes
+
+        stream = tree_bytes(Path(root).expanduser()) > stream_above_mb * 2**20
+    if stream is True:
+        if root is None:
+            raise ConfigError("data.stream: needs data.dir (--data-dir), a folder with train/ and val/ or test/")
+        from .stream import load_stream
+
+        return load_stream(root, image_size=size)
     from .imagefolder import load_imagefolder
 
     return load_imagefolder(root, image_size=size, cache_dir=cache_dir)

@@ -283,9 +283,15 @@ def mixed_cross_entropy(logits: Tensor, y: Tensor, mix: Mix | MixBlocks | None,
     return (lam * own + (1.0 - lam) * other).mean()
 
 
+def one_hot(y: Tensor, num_classes: int) -> Tensor:
+    """float32 ``[B, K]`` one-hot rows, by a scatter: unlike ``F.one_hot`` on the CPU it reads no value back
+    to range-check (labels are checked when the data set is loaded), so it is the same op on every device."""
+    return torch.zeros((y.shape[0], num_classes), dtype=torch.float32, device=y.device).scatter_(1, y[:, None], 1.0)
+
+
 def mix_targets(y: Tensor, num_classes: int, mix: Mix | MixBlocks) -> Tensor:
     """Soft targets ``lam * onehot(y) + (1 - lam) * onehot(y[mix.index])``, float32 ``[B, K]``."""
-    oh = F.one_hot(y, num_classes).to(torch.float32)
+    oh = one_hot(y, num_classes)
     if isinstance(mix, Mix):
         return oh.mul(mix.lam).add_(oh.index_select(0, mix.index.to(y.device)), alpha=1.0 - mix.lam)
     index, lam = mix_rows(mix, y.shape[0], y.device)

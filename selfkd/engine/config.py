@@ -6,7 +6,8 @@ Method hyper-parameters sit beside ``method.name`` and are validated by the meth
 from __future__ import annotations
 
 import copy
-from importlib import resources
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ConfigError
 from ..methods import method_class
 from ..methods.base import format_validation_error
+from .presets import load_preset, presets  # noqa: F401  (public here since the first release)
+from .yamlio import load_yaml, parse_yaml  # noqa: F401
+
+SEED_MAX = 2**63 - 1  # torch generators take 64 bits; the trainer adds small offsets to train.seed
 
 
 class Section(BaseModel):
@@ -25,7 +30,7 @@ class Section(BaseModel):
 class NoiseCfg(Section):
     kind: Literal["none", "symmetric", "asymmetric", "pairflip"] = "none"
     rate: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class DataCfg(Section):
@@ -34,12 +39,18 @@ class DataCfg(Section):
     download: bool = False
     image_size: int | None = Field(None, ge=4)
     subset: int | None = Field(None, ge=2, description="train on a fixed, class-stratified subset of N images")
-    subset_seed: int = Field(0, description="seed of the subset and test_subset draws")
+    subset_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the subset and test_subset draws")
     test_subset: int | None = Field(
         None, ge=2, description="evaluate on a fixed, class-stratified subset of N test images (quick sweeps); "
         "None: the whole test set")
     num_workers: int = Field(0, ge=0)
     cache_dir: str | None = None
+    stream: bool | Literal["auto"] = Field(
+        "auto", description="imagefolder: read images from disk per batch (folders or .tar shards) instead of "
+        "holding them in memory; auto: when the folder's files exceed stream_above_mb")
+    stream_above_mb: float = Field(4096.0, gt=0, description="data.stream=auto streams folders larger than this (MiB)")
+    on_device: bool = Field(False, description="keep the in-memory training set on the GPU (CIFAR scale): a batch is "
+                            "one gather on the device")
     noise: NoiseCfg = NoiseCfg()
 
 
@@ -107,11 +118,16 @@ class ScheduleCfg(Section):
 
 class TrainCfg(Section):
     epochs: int = Field(20, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     amp: Literal["auto", "bf16", "off"] = "auto"
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode; reduce-overhead uses CUDA graphs")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend under torchrun: auto is nccl on CUDA, gloo on the CPU")
+    sync_bn: bool = Field(False, description="under torchrun: BatchNorm statistics over every rank's batch (SyncBatchNorm)")
     eval_batch_size: int = Field(500, ge=1)
     log_every: int = Field(20, ge=1, description="steps between progress updates and non-finite checks")
     log: Literal["auto", "csv", "tensorboard"] = Field(
@@ -136,28 +152,75 @@ class Config(Section):
             raise ValueError(f"schedule.milestones {late} are not below train.epochs={self.train.epochs}")
         if self.schedule.warmup_epochs >= self.train.epochs:
             raise ValueError(f"schedule.warmup_epochs must be below train.epochs={self.train.epochs}")
+        no_effect = _no_effect(self)
+        if no_effect:
+            raise ValueError(no_effect)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
+def _no_effect(cfg: Config) -> str | None:
+    """An option that would change nothing is an error (it is almost always a mistake): the first such
+    key, what makes it idle, and how to fix it; None if every option takes effect."""
+    d, a, sc = cfg.data, cfg.augment, cfg.schedule
+    name = d.name.strip().lower()
+    if name == "digits" and d.dir is not None:
+        return (f"data.dir (--data-dir) = {d.dir!r} has no effect: digits is bundled with scikit-learn and reads no "
+                "folder; drop it, or choose the data set with --data cifar10 | cifar100 | imagefolder")
+    if d.download and name not in ("cifar10", "cifar100"):
+        return (f"data.download (--download) has no effect for data.name={d.name!r}: only cifar10 and cifar100 "
+                "can be downloaded")
+    if d.cache_dir is not None and name != "imagefolder":
+        return f"data.cache_dir = {d.cache_dir!r} has no effect for data.name={d.name!r}: only imagefolder caches decoded images"
+    if d.noise.kind == "none" and d.noise.rate > 0:
+        return (f"data.noise.rate = {d.noise.rate} has no effect without a noise kind: set data.noise.kind to "
+                "symmetric, asymmetric or pairflip")
+    if d.stream is True and name != "imagefolder":
+        return f"data.stream = true has no effect for data.name={d.name!r}: only imagefolder data is streamed"
+    if d.stream_above_mb != DataCfg().stream_above_mb and (d.stream != "auto" or name != "imagefolder"):
+        return "data.stream_above_mb has no effect unless data.stream=auto and data.name=imagefolder"
+    if d.on_device and cfg.train.device == "cpu":
+        return "data.on_device = true has no effect with train.device=cpu: the data set is already in host memory"
+    if d.on_device and d.num_workers:
+        return "data.on_device = true: batches are gathered on the GPU, so data.num_workers must be 0"
+    if d.on_device and d.stream is True:
+        return "data.on_device = true cannot hold a streamed data set (data.stream=true)"
+    if cfg.train.compile_mode != "default" and not cfg.train.compile:
+        return f"train.compile_mode = {cfg.train.compile_mode!r} has no effect without train.compile (--compile)"
+    if d.subset is None and d.test_subset is None and d.subset_seed != 0:
+        return "data.subset_seed has no effect without data.subset or data.test_subset"
+    default = AugmentCfg()
+    if a.policy != "randaugment":
+        for k in ("randaugment_ops", "randaugment_magnitude"):
+            if getattr(a, k) != getattr(default, k):
+                return f"augment.{k} = {getattr(a, k)} has no effect with augment.policy={a.policy!r} (needs randaugment)"
+    if a.mix == "none":
+        for k in ("mix_alpha", "mix_prob"):
+            if getattr(a, k) != getattr(default, k):
+                return f"augment.{k} = {getattr(a, k)} has no effect with augment.mix='none' (set mixup or cutmix)"
+    if sc.kind != "multistep" and sc.milestones:
+        return (f"schedule.milestones = {sc.milestones} have no effect with schedule.kind={sc.kind!r}; "
+                "drop them (schedule.milestones=[]) or use kind multistep")
+    if sc.kind != "multistep" and sc.gamma != ScheduleCfg().gamma:
+        return f"schedule.gamma = {sc.gamma} has no effect with schedule.kind={sc.kind!r} (needs multistep)"
+    if sc.kind != "cosine" and sc.min_lr != 0:
+        return f"schedule.min_lr = {sc.min_lr} has no effect with schedule.kind={sc.kind!r} (needs cosine)"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
-def presets() -> dict[str, dict[str, Any]]:
-    """Named recipes shipped with the package (``selfkd/presets/*.yaml``)."""
-    out = {}
-    for f in sorted(resources.files("selfkd").joinpath("presets").iterdir(), key=lambda p: p.name):
-        if f.name.endswith(".yaml"):
-            out[f.name[: -len(".yaml")]] = yaml.safe_load(f.read_text()) or {}
-    return out
+def config_hash(cfg: Config) -> str:
+    """SHA-256 of the resolved config (canonical JSON): checkpoints carry it to detect edits before a resume."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """One named recipe; an unknown name is an error that lists the known ones."""
-    table = presets()
-    if name not in table:
-        raise ConfigError(f"unknown preset '{name}'; known: {', '.join(table)}")
-    return table[name]
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Dotted keys whose values differ, as ``(key, old, new)``. Keys only in ``new`` (added to the config
+    since ``old`` was written) count as unchanged: they hold their defaults."""
+    a, b = flatten(old), flatten(new)
+    return [(k, a[k], b.get(k, "<unset>")) for k in sorted(a) if a[k] != b.get(k, "<unset>")]
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
@@ -179,9 +242,10 @@ def parse_override(item: str) -> dict[str, Any]:
     if not sep or not key or any(not p for p in key.split(".")):
         raise ConfigError(f"--set {item!r}: expected key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML") from None
+        value = parse_yaml(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        why = getattr(err, "problem", None)
+        raise ConfigError(f"--set {item!r}: value is not valid YAML{f' ({why})' if why else ''}") from None
     tree: dict[str, Any] = {}
     node = tree
     parts = key.split(".")
@@ -200,23 +264,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p}: not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {p}:{where} is not valid YAML") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p}: expected a mapping of sections, got {type(data).__name__}")
-    return data
 
 
 def build_config(*layers: dict[str, Any], source: str = "config", schema: type[Section] | None = None) -> Any:

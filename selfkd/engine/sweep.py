@@ -32,6 +32,11 @@ then count with their defaults). Then ``OUT/sweep.yaml`` (the resolved spec; ``s
 when the sweep file itself is ``OUT/sweep.yaml``), ``OUT/runs.json`` (run name -> axis values and
 status) and every run's ``config.yaml`` are written, so a report shows the runs not started yet.
 
+Relative paths in the file (``out``, ``data.dir``, ``data.cache_dir``, ``method.teacher``) are relative to
+the sweep file's folder, wherever the command runs; they are stored absolute in each run's ``config.yaml``.
+``--out`` on the command line is relative to the working directory. Path errors (the out root not
+writable, a data root missing or unreadable) are reported once, before anything is written.
+
 Per run: ``summary.json`` exists -> skipped; ``checkpoint.pt`` exists -> resumed exactly; otherwise
 started fresh (a run that failed before is retried). A run that raises a :class:`SelfKDError` (e.g. a
 non-finite loss, a missing data set) or runs out of GPU memory gets ``RUN/failed.json`` with the
@@ -67,11 +72,13 @@ from pydantic import BaseModel
 
 from ..errors import ConfigError, SelfKDError
 from . import checkpoint as ckpt
+from . import rundir
 from .config import Config, MethodCfg, build_config, flatten, load_preset, load_yaml, save_yaml
 from .trainer import CHECKPOINT, CONFIG, SUMMARY
 
 FAILED = "failed.json"
-LOCK = ".lock"
+LOCK = rundir.LOCK
+PATH_KEYS = ("data.dir", "data.cache_dir", "method.teacher")  # relative values: to the sweep file's folder
 RUNS = "runs.json"
 SPEC = "sweep.yaml"
 TOP_KEYS = ("out", "preset", "base", "grid", "variants", "import")
@@ -279,13 +286,51 @@ def _overlap(axes: list[Axis], where: str) -> None:
             owner.setdefault(k, a.key)
 
 
+def _anchor(cfg: Config, folder: Path) -> Config:
+    """Relative ``PATH_KEYS`` in a sweep file mean: relative to the file's folder, as ``out`` does. They
+    are stored absolute, so each run's ``config.yaml`` works from any working directory."""
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            return os.path.normpath(os.path.abspath(folder / value))
+        return value
+
+    data = cfg.data.model_copy(update={"dir": fix(cfg.data.dir), "cache_dir": fix(cfg.data.cache_dir)})
+    params = cfg.method.params()
+    if "teacher" in params and params["teacher"] is not None:
+        method = MethodCfg(name=cfg.method.name, **(params | {"teacher": fix(params["teacher"])}))
+        return cfg.model_copy(update={"data": data, "method": method})
+    return cfg.model_copy(update={"data": data})
+
+
 def _normal(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Flattened config, with the auto-filled teacher path (``RUN/teacher``) treated as unset."""
+    """Flattened config, with the auto-filled teacher path (``RUN/teacher``) treated as unset and path
+    keys compared as absolute paths (runs written before paths were anchored hold them as typed)."""
     flat = flatten(cfg)
     teacher = flat.get("method.teacher")
     if isinstance(teacher, str) and Path(teacher).resolve() == (run_dir / "teacher").resolve():
         flat["method.teacher"] = None
+    for k in PATH_KEYS:
+        if isinstance(flat.get(k), str):
+            flat[k] = os.path.normpath(os.path.abspath(Path(flat[k]).expanduser()))
     return flat
+
+
+def check_paths(sweep: Sweep) -> None:
+    """Path errors shared by every run still to do, reported once before anything is written: the root
+    of the run directories must be writable, and a data root they all read must exist and be readable.
+    A data root only some runs use is left to those runs: each records its error in ``failed.json``."""
+    from ..data.loaders import check_root
+
+    rundir.check_writable(sweep.out, f"sweep {sweep.path}: out")
+    todo = [r for r in sweep.runs if r.status != "finished"]
+    roots = {(r.cfg.data.name, r.cfg.data.dir, r.cfg.data.download) for r in todo}
+    if len(roots) == 1 and len(todo) > 0:
+        name, root, download = roots.pop()
+        try:
+            check_root(name, root, download)
+        except SelfKDError as err:
+            many = f"all {len(todo)} runs" if len(todo) > 1 else "its run"
+            raise ConfigError(f"sweep {sweep.path}: {many}: {err}") from None
 
 
 def _check_existing(run: Run, where: str) -> None:
@@ -316,7 +361,7 @@ def plan(path: str | Path, out: str | Path | None = None) -> Sweep:
     """Parse and validate a sweep file and every run it implies; reads run directories, writes nothing."""
     path = Path(path)
     where = f"sweep {path}"
-    spec = load_yaml(path)
+    spec = load_yaml(path, "sweep file")
     unknown = [k for k in spec if k not in TOP_KEYS]
     if unknown:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}'; known: {', '.join(TOP_KEYS)}")
@@ -378,6 +423,7 @@ def plan(path: str | Path, out: str | Path | None = None) -> Sweep:
         except ConfigError as err:
             msg = str(err)
             raise ConfigError(msg if msg.startswith(where) else f"{where}: run {name}: {msg}") from None
+        cfg = _anchor(cfg, path.parent)
         order = combo if seed_pos is None else (combo[seed_pos], *combo[:seed_pos], *combo[seed_pos + 1:])
         run = Run(name, root / name, {a.key: a.values[i] for a, i in zip(axes, combo)}, sets, cfg, order=order)
         _check_existing(run, where)
@@ -408,31 +454,14 @@ def _failure(run_dir: Path) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # claims: one process per run
-def _claim(run_dir: Path) -> int | None:
-    """An open descriptor holding an exclusive lock on ``RUN/.lock``, or None if another process holds it."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): one process per sweep
-        return os.open(os.devnull, os.O_RDONLY)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+def _claim(run_dir: Path) -> bool:
+    """Take the run's exclusive lock (``RUN/.lock``); False if another process holds it."""
+    return rundir.try_lock(run_dir)
 
 
 def _busy(run_dir: Path) -> bool:
     """Whether another process is training this run now."""
-    if not (run_dir / LOCK).exists():
-        return False
-    fd = _claim(run_dir)
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
+    return rundir.busy(run_dir)
 
 
 def _refresh(sweep: Sweep, own: Run | None) -> None:
@@ -460,11 +489,12 @@ def _failures() -> tuple[type[BaseException], ...]:
     import torch
 
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (SelfKDError, oom) if oom is not None else (SelfKDError,)
+    return (SelfKDError, OSError, oom) if oom is not None else (SelfKDError, OSError)
 
 
 def run_sweep(path: str, *, only_plan: bool = False, progress: bool | None = None,
-              log: Callable[[str], None] | None = None, out: str | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, out: str | None = None,
+              threads: int | None = None) -> dict[str, Any]:
     """Run (or with ``only_plan`` just list) the sweep in ``path``; see the module docstring.
 
     ``out`` replaces the file's ``out`` (relative to the current directory). ``progress=None``: a bar
@@ -472,9 +502,12 @@ def run_sweep(path: str, *, only_plan: bool = False, progress: bool | None = Non
     "resumed", "skipped", "failed", "pending", "runs": {name: {"dir", "axes", "status"[, "error"]}}}``:
     ``finished`` counts runs trained from scratch now, ``resumed`` runs continued and finished now,
     ``skipped`` runs finished before, ``pending`` (with ``only_plan``) runs still to do. The CLI exits
-    non-zero when ``failed`` > 0. ``elsewhere`` counts runs another process was training.
+    non-zero when ``failed`` > 0. ``elsewhere`` counts runs another process was training. ``threads``:
+    torch threads for every run (default: a new run takes torch's count, a resumed one its recorded count).
     """
     sweep = plan(path, out=out)
+    if not only_plan:
+        check_paths(sweep)
     counts = {"finished": 0, "resumed": 0, "skipped": 0, "failed": 0, "elsewhere": 0, "pending": 0}
     total = len(sweep.runs)
     use_bar = sys.stderr.isatty() if progress is None else progress
@@ -518,8 +551,7 @@ def run_sweep(path: str, *, only_plan: bool = False, progress: bool | None = Non
             if r.status == "finished":
                 counts["skipped"] += 1
                 continue
-            fd = _claim(r.dir)
-            if fd is None:
+            if not _claim(r.dir):
                 counts["elsewhere"] += 1
                 say(f"[{k}/{total}] {r.name}: running in another process")
                 if bar is not None:
@@ -527,9 +559,9 @@ def run_sweep(path: str, *, only_plan: bool = False, progress: bool | None = Non
                 continue
             current = r
             try:
-                _train_one(sweep, r, k, counts, bar, say)
+                _train_one(sweep, r, k, counts, bar, say, threads)
             finally:
-                os.close(fd)
+                rundir.unlock(r.dir)
             current = None
     except KeyboardInterrupt:
         _refresh(sweep, current)
@@ -551,7 +583,8 @@ def run_sweep(path: str, *, only_plan: bool = False, progress: bool | None = Non
     return _result(sweep, counts)
 
 
-def _train_one(sweep: Sweep, r: Run, k: int, counts: dict[str, int], bar: Any, say: Callable[[str], None]) -> None:
+def _train_one(sweep: Sweep, r: Run, k: int, counts: dict[str, int], bar: Any, say: Callable[[str], None],
+               threads: int | None = None) -> None:
     """Train (or resume) one run whose claim this process holds; record its status."""
     from .trainer import train_run
 
@@ -579,7 +612,8 @@ def _train_one(sweep: Sweep, r: Run, k: int, counts: dict[str, int], bar: Any, s
 
     t0 = time.perf_counter()
     try:
-        summary = train_run(r.cfg, r.dir, resume=resume, progress=False, log=collect)
+        # resume=True: the folder holds the config.yaml this sweep wrote; a checkpoint, if any, is continued
+        summary = train_run(r.cfg, r.dir, resume=True, progress=False, log=collect, threads=threads)
     except _failures() as err:
         r.status, r.error = "failed", _one_line(err)
         ckpt.write_json(r.dir / FAILED, {"error": r.error, "seconds": time.perf_counter() - t0})
@@ -602,12 +636,12 @@ def _result(sweep: Sweep, counts: dict[str, int]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # several processes
-def _job(k: int, path: str, out: str | None, threads: int, lines: Any) -> None:
+def _job(k: int, path: str, out: str | None, threads: int, lines: Any, explicit: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
     try:
-        result = run_sweep(path, progress=False, out=out, log=lambda m: lines.put(("line", k, m)))
+        result = run_sweep(path, progress=False, out=out, log=lambda m: lines.put(("line", k, m)), threads=explicit)
     except KeyboardInterrupt:
         lines.put(("line", k, "interrupted"))
         return
@@ -627,14 +661,16 @@ def run_jobs(path: str, jobs: int, *, threads: int | None = None, out: str | Non
         raise ConfigError(f"--jobs {jobs}: expected a positive number of processes")
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     sweep = plan(path, out=out)  # every error a user can fix surfaces before a process starts
+    check_paths(sweep)
     before = sum(r.status == "finished" for r in sweep.runs)
+    explicit = threads
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     say(f"sweep {sweep.out}: {len(sweep.runs)} runs, {before} already finished; {jobs} jobs x {threads} thread"
         f"{'s' if threads != 1 else ''}")
     ctx = multiprocessing.get_context("spawn")  # no forked torch state; works wherever the CLI does
     lines = ctx.Queue()
     # not daemonic: a job may start processes of its own (the image decoder's pool)
-    procs = [ctx.Process(target=_job, args=(k, path, out, threads, lines)) for k in range(1, jobs + 1)]
+    procs = [ctx.Process(target=_job, args=(k, path, out, threads, lines, explicit)) for k in range(1, jobs + 1)]
     counts = {"finished": 0, "resumed": 0, "skipped": before, "failed": 0, "elsewhere": 0, "pending": 0}
     answered: set[int] = set()
     try:

@@ -39,6 +39,7 @@ import transformers  # noqa: E402
 
 from ..data.text import TextBundle, describe, load_text  # noqa: E402
 from ..engine import checkpoint as ckpt  # noqa: E402
+from ..engine import rundir  # noqa: E402
 from ..engine.finetune_config import FinetuneConfig, save_finetune_yaml  # noqa: E402
 from ..engine.metrics import classification_metrics, macro_f1, reliability  # noqa: E402
 from ..engine.trainer import CONFIG, METRICS, SUMMARY, select_device  # noqa: E402
@@ -305,11 +306,18 @@ def finetune_run(cfg: FinetuneConfig, run_dir: str | Path, *, resume: bool = Fal
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing model shards": noise in a run log
+    run = Path(run_dir)
+    flag = "--resume" if resume else "--out"
     try:
+        rundir.check_writable(run, flag)  # cheap checks first: a bad --out fails before the model loads
+        if not resume:
+            rundir.check_new(run)
         setup = build_finetune(cfg, say)
-        run = Path(run_dir)
-        run.mkdir(parents=True, exist_ok=True)
-        return _Run(setup, run, say).run(resume)
+        with rundir.locked(run):  # one writer per run directory
+            if not resume:
+                rundir.check_new(run)
+            rundir.remove_leftovers(run)
+            return _Run(setup, run, say).run(resume)
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()

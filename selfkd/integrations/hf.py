@@ -23,7 +23,8 @@ What the subclass changes, and nothing else:
   ``train(resume_from_checkpoint=...)``; a resumed run continues the method exactly (tested: equal
   weights to the uninterrupted run).
 * **set-up**: ``method.setup(num_samples, num_classes, epochs)`` once (``num_classes``: the model
-  config's ``num_labels``; pass ``num_classes=`` otherwise) and ``method.on_epoch_start`` per epoch.
+  config's ``num_labels``; pass ``num_classes=`` otherwise), ``method.on_epoch_start`` and
+  ``method.on_epoch_end`` per epoch.
 
 Methods whose step runs forward passes of their own (CS-KD's partners, DDGSD's second view, BYOT's
 exits, DLB with ``forward="split"``) are refused: ``method.runs_on_logits`` must be true. So is
@@ -242,14 +243,12 @@ class SelfKDTrainer(transformers.Trainer):
             raise ConfigError(f"resume_from_checkpoint: {path} holds method '{saved.get('method')}', "
                               f"this trainer runs '{self.method.name}'")
         self.method.load_state_dict(saved["state"])
-        # a sampler that continues by itself (DLB: its position is method state) gets placeholders for
-        # the batches the Trainer will skip; any other sampler replays its seeded epoch order
-        position = saved["state"].get("position")
-        order = saved["state"].get("order")
-        if position is not None and order is not None:
-            per_epoch = len(order) // self._train_batch_size if self.args.dataloader_drop_last else \
-                math.ceil(len(order) / self._train_batch_size)
-            self._resume_skip = int(position) if int(position) < per_epoch else 0
+        # a sampler that continues by itself (DLB's) gets placeholders for the batches the Trainer will
+        # skip; any other sampler replays its seeded epoch order and the Trainer's skip is right as it is
+        position = self.method.resumes_at()
+        n, bs = math.ceil(len(self.train_dataset) / self.args.world_size), self._train_batch_size  # per rank
+        per_epoch = n // bs if self.args.dataloader_drop_last else math.ceil(n / bs)
+        self._resume_skip = position if position is not None and 0 < position < per_epoch else 0
 
 
 class _EpochHook(transformers.TrainerCallback):
@@ -261,6 +260,9 @@ class _EpochHook(transformers.TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         epochs = max(1, math.ceil(state.num_train_epochs or args.num_train_epochs))
         self.trainer.method.on_epoch_start(min(int(math.floor(state.epoch + 1e-9)), epochs - 1), epochs)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.method.on_epoch_end()  # before the epoch's checkpoint (e.g. PS-KD's memory across ranks)
 
 
 def _labels(data: Any) -> torch.Tensor | None:

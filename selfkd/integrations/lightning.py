@@ -29,7 +29,8 @@ loader for the callback's.
   own: a resumed fit continues the method exactly (tested from epoch-end checkpoints, which is
   what Lightning resumes exactly).
 * ``method.setup`` runs once, when the loader is built (it knows the data set's size);
-  ``method.on_epoch_start(current_epoch, max_epochs)`` before every training epoch.
+  ``method.on_epoch_start(current_epoch, max_epochs)`` before every training epoch and
+  ``method.on_epoch_end()`` after it (PS-KD makes its memory the same on every rank there).
 
 Methods whose step runs forward passes of their own (CS-KD's partners, DDGSD's second view, BYOT's
 exits) need the model inside the step: use ``method.train_step`` in your ``training_step`` with a
@@ -152,6 +153,9 @@ class SelfKD(L.pytorch.Callback):
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self.method.on_epoch_start(trainer.current_epoch, self._trainer_epochs())
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.method.on_epoch_end()  # e.g. PS-KD: one memory on every rank (collective), before checkpoints
 
     def state_dict(self) -> dict[str, Any]:
         state = self.method.state_dict()

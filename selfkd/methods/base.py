@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
@@ -40,6 +41,8 @@ class Batch:
 
     ``x`` is the augmented float input; ``raw`` the uint8 images before augmentation and
     ``augment`` the batched augmentation, for methods that need another view of the same images.
+    ``index`` (dataset indices) and ``y_host`` (the labels) are the loader's CPU tensors: methods run
+    their batch-layout checks on them, so a step never waits for the device to answer a check.
     """
 
     x: Tensor
@@ -48,6 +51,7 @@ class Batch:
     raw: Tensor | None = None
     augment: Callable[[Tensor], Tensor] | None = None
     mix: Mix | MixBlocks | None = None  # set when the rows of ``x`` are mixtures (mixup/CutMix)
+    y_host: Tensor | None = None  # the labels on the CPU, as the loader gave them
 
 
 @dataclass
@@ -125,6 +129,12 @@ class Method:
         ``labels`` (the training labels, indexed like the data set) serve class-aware samplers."""
         return BatchSampler(sampler, batch_size, drop_last)
 
+    def resumes_at(self) -> int | None:
+        """After ``load_state_dict``: the batch of the current epoch at which this method's own batch sampler
+        continues by itself (its position is method state, as DLB's), or None when the sampler replays its
+        epoch from the start (a loop that skips batches on resume must then skip them itself)."""
+        return None
+
     def mix(self, batch: Batch, mixer: Mixer, generator: torch.Generator) -> Batch:
         """Mix the batch (mixup/CutMix) the way this method's targets need. Default: the whole batch,
         with one permutation and coefficient; ``batch.mix`` records it for the loss."""
@@ -136,6 +146,10 @@ class Method:
     # -- training ----------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """Called by the trainer before each epoch (schedules, memories); ``epoch`` counts from 0."""
+
+    def on_epoch_end(self) -> None:
+        """Called by the trainer after each epoch's last step, before the checkpoint (e.g. PS-KD makes
+        its memory the same on every rank here). Default: nothing."""
 
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         """Run the forward pass(es) this method needs and return the loss. A mixed batch
@@ -177,3 +191,15 @@ class Method:
 
 def as_index_tensor(indices: Iterable[int] | Iterator[int]) -> Tensor:
     return torch.as_tensor(list(indices), dtype=torch.int64)
+
+
+def host_equal(a: Tensor, b: Tensor) -> bool:
+    """Exact equality of two CPU tensors, in numpy: a host-side check that cannot read a device
+    value (``.numpy()`` refuses CUDA tensors), so batch-layout checks cost no synchronisation."""
+    return tuple(a.shape) == tuple(b.shape) and bool(np.array_equal(a.numpy(), b.numpy()))
+
+
+def host_range(t: Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty CPU integer tensor, in numpy (see :func:`host_equal`)."""
+    a = t.numpy()
+    return int(a.min()), int(a.max())

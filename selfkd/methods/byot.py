@@ -222,8 +222,11 @@ class MultiExit(nn.Module):
         return f, head(torch.flatten(self.net.pool(f), 1))
 
     # -- forward -----------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        """The deepest exit's logits (the model's own classifier)."""
+    def forward(self, x: Tensor, exits: bool = False, with_features: bool = False) -> Any:
+        """The deepest exit's logits (the model's own classifier); ``exits=True``: :meth:`forward_exits`
+        (the way in through a DistributedDataParallel wrapper, which only wraps ``forward``)."""
+        if exits:
+            return self.forward_exits(x, with_features=with_features)
         return self._deep(self.net.features(x)[-1])[1]
 
     def forward_exits(self, x: Tensor, with_features: bool = False) -> Any:
@@ -346,6 +349,9 @@ class BYOT(Method):
     * One trunk forward per step; the exits add their heads' cost. No method state.
     * **Mixed samples** (mixup/CutMix): every exit's CE is mixed, ``lam·CE(z_i, y) + (1−lam)·CE(z_i, y[index])``;
       the soft terms (and the hint) are unchanged: the deepest exit on the same mixed input is the teacher.
+    * **Distributed** (DDP): per rank; Each rank scores the exits of its own shard; the exits are part of the trained model, so DDP
+      averages their gradients with the backbone's (the trainer's DDP wrapper reaches every exit
+      through ``forward(x, exits=True)``).
     """
 
     name = "byot"
@@ -366,6 +372,14 @@ class BYOT(Method):
         return MultiExit(model, head=self.hp.head, attention=self.hp.attention)
 
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+        inner = inner.module if isinstance(inner, nn.parallel.DistributedDataParallel) else inner
+        if isinstance(inner, MultiExit) and inner is not model:  # through DDP (gradient sync) or the compiled graph
+            if self.hp.hint_weight > 0:
+                exits, feats = model(batch.x, exits=True, with_features=True)
+            else:
+                exits, feats = model(batch.x, exits=True), None
+            return self._score(exits, batch.y, feats, batch.mix)
         if not callable(getattr(model, "forward_exits", None)):
             raise TrainingError(
                 "byot: the model has no forward_exits(); train the model returned by method.prepare_model(model)"

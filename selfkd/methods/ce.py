@@ -14,6 +14,7 @@ class CE(Method):
     """Cross-entropy with hard labels. ``L = CE(z, y)``. No hyper-parameters.
 
     * **Mixed samples** (mixup/CutMix, ``batch.mix``): ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``.
+    * **Distributed** (DDP): per rank; DDP averages the gradients, which equals one process on the union batch.
     """
 
     name = "ce"

@@ -25,7 +25,7 @@ from torch.utils.data import Sampler
 
 from ..data.mixing import Mix, MixBlocks, Mixer, mixed_cross_entropy, remix
 from ..errors import ConfigError, TrainingError
-from .base import Batch, Method, Params, StepOutput
+from .base import Batch, Method, Params, StepOutput, host_equal, host_range
 from .losses import cross_entropy, kd_kl
 from .registry import register
 
@@ -63,7 +63,9 @@ class _ClassIndex:
             )
         cls = self.labels[anchors]
         n = self.counts[cls]
-        u = torch.rand(anchors.numel(), generator=generator, dtype=torch.float64)
+        # one draw per *data-set index* (not per position): a sample's partner does not depend on how the
+        # epoch order is sharded, so DDP ranks draw exactly the partners one process would
+        u = torch.rand(len(self.labels), generator=generator, dtype=torch.float64)[anchors]
         if mode == "other":
             m = (n - 1).clamp_min(1)
             j = torch.minimum((u * m).long(), m - 1)  # uniform in [0, n-1): skip the anchor's own slot
@@ -148,9 +150,15 @@ class CSKD(Method):
       the official ``random.choice(classwise_indices[y])`` does (the same up to 1/class-size). A class
       with a single sample pairs it with itself (its partner row is then the same image under another
       augmentation), in both modes.
-    * Partners are drawn from a ``torch.Generator`` the method owns (``seed``), once per epoch for the
-      whole epoch order; the generator, the order, the partners and the position in the epoch are in
-      ``state_dict``, so a resumed run draws identically, mid-epoch included.
+    * Partners are drawn from a ``torch.Generator`` the method owns (``seed``), once per epoch: one
+      uniform number per data-set index, so a sample's partner in an epoch does not depend on the
+      epoch order's position or sharding; the generator, the order, the partners and the position in
+      the epoch are in ``state_dict``, so a resumed run draws identically, mid-epoch included.
+    * **Distributed** (DDP): per rank. Each rank pairs the anchors of its own ``DistributedSampler``
+      shard; every rank holds the same generator and draws the same N numbers per epoch, so the
+      partners are exactly those one process would give the same anchors, and the ranks' union
+      batch equals a one-process batch of all their anchors and partners. The batch-layout checks
+      run on the CPU indices (no device synchronisation).
 
     * **Mixed samples** (mixup/CutMix, :meth:`mix`): the anchors are mixed among the anchors (one
       permutation, lam, CutMix box); the partners get the very same mixing within the partner half
@@ -194,7 +202,7 @@ class CSKD(Method):
         return PairBatchSampler(self, sampler, batch_size, drop_last, labels)
 
     # -- training ----------------------------------------------------------------------------
-    def _check_pairs(self, rows: int, target: Tensor, index: Tensor | None) -> int:
+    def _check_pairs(self, rows: int, target: Tensor, index: Tensor | None, host: Tensor | None = None) -> int:
         if rows % 2 or rows == 0 or target.shape[0] != rows:
             raise TrainingError(
                 f"CS-KD: a batch must be [anchors | partners] with an even, equal number of logits and labels "
@@ -205,11 +213,14 @@ class CSKD(Method):
         labels = self._labels
         if index is not None and labels is not None and index.device.type == "cpu" and index.shape[0] == rows:
             # the sampler's labels, looked up on the CPU: no device synchronisation per step
-            if int(index.max()) >= len(labels) or int(index.min()) < 0:
+            lo, hi = host_range(index)
+            if hi >= len(labels) or lo < 0:
                 raise TrainingError(f"CS-KD: batch index out of range for {len(labels)} training labels")
             pair_labels = labels[index]
-            ok = torch.equal(pair_labels[:b], pair_labels[b:])
-        else:
+            ok = host_equal(pair_labels[:b], pair_labels[b:])
+        elif host is not None and host.shape[0] == rows:
+            ok = host_equal(host[:b], host[b:])
+        else:  # device labels only (a plain loop): one synchronisation
             ok = torch.equal(target[:b], target[b:])
         if not ok:
             raise TrainingError(
@@ -229,7 +240,7 @@ class CSKD(Method):
         return replace(batch, x=torch.cat([anchors, partners]), mix=MixBlocks([(0, m), (b, m)], rows))
 
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
-        b = self._check_pairs(batch.x.shape[0], batch.y, batch.index)
+        b = self._check_pairs(batch.x.shape[0], batch.y, batch.index, batch.y_host)
         z_anchor = model(batch.x[:b])
         with torch.no_grad():
             z_partner = model(batch.x[b:])
@@ -239,7 +250,7 @@ class CSKD(Method):
              mix: Mix | MixBlocks | None = None) -> StepOutput:
         """``logits``/``target`` hold the whole batch ``[anchors | partners]``; partner rows are detached.
         ``mix``: the batch's MixBlocks (as :meth:`mix` makes it) or the anchors' Mix."""
-        b = self._check_pairs(logits.shape[0], target, index)
+        b = self._check_pairs(logits.shape[0], target, index, target if target.device.type == "cpu" else None)
         return self._loss(logits[:b], logits[b:].detach(), target[:b], self._anchor_mix(mix, b))
 
     @staticmethod

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..data.mixing import Mix, MixBlocks, mixed_cross_entropy, remix
 from ..errors import TrainingError
-from .base import Batch, Method, Params, StepOutput
+from .base import Batch, Method, Params, StepOutput, host_equal
 from .losses import cross_entropy, kd_kl
 from .registry import register
 
@@ -70,7 +70,11 @@ class DDGSD(Method):
       the symmetric KL between the views is unchanged.
 
     Plain loop: ``ddgsd(model(torch.cat([aug(x), aug(x)])), y)``; ``loss`` takes the ``2B`` logits
-    ``[view 1 | view 2]`` and the ``B`` labels (or ``2B`` labels, both halves equal).
+    ``[view 1 | view 2]`` and the ``B`` labels (or ``2B`` labels, both halves equal: checked on the
+    CPU when the labels are there; the trainer passes ``B`` labels, so its steps check nothing on the
+    device).
+    * **Distributed** (DDP): per rank. Each rank draws the second view of its own shard with its own
+      augmentation generator; the loss is per rank and DDP averages the gradients.
     """
 
     name = "ddgsd"
@@ -116,7 +120,9 @@ class DDGSD(Method):
             )
         b = rows // 2
         if target.shape[0] == rows:
-            if not torch.equal(target[:b], target[b:]):
+            same = (host_equal(target[:b], target[b:]) if target.device.type == "cpu"
+                    else torch.equal(target[:b], target[b:]))  # 2B device labels (plain loops only): one sync
+            if not same:
                 raise TrainingError("DDGSD: with 2B labels, both halves (the two views) must carry the same labels")
             y = target[:b]
         elif target.shape[0] == b:

@@ -33,7 +33,7 @@ from ..data.mixing import (Mix, MixBlocks, Mixer, mix_from_state, mix_state, mix
                            remix)
 from ..errors import ConfigError, TrainingError
 from . import dlb_schedules
-from .base import Batch, Method, Params, StepOutput
+from .base import Batch, Method, Params, StepOutput, host_equal
 from .losses import align_tokens, cross_entropy, kd_kl, token_mask
 from .registry import register
 
@@ -200,7 +200,20 @@ class DLB(Method):
       TrainingError. Mixing is not defined for tokens. ``[B, K]`` logits are unchanged.
 
     Use the sampler from :meth:`batch_sampler`; the loss checks that each batch has the layout the
-    sampler produced, and that the repeated rows carry the labels of the cached ones.
+    sampler produced, and that the repeated rows carry the labels of the cached ones. The checks
+    compare CPU tensors (the loader's indices and labels, ``batch.y_host``), so a step never waits
+    for the device; ``schedule="confidence"`` keeps α and T as device tensors for the same reason
+    (``entropy``/``margin`` their row weights).
+
+    * **Distributed** (DDP): shard first, then pair. The sampler wraps this rank's
+      ``DistributedSampler``, so each rank's batch is ``[this rank's previous new rows | this rank's
+      new rows]``: the repeated rows sit on the rank that holds their cached logits, and no logits
+      cross ranks. ``DistributedSampler`` pads every rank to the same sample count, so all ranks
+      have equal row counts at every step (none blocks the gradient all-reduce on a short batch).
+      The loss per rank is the one above; DDP averages the gradients, which equals one process
+      whose batch is the union of the ranks' batches (``[every rank's repeated | every rank's
+      new]``, CE a mean over all rows, KL a batchmean over all repeated rows). The cache, the order
+      and the position are per-rank state, saved for every rank.
     """
 
     name = "dlb"
@@ -231,6 +244,10 @@ class DLB(Method):
     @property
     def forwards_per_sample(self) -> float:
         return 1.0 + self.hp.repeat_fraction
+
+    def resumes_at(self) -> int | None:
+        t = self._track
+        return t.position if t.resume and t.order is not None else None
 
     def repeat_count(self, n_prev: int) -> int:
         return int(math.floor(self.hp.repeat_fraction * n_prev + 0.5))
@@ -305,9 +322,7 @@ class DLB(Method):
             logits = torch.cat([z_rep, z_new])
         else:
             logits = model(batch.x)
-        if batch.mix is None:
-            return self.loss(logits, batch.y, index=batch.index)
-        return self.loss(logits, batch.y, index=batch.index, mix=batch.mix)
+        return self.loss(logits, batch.y, index=batch.index, mix=batch.mix, target_host=batch.y_host)
 
     def _peek(self) -> Layout:
         if not self._track.pending:
@@ -318,8 +333,13 @@ class DLB(Method):
         return self._track.pending[0]
 
     def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
-             mix: Mix | MixBlocks | None = None) -> StepOutput:
+             mix: Mix | MixBlocks | None = None, target_host: Tensor | None = None) -> StepOutput:
+        """``target_host``: the same labels on the CPU (the trainer's ``batch.y_host``); with it, or with
+        CPU ``target`` and ``index``, the layout checks read no device value."""
         layout = self._peek()
+        host = target_host if target_host is not None else (target if target.device.type == "cpu" else None)
+        if host is not None and host.shape[0] != target.shape[0]:
+            raise TrainingError(f"DLB: target_host has {host.shape[0]} labels but target {target.shape[0]}")
         r, rows = layout.repeat, layout.repeat + layout.new
         if logits.shape[0] != rows or target.shape[0] != rows:
             raise TrainingError(
@@ -338,19 +358,25 @@ class DLB(Method):
             cached = self._cache_logits
             if cached is None or cached.shape[0] < r:
                 raise TrainingError(f"DLB: {r} repeated rows but only {0 if cached is None else cached.shape[0]} cached logits")
+            labels = host if host is not None else target
+            cached_labels = self._cache_labels
+            if cached_labels.device != labels.device:  # a plain loop switched between host and device labels
+                cached_labels = cached_labels.to(labels.device)
             if logits.dim() == 3:  # tokens: re-lay the cache at the current positions (dynamic padding)
-                teacher, same = align_tokens(cached[:r], self._cache_labels[:r], target[:r], self.hp.padding_side)
+                teacher, same = align_tokens(cached[:r], cached_labels[:r], labels[:r], self.hp.padding_side)
                 mask = token_mask(target[:r])
+                same = bool(same)  # on the host with host labels: no device sync
             else:
                 teacher, mask = cached[:r], None
-                same = torch.equal(self._cache_labels[:r].to(target.device), target[:r])
-            if not bool(same):
+                same = (host_equal(cached_labels[:r], labels[:r]) if labels.device.type == "cpu"
+                        else torch.equal(cached_labels[:r], labels[:r]))  # device labels only: one sync
+            if not same:
                 raise TrainingError(
                     "DLB: the labels of the repeated rows differ from the previous step's new rows; "
                     "the loader must not reorder or relabel samples (use dlb.batch_sampler, shuffle=False)"
                     + (f"; token rows are aligned with padding_side={self.hp.padding_side!r}" if mask is not None else "")
                 )
-            if index is not None and not torch.equal(self._track.prev_new[:r], index[:r].cpu()):
+            if index is not None and not host_equal(self._track.prev_new[:r], index[:r].cpu()):
                 raise TrainingError("DLB: the repeated rows are not the previous step's new samples")
             teacher = teacher.to(logits.device)
             alpha, temp = self.schedule_values(layout.progress, teacher, target[:r], rep_mix)
@@ -370,7 +396,7 @@ class DLB(Method):
         # commit: the new rows' logits become the next step's teacher
         self._track.pending.popleft()
         self._cache_logits = logits[r:].detach().float()
-        self._cache_labels = target[r:].detach().clone()
+        self._cache_labels = (host if host is not None else target)[r:].detach().clone()
         self._last_mix = new_mix
         self._track.prev_new = layout.new_index
         self._track.position = layout.position + 1

@@ -62,6 +62,7 @@ class LS(Method):
     * **Mixed samples** (mixup/CutMix): the target ``q(y)`` becomes ``lam·q(y) + (1−lam)·q(y[index])``;
       since the loss is linear in the target, ``ce`` is the mixed CE and, with ``offtarget``, ``v`` is
       ``lam·v(y) + (1−lam)·v(y[index])`` (the uniform ``v`` does not depend on the label: unchanged).
+    * **Distributed** (DDP): per rank; the targets depend on each row's label only; DDP averages the gradients.
     """
 
     name = "ls"

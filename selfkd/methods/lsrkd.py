@@ -36,6 +36,7 @@ class LsrKD(Method):
       (``T²·KL``), ``loss = (1−α)·ce + α·kd``. No extra forward pass, no state.
     * **Mixed samples** (mixup/CutMix): CE becomes ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``; the
       uniform teacher does not depend on the label and is unchanged.
+    * **Distributed** (DDP): per rank; the teacher depends on each row's label only; DDP averages the gradients.
     """
 
     name = "lsrkd"

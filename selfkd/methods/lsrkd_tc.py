@@ -50,6 +50,7 @@ class LsrKDTC(LsrKD):
       ``loss = (1−α)·ce + α·kd``. No extra forward pass, no state.
     * **Mixed samples** (mixup/CutMix): CE is mixed, and the teacher (the distribution at temperature
       T, ``p^c_T``) becomes ``lam·p^c_T(y) + (1−lam)·p^c_T(y[index])``.
+    * **Distributed** (DDP): per rank; the teacher depends on each row's label only; DDP averages the gradients.
     """
 
     name = "lsrkd-tc"

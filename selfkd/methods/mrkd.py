@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from .. import distributed
 from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy
 from ..errors import ConfigError, TrainingError
 from .base import Batch, Method, Params, StepOutput
@@ -123,6 +124,11 @@ class MrKD(Method):
       equal) are adjusted as usual; rows mixing two different labels are left unadjusted
       (``ka_mixed="skip"``, default: KA would pull the teacher onto one class of a two-class image) or
       adjusted towards the label with the larger share (``"dominant"``, ``y`` if lam ≥ 0.5).
+    * **Distributed** (DDP): snapshots are replicated. They are copies of the model (the module
+      inside the DDP wrapper), whose weights DDP keeps equal on every rank, taken at the same step
+      on every rank; each rank forwards them on its own shard. The fcn layer is trained on every
+      rank with its gradients averaged across ranks (one all-reduce per step), so its weights stay
+      equal on every rank, the same as one process training it on the union batch.
     """
 
     name = "mrkd"
@@ -169,6 +175,7 @@ class MrKD(Method):
     # -- training ----------------------------------------------------------------------------
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         base = getattr(model, "_orig_mod", model)  # torch.compile wrapper: copy the eager module
+        base = getattr(base, "module", base) if isinstance(base, nn.parallel.DistributedDataParallel) else base
         self._materialize(base, batch.x.device)
         teacher = fcn_ce = None
         if self._snapshots:
@@ -202,6 +209,8 @@ class MrKD(Method):
             ce = F.cross_entropy(z, target) if mix is None else mixed_cross_entropy(z, target, mix)
             self._fcn_opt.zero_grad(set_to_none=True)
             ce.backward()
+            # DDP: the layer is trained on every rank's batch alike (averaged gradients), so ranks do not drift
+            distributed.all_reduce_mean_([p.grad for p in self._fcn.parameters()])
             self._fcn_opt.step()
         return z.detach(), ce.detach()
 

@@ -73,6 +73,7 @@ class MrKDTC(MrKD):
       (both from the row's own snapshot logits): with ``mix`` that is
       ``a·(lam·onehot(y) + (1−lam)·onehot(y[index])) + (1−a)·softmax(z_b/T)``, the correction towards the
       mixed one-hot.
+    * **Distributed** (DDP): per rank; the teacher is a function of the snapshot, replicated as in ``mrkd``; DDP averages the gradients.
     """
 
     name = "mrkd-tc"

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy
+from .. import distributed
+from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy, one_hot
 from ..errors import ConfigError, TrainingError
-from .base import Method, Params, StepOutput
+from .base import Method, Params, StepOutput, host_range
 from .losses import cross_entropy, soft_cross_entropy
 from .registry import register
 
@@ -89,6 +90,14 @@ class PSKD(Method):
       only (with ``mix_prob`` 1 it then stays unvisited: the targets stay one-hot). The parts
       ``ce``/``kd`` are the mixed CE and the CE against the mixed previous predictions.
 
+    * **Distributed** (DDP): the memory is replicated. Each rank reads and writes its own copy
+      during an epoch (its samples are its shard's); at the epoch's end (:meth:`on_epoch_end`, or the
+      next :meth:`on_epoch_start`) the rows every rank wrote are all-gathered and written on every
+      rank (:meth:`sync_memory`), so at each epoch start every rank holds the same N x K memory,
+      whichever rank saw a sample last. A sample seen twice within one epoch (sampling with
+      replacement, DistributedSampler's padding) reads its previous-epoch row on another rank than
+      the one that wrote it; the latest (step, rank) write wins.
+
     Plain loop: ``pskd.setup(num_samples=N, num_classes=K, epochs=E)``, then per epoch
     ``pskd.on_epoch_start(e, E)`` and per batch ``pskd.loss(model(x), y, index=idx).loss``.
     Indices repeated within one batch (sampling with replacement) keep one of the rows' softmax.
@@ -102,6 +111,7 @@ class PSKD(Method):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._memory: Tensor | None = None
+        self._log: list[tuple[Tensor, Tensor, Tensor]] = []  # DDP: (indices, rows, step) written since the last sync
         self.epochs = 0
         self.epoch = 0
         self.steps = 0
@@ -132,7 +142,39 @@ class PSKD(Method):
         self.epochs = sizes[2]
         self.epoch = 0
 
+    def on_epoch_end(self) -> None:
+        self.sync_memory()
+
+    def sync_memory(self) -> None:
+        """Make the memory the same on every rank: all-gather the rows each rank wrote since the last
+        sync (indices, stored rows and the step that wrote them) and write them everywhere, the latest
+        (step, rank) winning for a sample written twice (DistributedSampler's padding). One vectorised
+        all-gather, no loop over rows. A no-op in one process. Collective: every rank calls it."""
+        if not distributed.active() or self._memory is None:
+            self._log = []
+            return
+        mem = self._memory
+        dev = mem.device
+        if self._log:
+            idx = torch.cat([i for i, _, _ in self._log]).to(dev)
+            rows = torch.cat([r for _, r, _ in self._log]).to(dev)
+            step = torch.cat([t for _, _, t in self._log]).to(dev)
+        else:
+            idx = torch.empty(0, dtype=torch.int64, device=dev)
+            rows = mem.new_empty((0, mem.shape[1]))
+            step = torch.empty(0, dtype=torch.int64, device=dev)
+        self._log = []
+        world, me = distributed.world_size(), distributed.rank()
+        all_idx = distributed.all_gather_rows(idx)
+        all_rows = distributed.all_gather_rows(rows.view(torch.uint8)).view(mem.dtype)  # any dtype as bytes
+        all_key = distributed.all_gather_rows(step * world + me)
+        latest = torch.full((mem.shape[0],), -1, dtype=torch.int64, device=dev)
+        latest.scatter_reduce_(0, all_idx, all_key, reduce="amax")
+        win = all_key == latest[all_idx]
+        mem[all_idx[win]] = all_rows[win]
+
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        self.sync_memory()  # plain loops that skip on_epoch_end
         if epoch < 0 or epochs < 1:
             raise TrainingError(f"PS-KD: on_epoch_start needs epoch >= 0 and epochs >= 1 (got {epoch}, {epochs})")
         self.epoch = int(epoch)
@@ -159,17 +201,17 @@ class PSKD(Method):
                 f"PS-KD: expected logits [B, {k}] with B labels and B indices (got logits {tuple(logits.shape)}, "
                 f"{target.shape[0]} labels, {index.shape[0]} indices)"
             )
-        if index.device.type == "cpu" and rows and (int(index.min()) < 0 or int(index.max()) >= n):
-            raise TrainingError(
-                f"PS-KD: index out of range for a memory of {n} samples (got {int(index.min())}..{int(index.max())})"
-            )
+        if index.device.type == "cpu" and rows:  # the loader's CPU indices: checked without a device sync
+            lo, hi = host_range(index)
+            if lo < 0 or hi >= n:
+                raise TrainingError(f"PS-KD: index out of range for a memory of {n} samples (got {lo}..{hi})")
         if self.hp.memory_device == "device" and mem.device != logits.device:
             mem = self._memory = mem.to(logits.device)
         idx = index.to(mem.device, torch.int64, non_blocking=True)
 
         prev = mem[idx].to(logits.device, torch.float32, non_blocking=True)
         total = prev.sum(dim=1, keepdim=True)
-        onehot = F.one_hot(target, k).float()
+        onehot = one_hot(target, k)
         prev = torch.where(total > 0, prev / total.clamp_min(1e-30), onehot)  # never visited: the label
         a = self.alpha_t
         write = None
@@ -188,11 +230,12 @@ class PSKD(Method):
             z = logits.detach()
             ce = cross_entropy(z, target) if mix is None else mixed_cross_entropy(z, target, mix)
             kd = soft_cross_entropy(logits.detach(), prev)
-        if write is None:
-            mem[idx] = probs.to(mem.device, self.dtype)
-        else:
-            keep_rows = write.to(mem.device)
-            mem[idx[keep_rows]] = probs.to(mem.device, self.dtype)[keep_rows]
+        stored = probs.to(mem.device, self.dtype)
+        if write is not None:  # keep: rows that mix two images write back the old value (no boolean indexing)
+            stored = torch.where(write.to(mem.device)[:, None], stored, mem[idx])
+        mem[idx] = stored
+        if distributed.active():  # replayed on every rank at the epoch's end (sync_memory)
+            self._log.append((idx, stored, torch.full_like(idx, self.steps)))
         self.steps += 1
         return StepOutput(loss, {"ce": ce, "kd": kd}, logits, target)
 

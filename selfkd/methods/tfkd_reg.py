@@ -52,6 +52,7 @@ class TfKDReg(Method):
       ``kd`` (``T_s²·KL``), ``loss = (1−α)·ce + α·kd``. No extra forward pass, no state.
     * **Mixed samples** (mixup/CutMix): CE is mixed, and the virtual teacher ``softmax(p^d(y)/T)``
       becomes ``lam·softmax(p^d(y)/T) + (1−lam)·softmax(p^d(y[index])/T)``.
+    * **Distributed** (DDP): per rank; the virtual teacher depends on each row's label only; DDP averages the gradients.
     """
 
     name = "tfkd-reg"

@@ -100,6 +100,9 @@ class TfKDSelf(Method):
     * **Mixed samples** (mixup/CutMix): the teacher forwards the same mixed input as the student (its
       soft target is its own prediction for the mixture, unchanged); CE becomes
       ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``.
+    * **Distributed** (DDP): per rank; each rank forwards the frozen teacher (loaded from the same file on every rank) on its own
+      shard. A teacher trained by ``selfkd train`` first (``needs_teacher``) is trained with the same
+      world size, as a distributed CE run.
     """
 
     name = "tfkd-self"

@@ -34,14 +34,15 @@ def zipf_target(scores: Tensor, target: Tensor, power: float) -> Tensor:
     (the true class included), the true class then removed, the rest renormalised."""
     n, k = scores.shape
     w = min_rank(scores).float().pow(-power)
-    keep = non_target_mask(target, k)
-    w = w[keep].view(n, k - 1)
+    w = w.gather(1, non_target_columns(target, k))
     return w / w.sum(dim=1, keepdim=True)
 
 
-def non_target_mask(target: Tensor, num_classes: int) -> Tensor:
-    mask = torch.ones(target.shape[0], num_classes, dtype=torch.bool, device=target.device)
-    return mask.scatter_(1, target.view(-1, 1), False)
+def non_target_columns(target: Tensor, num_classes: int) -> Tensor:
+    """``(N, K−1)`` class indices of each row without its target, ascending: a gather index (boolean-mask
+    selection would make the host wait for the mask's count on a GPU)."""
+    cols = torch.arange(num_classes - 1, device=target.device).expand(target.shape[0], -1)
+    return cols + (cols >= target.view(-1, 1)).long()
 
 
 def dense_votes(fmap: Tensor, fc: nn.Linear, upsample: int) -> Tensor:
@@ -130,6 +131,8 @@ class ZipfLS(Method):
       term shapes only the classes that are not in the mixture. ``"weighted"``: ``lam·KL_y + (1−lam)·KL_y[index]``,
       each the unmixed term with that label (each then treats the other label as a non-target class).
       ``mask_correct`` on a mixed row: the argmax must be one of the row's labels.
+    * **Distributed** (DDP): per rank; Each rank builds the Zipf targets of its own rows from its own logits; DDP averages the
+      gradients. No state crosses ranks.
     """
 
     name = "zipf-ls"
@@ -189,7 +192,7 @@ class ZipfLS(Method):
         if mix is not None:
             return self._mixed_loss(logits, z, scores, target, mix)
         q = zipf_target(scores, target, hp.power)
-        log_p = F.log_softmax(z[non_target_mask(target, k)].view(n, k - 1), dim=1)
+        log_p = F.log_softmax(z.gather(1, non_target_columns(target, k)), dim=1)
         per_row = (torch.xlogy(q, q) - q * log_p).sum(dim=1)  # KL(q ‖ softmax(z_¬y))
         if hp.mask_correct:
             correct = (z.detach().argmax(dim=1) == target).float()
@@ -233,5 +236,5 @@ class ZipfLS(Method):
         """Per row, the unmixed term ``KL(q ‖ softmax(z_¬y))`` for labels ``target``."""
         n, k = z.shape
         q = zipf_target(scores, target, self.hp.power)
-        log_p = F.log_softmax(z[non_target_mask(target, k)].view(n, k - 1), dim=1)
+        log_p = F.log_softmax(z.gather(1, non_target_columns(target, k)), dim=1)
         return (torch.xlogy(q, q) - q * log_p).sum(dim=1)

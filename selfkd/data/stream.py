@@ -1,0 +1,234 @@
+"""Streaming image folders: data sets larger than memory, decoded per batch in DataLoader workers.
+
+Layouts (``root`` as for ``imagefolder``)::
+
+    root/train/<class>/**/*.jpg  +  root/val/<class>/**/*.jpg   (or test/)      a folder tree
+    root/train/*.tar             +  root/val/*.tar              (or test/)      tar shards
+
+A shard is an *uncompressed* tar whose members are ``<class>/<name>.<jpg|jpeg|png|bmp>``; classes are
+the sorted class names of the training shards. Only an index is held in memory (per image: where
+its bytes are, and its label): a shard is read once at start-up for its member offsets, then every
+image is read by one ``seek`` + ``read`` of its bytes. Compressed archives cannot be read that way
+and are refused (unpack them, or use the in-memory ``imagefolder``).
+
+:class:`StreamDataset` is map-style, with the same batch interface as :class:`ArrayDataset`
+(``batch(indices)`` -> ``(uint8 [B, 3, S, S], labels, indices)``, ``labels`` known up front), so
+everything the trainer does with an in-memory data set works unchanged: the method's batch sampler
+(DLB, CS-KD pairs, PS-KD indices), per-rank sharding by ``DistributedSampler``, and exact resume
+(the sampler position is in the checkpoint; an image's bytes do not depend on when it is read).
+With ``data.num_workers > 0`` each batch is decoded (and resized to ``S``) in a worker process;
+crop, flip, policies and normalisation then run on the training device, as for in-memory data.
+
+Errors (DataError, one line): a split with no images or an empty shard, a shard that is not a tar or
+is truncated, an image that cannot be decoded (named by shard and member), images of another size
+than the first when no ``image_size`` is given.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from ._util import channel_stats
+from .dataset import DataBundle
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+STATS_IMAGES = 512  # images (evenly spaced) the channel mean/std are computed from
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _hidden(part: str) -> bool:
+    return part.startswith(".") or part == "__MACOSX"
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where each image's bytes are: ``files[i]`` a path, or a (shard, offset, size) triple."""
+
+    files: list[Any]
+    labels: np.ndarray  # int64 [N]
+
+
+def _index_shard(path: Path) -> list[tuple[str, str, int, int]]:
+    """(class, member name, data offset, size) of every image member of an uncompressed tar shard."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):  # gzip, bzip2, xz, zstd
+        raise DataError(f"{path}: a compressed archive; streaming reads uncompressed .tar shards "
+                        "(unpack it, or use the in-memory reader with data.stream=false)")
+    out = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                parts = m.name.strip("/").split("/")
+                if not m.isfile() or any(_hidden(p) for p in parts) or not _is_image(parts[-1]):
+                    continue
+                if len(parts) < 2:
+                    raise DataError(f"{path}: member {m.name} is not in a class folder; expected <class>/<image>")
+                if m.offset_data + m.size > size:
+                    raise DataError(f"{path}: truncated shard (member {m.name} ends past the end of the file)")
+                out.append((parts[0], m.name, m.offset_data, m.size))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{path}: corrupt or unreadable tar shard ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    if not out:
+        raise DataError(f"{path}: empty shard (no <class>/<image> members)")
+    return out
+
+
+def _split_items(split_dir: Path) -> list[tuple[str, Any]]:
+    """(class, source) of every image in one split: a folder of class folders, or of .tar shards."""
+    try:
+        entries = sorted(p for p in split_dir.iterdir() if not _hidden(p.name))
+    except OSError as e:
+        raise DataError(f"{split_dir}: cannot list folder ({e.strerror or e})") from None
+    shards = [p for p in entries if p.is_file() and p.name.lower().endswith((".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2"))]
+    items: list[tuple[str, Any]] = []
+    if shards:
+        for s in shards:
+            items.extend((cls, (str(s), name, off, n)) for cls, name, off, n in _index_shard(s))
+        return items
+    for cdir in (p for p in entries if p.is_dir()):
+        for dirpath, dirnames, files in os.walk(cdir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+            items.extend((cdir.name, os.path.join(dirpath, f)) for f in sorted(files) if _is_image(f) and not _hidden(f))
+    if not items:
+        raise DataError(f"{split_dir}: no images (expected <class>/<image files> or .tar shards)")
+    return items
+
+
+def find_splits(root: str | os.PathLike) -> tuple[Path, Path]:
+    """(train dir, eval dir) of a streaming layout; DataError naming what is missing."""
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DataError(f"{base}: streaming needs a folder with train/ and val/ or test/ (folders or .tar shards)")
+    if not (base / "train").is_dir():
+        raise DataError(f"{base}: no train/ folder; expected train/ and val/ or test/ (class folders or .tar shards)")
+    for split in ("val", "test"):
+        if (base / split).is_dir():
+            return base / "train", base / split
+    raise DataError(f"{base}: no val/ or test/ folder next to train/")
+
+
+def tree_bytes(root: str | os.PathLike) -> int:
+    """Total size of the files under ``root`` (for choosing streaming automatically)."""
+    total = 0
+    for dirpath, _, files in os.walk(root, followlinks=True):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _read(src: Any) -> bytes:
+    if isinstance(src, str):
+        with open(src, "rb") as f:
+            return f.read()
+    shard, _, offset, size = src
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise DataError(f"{shard}: truncated shard (member {src[1]})")
+    return data
+
+
+def _name(src: Any) -> str:
+    return src if isinstance(src, str) else f"{src[0]}:{src[1]}"
+
+
+def decode(src: Any, size: int | None) -> np.ndarray:
+    """uint8 [3, H, W] of one image (RGB), resized to ``size`` x ``size`` (bilinear) when given."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(_read(src))) as im:
+            rgb = im.convert("RGB")
+        if size is not None and rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+    except DataError:
+        raise
+    except Exception as e:  # truncated files, not an image, decompression bombs, ...
+        raise DataError(f"{_name(src)}: cannot decode image ({type(e).__name__}: {e})".replace("\n", " ")) from None
+
+
+class StreamDataset(Dataset):
+    """Images read from disk per batch; only the index and the labels are in memory."""
+
+    def __init__(self, files: list[Any], labels: Any, num_classes: int, size: int) -> None:
+        self.files = list(files)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).contiguous()
+        self.num_classes = num_classes
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.size, self.size)
+
+    def batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        out = np.empty((len(idx), 3, self.size, self.size), dtype=np.uint8)
+        for k, i in enumerate(idx.tolist()):  # decoding is per image by nature; this runs in a loader worker
+            a = decode(self.files[i], self.size)
+            if a.shape[1:] != (self.size, self.size):
+                raise DataError(f"{_name(self.files[i])}: image is {a.shape[2]}x{a.shape[1]}, not "
+                                f"{self.size}x{self.size}; set data.image_size to resize every image")
+            out[k] = a
+        return torch.from_numpy(out), self.labels[idx], idx
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x, y, _ = self.batch([i])
+        return x[0], y[0], int(i)
+
+    def subset(self, indices: Any) -> StreamDataset:
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).tolist()
+        return StreamDataset([self.files[i] for i in idx], self.labels[idx], self.num_classes, self.size)
+
+    def with_labels(self, new_labels: Any) -> StreamDataset:
+        return StreamDataset(self.files, new_labels, self.num_classes, self.size)
+
+    def __repr__(self) -> str:
+        return f"StreamDataset(n={len(self)}, size={self.size}, num_classes={self.num_classes})"
+
+
+def load_stream(root: str | os.PathLike, image_size: int | None = None) -> DataBundle:
+    """A :class:`DataBundle` of two :class:`StreamDataset` splits (see the module docstring)."""
+    train_dir, eval_dir = find_splits(root)
+    train_items, eval_items = _split_items(train_dir), _split_items(eval_dir)
+    classes = sorted({c for c, _ in train_items})
+    index = {c: i for i, c in enumerate(classes)}
+    for c, src in eval_items:
+        if c not in index:
+            raise DataError(f"{_name(src)}: class '{c}' is not one of the {len(classes)} classes of {train_dir}")
+    size = image_size
+    if size is None:
+        first = decode(train_items[0][1], None)
+        if first.shape[1] != first.shape[2]:
+            raise DataError(f"{_name(train_items[0][1])}: images are {first.shape[2]}x{first.shape[1]}, not square; "
+                            "set data.image_size to resize them")
+        size = int(first.shape[1])
+    k = len(classes)
+    train = StreamDataset([s for _, s in train_items], [index[c] for c, _ in train_items], k, size)
+    test = StreamDataset([s for _, s in eval_items], [index[c] for c, _ in eval_items], k, size)
+    step = max(1, len(train) // STATS_IMAGES)
+    sample = train.batch(list(range(0, len(train), step))[:STATS_IMAGES])[0].numpy()
+    mean, std = channel_stats(sample)
+    return DataBundle(name="imagefolder", train=train, test=test, classes=classes, mean=mean, std=std,
+                      default_augment={"crop_padding": 4, "flip": True})

@@ -1,0 +1,258 @@
+"""torch.distributed for selfkd: start-up from torchrun's environment, rank helpers, collectives.
+
+The lowest layer (it imports torch only), so that methods (PS-KD's memory, MrKD's ensembling layer)
+and the engine use the same helpers. Every helper is a no-op, or the identity, when no process group
+is running or the world has one process: single-process code pays nothing.
+
+``torchrun`` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+:func:`init` reads them (``env://``). The backend is NCCL on CUDA and gloo on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import ConfigError
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def launched() -> bool:
+    """True in a process started by torchrun (or anything that sets ``WORLD_SIZE``)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from the environment; (0, 0, 1) outside torchrun."""
+    try:
+        return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                int(os.environ.get("WORLD_SIZE", 1)))
+    except ValueError as err:
+        raise ConfigError(f"RANK/LOCAL_RANK/WORLD_SIZE: expected integers ({err})") from None
+
+
+def pick_backend(backend: str, device: torch.device) -> str:
+    """The process-group backend for ``device``: NCCL needs CUDA; ``auto`` is NCCL on CUDA, else gloo."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"train.backend: expected one of {', '.join(BACKENDS)} (got {backend!r})")
+    if backend == "nccl" and (device.type != "cuda" or not torch.cuda.is_available()):
+        raise ConfigError("train.backend=nccl needs CUDA devices, but training runs on the CPU "
+                          "(use train.backend=gloo or auto on CPU machines)")
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return backend
+
+
+def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0) -> torch.device:
+    """Join the process group torchrun describes; returns this rank's device (``cuda:LOCAL_RANK``)."""
+    rank, local, world = env_ranks()
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA devices are visible")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    name = pick_backend(backend, device)
+    if not dist.is_initialized():
+        dist.init_process_group(name, init_method="env://", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+    return device
+
+
+def backend_name() -> str:
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    """A process group with more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process): the one that logs and writes files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def _comm_device(t: Tensor) -> torch.device:
+    """NCCL moves CUDA tensors only; gloo is used here with CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_rows(t: Tensor) -> Tensor:
+    """Concatenate every rank's ``t`` along dim 0, rank 0's rows first (ranks may hold different row
+    counts). Returned on ``t``'s device. One process: ``t`` itself."""
+    if not active():
+        return t
+    dev = _comm_device(t)
+    x = t.to(dev).contiguous()
+    n = torch.tensor([x.shape[0]], device=dev, dtype=torch.int64)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    counts = [int(s) for s in sizes]
+    top = max(counts)
+    if x.shape[0] < top:  # all_gather needs equal shapes: pad, then cut
+        x = torch.cat([x, x.new_zeros((top - x.shape[0], *x.shape[1:]))])
+    parts = [torch.empty_like(x) for _ in counts]
+    dist.all_gather(parts, x)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(t.device)
+
+
+def all_reduce_mean_(tensors: list[Tensor]) -> None:
+    """Average ``tensors`` in place across ranks (one flattened all-reduce)."""
+    if not active() or not tensors:
+        return
+    dev = _comm_device(tensors[0])
+    flat = torch.cat([t.reshape(-1).to(dev, torch.float32) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t).to(t.device, t.dtype))
+        offset += n
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (plain containers of tensors, numbers, strings), rank order; serialised with
+    ``torch.save`` and read back with ``weights_only=True``. One process: ``[obj]``."""
+    if not active():
+        return [obj]
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, buf.getvalue())
+    return [torch.load(io.BytesIO(b), map_location="cpu", weights_only=True) for b in out]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def agree(ok: bool) -> bool:
+    """True on every rank iff ``ok`` is true on every rank (for errors that must stop all ranks)."""
+    if not active():
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=_comm_device(torch.empty(0)))
+    dist.all_reduce(flag)
+    return int(flag) == 0
+
+
+def eval_chunks(n: int, chunk: int, rank_: int, world: int) -> list[tuple[int, int]]:
+    """This rank's share of ``n`` rows evaluated in chunks of ``chunk``: chunks ``rank, rank+world, ...``
+    of the single-process chunking, so every row is computed in the same chunk as in one process."""
+    starts = range(rank_ * chunk, n, world * chunk)
+    return [(s, min(s + chunk, n)) for s in starts]
+
+
+def gather_chunks(local: Tensor, n: int, chunk: int) -> Tensor:
+    """Reassemble the rows of :func:`eval_chunks` from every rank in the single-process order."""
+    world = world_size()
+    if world == 1:
+        return local
+    rows = all_gather_rows(local)
+    order = torch.cat([torch.arange(s, e) for r in range(world) for s, e in eval_chunks(n, chunk, r, world)])
+    out = torch.empty_like(rows)
+    out[order] = rows
+    return out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of every rank's output gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:  # type: ignore[override]
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        g = grad.clone()
+        dist.all_reduce(g)
+        return g
+
+
+class SyncBatchNormCPU(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are over every rank's batch, for gloo on the CPU (PyTorch's
+    ``nn.SyncBatchNorm`` needs CUDA). Mean, then variance, each one differentiable all-reduce
+    (``torch.distributed.nn``), so the gradient is that of BatchNorm over the union of the ranks'
+    batches; running statistics as BatchNorm's (unbiased variance over the global count)."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (got {x.dim()}-D)")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and active()):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        n_local = xf.numel() // xf.shape[1]
+        packed = torch.cat([xf.sum(dims), xf.new_tensor([float(n_local)])])
+        packed = all_reduce(packed)
+        count = packed[-1]
+        mean = packed[:-1] / count
+        centred = xf - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp_min(1), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+    @classmethod
+    def convert(cls, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` with every BatchNorm replaced (weights and buffers copied)."""
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            new.load_state_dict(module.state_dict())
+            new.train(module.training)
+            return new
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert(child))
+        return module
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """SyncBatchNorm for ``device``: PyTorch's on CUDA (NCCL), :class:`SyncBatchNormCPU` on the CPU."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return SyncBatchNormCPU.convert(module)

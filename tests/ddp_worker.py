@@ -1,0 +1,53 @@
+"""Run under ``torchrun --nproc_per_node=2`` by tests/test_distributed.py; writes OUT/rank{r}.pt."""
+import sys
+
+import torch
+
+from selfkd import distributed
+from selfkd.methods import build_method
+
+
+def collectives(out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(torch.device("cpu"))
+    r, w = distributed.rank(), distributed.world_size()
+    res = {}
+    # all_gather_rows with unequal counts
+    res["rows"] = distributed.all_gather_rows(torch.full((r + 1, 2), float(r)))
+    # sharded evaluation: rank r computes its chunks; gathered = single-process order
+    n, chunk = 23, 4
+    mine = [torch.arange(s, e, dtype=torch.float32)[:, None] * torch.ones(1, 3) for s, e in distributed.eval_chunks(n, chunk, r, w)]
+    local = torch.cat(mine) if mine else torch.empty(0, 3)
+    res["eval"] = distributed.gather_chunks(local, n, chunk)
+    # PS-KD: rank 0 writes samples [0, 1], [4], [0] at steps 0, 1, 2; rank 1 writes [2, 3], [5], [4]
+    p = build_method("pskd", memory_dtype="float32")
+    p.setup(num_samples=6, num_classes=3, epochs=2)
+    p.on_epoch_start(0, 2)
+    plan = {0: [[0, 1], [4]], 1: [[2, 3], [4]]}
+    for step, idx in enumerate(plan[r]):
+        if r == 1 and step == 1:
+            idx = [5]
+        logits = torch.tensor([[float(i), float(r), float(step)] for i in idx])
+        p.loss(logits, torch.zeros(len(idx), dtype=torch.int64), index=torch.tensor(idx))
+    if r == 1:  # sample 4 again, at a later step than rank 0's write: rank 1's row must win
+        p.loss(torch.tensor([[4.0, 1.0, 2.0]]), torch.zeros(1, dtype=torch.int64), index=torch.tensor([4]))
+    else:
+        p.loss(torch.tensor([[0.0, 0.0, 9.0]]), torch.zeros(1, dtype=torch.int64), index=torch.tensor([0]))
+    p.on_epoch_end()
+    res["pskd"] = p.state_dict()["memory"]
+    # MrKD's fcn layer: each rank trains it on its own half of a batch; gradients averaged
+    m = build_method("mrkd", ensemble="fcn", copies=2, fcn_lr=0.5)
+    m.setup(num_samples=8, num_classes=3, epochs=1)
+    g = torch.Generator().manual_seed(0)
+    outs = [torch.randn(8, 3, generator=g) for _ in range(2)]
+    y = torch.randint(0, 3, (8,), generator=g)
+    half = slice(4 * r, 4 * r + 4)
+    for _ in range(3):
+        m.ensemble([o[half] for o in outs], y[half])
+    res["fcn"] = m.state_dict()["fcn"]
+    torch.save(res, f"{out}/rank{r}.pt")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    {"collectives": collectives}[sys.argv[1]](sys.argv[2])

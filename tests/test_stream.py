@@ -1,0 +1,113 @@
+"""Streaming image folders: same images as the in-memory reader, tar shards, errors, loader workers."""
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
+
+from selfkd.data import BatchView, load_dataset
+from selfkd.data.stream import load_stream
+from selfkd.errors import ConfigError, DataError
+
+
+def png(seed: int, size: int = 8) -> bytes:
+    a = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tree(root: Path, n: int = 5) -> Path:
+    for split, count in (("train", n), ("val", 2)):
+        for c in ("cat", "dog"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(count):
+                (d / f"{i:03d}.png").write_bytes(png(hash((split, c, i)) % 1000))
+    return root
+
+
+def shards(src: Path, dst: Path, per_shard: int = 3) -> Path:
+    """The same images as tar shards of ``per_shard`` members (<class>/<file>)."""
+    for split in ("train", "val"):
+        files = sorted((src / split).glob("*/*.png"))
+        (dst / split).mkdir(parents=True)
+        for s in range(0, len(files), per_shard):
+            with tarfile.open(dst / split / f"{split}-{s // per_shard:03d}.tar", "w") as tar:
+                for f in files[s : s + per_shard]:
+                    tar.add(f, arcname=f"{f.parent.name}/{f.name}")
+    return dst
+
+
+def test_streamed_batches_are_the_in_memory_images(tmp_path):
+    root = tree(tmp_path / "t")
+    mem = load_dataset("imagefolder", root=root, cache_dir=tmp_path / "cache")
+    for src in (root, shards(root, tmp_path / "s")):
+        st = load_dataset("imagefolder", root=src, stream=True)
+        assert len(st.train) == len(mem.train) == 10 and len(st.test) == 4 and st.classes == ["cat", "dog"]
+        x, y, idx = st.train.batch([3, 0, 9])
+        assert torch.equal(x, mem.train.images[[3, 0, 9]]) and torch.equal(y, mem.train.labels[[3, 0, 9]])
+        assert idx.tolist() == [3, 0, 9] and torch.equal(st.test.labels, mem.test.labels)
+        assert st.image_size == 8 and st.channels == 3
+        assert np.allclose(st.mean, mem.mean) and np.allclose(st.std, mem.std)
+
+
+def test_workers_decode_per_rank_shards(tmp_path):
+    st = load_stream(shards(tree(tmp_path / "t"), tmp_path / "s"), image_size=6)
+    seen = []
+    for r in range(2):
+        sampler = DistributedSampler(range(len(st.train)), num_replicas=2, rank=r, shuffle=True, seed=0)
+        from torch.utils.data import BatchSampler
+
+        loader = DataLoader(BatchView(st.train), sampler=BatchSampler(sampler, 2, False), batch_size=None, num_workers=2)
+        for x, y, idx in loader:
+            assert x.shape == (len(idx), 3, 6, 6) and x.dtype == torch.uint8
+            assert torch.equal(y, st.train.labels[idx])
+            seen += idx.tolist()
+    assert sorted(seen) == list(range(10))
+
+
+def test_stream_errors_are_one_line(tmp_path):
+    root = tree(tmp_path / "t", n=2)
+    s = shards(root, tmp_path / "s")
+    (s / "train" / "empty.tar").write_bytes(b"")  # not even a tar header
+    with pytest.raises(DataError, match="empty.tar: (corrupt|empty)"):
+        load_stream(s)
+    (s / "train" / "empty.tar").unlink()
+    with tarfile.open(s / "train" / "zz-empty.tar", "w") as tar:
+        info = tarfile.TarInfo("README.txt")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(DataError, match="zz-empty.tar: empty shard"):
+        load_stream(s)
+    (s / "train" / "zz-empty.tar").unlink()
+    with tarfile.open(s / "train" / "zz-bad.tar", "w") as tar:
+        data = b"not a png at all"
+        info = tarfile.TarInfo("cat/bad.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match=r"zz-bad.tar:cat/bad.png: cannot decode image"):
+        load_stream(s)  # the channel statistics read it (small sets are read whole)
+    with tarfile.open(tmp_path / "gz.tar.gz", "w:gz") as tar:
+        tar.add(root / "train" / "cat", arcname="cat")
+    (s / "train" / "zz-bad.tar").unlink()
+    (tmp_path / "gz.tar.gz").rename(s / "train" / "zz.tar.gz")
+    with pytest.raises(DataError, match="uncompressed .tar shards"):
+        load_stream(s)
+    with pytest.raises(DataError, match="no val/ or test/"):
+        (tmp_path / "only" / "train" / "a").mkdir(parents=True)
+        load_stream(tmp_path / "only")
+    with pytest.raises(ConfigError, match="only imagefolder data can be streamed"):
+        load_dataset("digits", stream=True)
+
+
+def test_auto_streams_above_the_size(tmp_path):
+    root = tree(tmp_path / "t")
+    from selfkd.data.stream import StreamDataset
+
+    assert isinstance(load_dataset("imagefolder", root=root, stream="auto", stream_above_mb=0.001).train, StreamDataset)
+    assert not isinstance(load_dataset("imagefolder", root=root, stream="auto", cache_dir=tmp_path / "c").train,
+                          StreamDataset)
