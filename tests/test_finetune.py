@@ -47,7 +47,7 @@ def test_dlb_run_directory_summary_and_report(parts, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("longer than 24 tokens") == 1  # truncation is said once
     assert s["truncated_train"] + s["truncated_test"] == 6  # every 4th of 8 documents per class is long
-    assert cli(parts, tmp_path / "runs" / "ce", method="ce") == 0
+    assert cli(parts, tmp_path / "runs" / "ce", method="ce", epochs=1) == 0
     build_report([str(tmp_path / "runs")])
     md = (tmp_path / "runs" / "report" / "report.md").read_text()
     assert "macro-F1 %" in md and "| `dlb` |" in md and "| `ce` |" in md
@@ -65,7 +65,7 @@ def test_resume_is_exact(parts, tmp_path, monkeypatch, lora):
     if lora:
         pytest.importorskip("peft")
     extra = ("--set", "method.schedule=entropy", "--set", "train.seed=3", "--set", f"model.lora.r={lora}")
-    assert cli(parts, tmp_path / "whole", *extra, epochs=3) == 0
+    assert cli(parts, tmp_path / "whole", *extra, epochs=2) == 0
     from selfkd.integrations import finetune
 
     begin = finetune._Epochs.on_epoch_begin
@@ -76,7 +76,7 @@ def test_resume_is_exact(parts, tmp_path, monkeypatch, lora):
         return begin(self, args, state, control, **kw)
 
     monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", stop_in_epoch_2)
-    assert cli(parts, tmp_path / "cut", *extra, epochs=3) == 130
+    assert cli(parts, tmp_path / "cut", *extra, epochs=2) == 130
     assert not (tmp_path / "cut" / "summary.json").exists()
     monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", begin)
     assert main(["finetune", "--resume", str(tmp_path / "cut")]) == 0
