@@ -124,7 +124,7 @@ def cell(vals: list[float], fmt: str) -> str:
         return "–"
     if len(vals) == 1:
         return fmt.format(vals[0])
-    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
+    return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
 
 
 def report(a: argparse.Namespace, results: dict, argv: list[str] | None) -> str:

@@ -286,7 +286,8 @@ class _Run:
         best = max(h, key=lambda r: r["test_acc"])
         train_s = sum(r["train_seconds"] for r in h)
         return {
-            "kind": "finetune", "data": Path(s.cfg.data.path).name, "model": Path(s.cfg.model.path).name,
+            "kind": "finetune", "data": "/".join(Path(s.cfg.data.path).parts[-2:]),
+            "model": "/".join(Path(s.cfg.model.path).parts[-2:]),
             "method": s.method.describe(), "epochs": len(h), "seed": s.cfg.train.seed,
             "last_acc": last["test_acc"], "best_acc": best["test_acc"], "best_epoch": best["epoch"],
             "macro_f1": last["test_macro_f1"], "ece": last["test_ece"], "nll": last["test_nll"],
