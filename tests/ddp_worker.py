@@ -49,5 +49,35 @@ def collectives(out: str) -> None:
     distributed.shutdown()
 
 
+EQUIV_METHODS = ("ce", "dlb", "cskd", "pskd")
+
+
+def tiny_config(method: str, batch: int, **train):
+    """A few steps of a tiny model; augmentation off so that a 1-process twin sees the very same inputs."""
+    from selfkd.engine.config import build_config
+
+    return build_config({
+        "data": {"name": "digits", "subset": 64},
+        "augment": {"crop_padding": 0, "flip": False},
+        "model": {"name": "resnet8"}, "method": {"name": method},
+        "optim": {"batch_size": batch, "lr": 0.1},
+        "train": {"epochs": 2, "seed": 3, "device": "cpu", "log_every": 1000, **train},
+    })
+
+
+def equivalence(out: str) -> None:
+    """Each method trained by 2 ranks with per-rank batch 8 and sync_bn; rank 0 writes OUT/<method>/."""
+    from pathlib import Path
+
+    from selfkd.engine.trainer import Trainer, build
+
+    torch.set_num_threads(1)
+    distributed.init(torch.device("cpu"))
+    for method in EQUIV_METHODS:
+        Trainer(build(tiny_config(method, 8, sync_bn=True)), Path(out) / method, progress=False,
+                log=lambda m: None).run()
+    distributed.shutdown()
+
+
 if __name__ == "__main__":
-    {"collectives": collectives}[sys.argv[1]](sys.argv[2])
+    {"collectives": collectives, "equivalence": equivalence}[sys.argv[1]](sys.argv[2])

@@ -190,6 +190,55 @@ def test_feature_hint_matches_hand_computation_and_teacher_gets_no_gradient():
         byot_loss(zs, torch.tensor(Y), hint_weight=0.5)
 
 
+def test_journal_hint_is_one_unsquared_norm_over_the_batch_and_skips_the_deepest_neighbour():
+    # pooled features of 2 rows x 2 channels; exit 2 (the deepest's neighbour) is skipped (None)
+    f1 = torch.tensor([[1.0, 2.0], [0.0, -1.0]], requires_grad=True)
+    fd = torch.tensor([[1.0, 1.0], [0.0, 0.0]], requires_grad=True)
+    zs = exits()
+    loss, parts = byot_loss(zs, torch.tensor(Y), hint_weight=0.03, features=[f1, None, fd], hint="journal")
+    want = math.sqrt((1 - 1) ** 2 + (2 - 1) ** 2 + 0 ** 2 + (-1) ** 2)  # torch.dist(f1, fd): sqrt(2)
+    base, _ = byot_loss(zs, torch.tensor(Y))
+    assert parts["hint"].item() == pytest.approx(want, rel=1e-6)
+    assert loss.item() == pytest.approx(base.item() + 0.03 * want, rel=1e-6)
+    loss.backward()
+    assert fd.grad is None
+    # d/df1 of 0.03·||f1 − fd|| = 0.03·(f1 − fd)/||f1 − fd||
+    assert torch.allclose(f1.grad, 0.03 * torch.tensor([[0.0, 1.0], [0.0, -1.0]]) / want, atol=1e-7)
+
+
+def test_journal_hint_adaptation_layers_are_part_of_the_model_and_trained():
+    hp = {"hint": "journal", "hint_weight": 0.03, "attention": True}
+    w = wrap("resnet8", k=10, in_channels=1, **hp)
+    assert w.adapt is not None and len(w.adapt) == 1  # resnet8: 2 shallow exits, the deepest's neighbour skipped
+    assert isinstance(w.adapt[0], nn.Linear) and w.adapt[0].in_features == w.adapt[0].out_features == 64
+    assert any(k.startswith("adapt.0.") for k in w.state_dict())
+    assert wrap("resnet8", k=10, in_channels=1).adapt is None  # no hint: no extra parameters
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    out = BYOT(**hp).train_step(w, Batch(x, y))
+    zs, maps = w.forward_exits(x, with_features=True)
+    feats = w.journal_features(maps)
+    assert feats[1] is None and feats[0].shape == (6, 64) and feats[2].shape == (6, 64)
+    want = torch.linalg.vector_norm(feats[0] - feats[2]).item()
+    assert out.parts["hint"].item() == pytest.approx(want, rel=1e-5)
+    out.loss.backward()
+    assert w.adapt[0].weight.grad is not None and w.adapt[0].weight.grad.abs().sum() > 0
+    with pytest.raises(TrainingError, match="adapt=True"):
+        BYOT(**hp).train_step(wrap("resnet8", k=10, in_channels=1), Batch(x, y))
+
+
+def test_byot_journal_preset_is_the_journal_recipe():
+    from selfkd.engine.config import resolve
+
+    cfg = resolve(preset="byot-journal", file=None, flags={"data": {"name": "digits"}, "model": {"name": "resnet8"}},
+                  overrides=[])
+    assert cfg.method.name == "byot"
+    assert cfg.method.params() | {} == build_method("byot", kd_weight=0.3, temperature=3.0, hint="journal",
+                                                    hint_weight=0.03, attention=True).hp.model_dump()
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.batch_size) == (0.1, 0.9, False, 128)
+    assert cfg.schedule.kind == "multistep" and cfg.schedule.milestones == [83, 166, 240]
+    assert cfg.train.epochs == 250 and cfg.augment.policy == "autoaugment" and cfg.augment.cutout == 16
+
+
 def test_train_step_uses_forward_exits_and_reports_parts():
     w = wrap("resnet8", k=10, in_channels=1)
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
@@ -245,7 +294,7 @@ def test_unknown_hyper_parameter_is_rejected_with_known_names():
 def test_defaults_cost_and_empty_state_round_trip(tmp_path):
     m = build_method("byot")
     assert m.hp.model_dump() == {"kd_weight": 0.3, "temperature": 3.0, "t2_scaling": False, "hint_weight": 0.0,
-                                 "head": "sepconv", "attention": False}
+                                 "hint": "paper", "head": "sepconv", "attention": False}
     assert m.forwards_per_sample == 1.0
     assert m.state_dict() == {}
     torch.save(m.state_dict(), tmp_path / "s.pt")

@@ -130,15 +130,24 @@ def test_lsrkd_tc_matches_hand_computation(soften):
     assert out.loss.item() == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-5)
 
 
-def test_lsrkd_tc_near_uniform_share_is_lsrkd_and_gradient_goes_to_logits_only():
+def test_lsrkd_tc_default_is_the_journal_form_unsoftened_teacher():
+    assert selfkd.build_method("lsrkd-tc").hp.soften_teacher is False
     z, y = tensors()
-    tc = selfkd.build_method("lsrkd-tc", a=0.25 + 1e-7).loss(z, y).loss.item()
+    default = selfkd.build_method("lsrkd-tc", alpha=0.3, temperature=2.0, a=0.6).loss(z, y).loss.item()
+    literal = selfkd.build_method("lsrkd-tc", alpha=0.3, temperature=2.0, a=0.6, soften_teacher=False).loss(z, y)
+    assert default == literal.loss.item()
+
+
+@pytest.mark.parametrize("soften", [True, False])
+def test_lsrkd_tc_near_uniform_share_is_lsrkd_and_gradient_goes_to_logits_only(soften):
+    z, y = tensors()
+    tc = selfkd.build_method("lsrkd-tc", a=0.25 + 1e-7, soften_teacher=soften).loss(z, y).loss.item()
     assert tc == pytest.approx(selfkd.build_method("lsrkd").loss(z, y).loss.item(), rel=1e-5)
     alpha, t, a = 0.5, 2.0, 0.7
     z, y = tensors(requires_grad=True)
-    selfkd.build_method("lsrkd-tc", alpha=alpha, temperature=t, a=a)(z, y).backward()
+    selfkd.build_method("lsrkd-tc", alpha=alpha, temperature=t, a=a, soften_teacher=soften)(z, y).backward()
     for zi, yi, g in zip(Z, Y, z.grad.tolist()):
-        p, q, pc = softmax(zi), softmax(zi, t), tc_teacher(yi, a, 4, t, True)
+        p, q, pc = softmax(zi), softmax(zi, t), tc_teacher(yi, a, 4, t, soften)
         want = [((1 - alpha) * (p[c] - (c == yi)) + alpha * t * (q[c] - pc[c])) / 3 for c in range(4)]
         assert g == pytest.approx(want, abs=1e-6)
 

@@ -536,7 +536,7 @@ def test_listings_and_help_do_not_import_torch():
     assert res.returncode == 0, res.stderr
     torch_loaded, seconds = res.stdout.split()
     assert torch_loaded == "False"
-    assert float(seconds) < 1.0
+    assert float(seconds) < 2.0  # about 0.1 s on an idle machine; the bound leaves room for a loaded CI box
 
 
 def test_generated_catalog_matches_the_registries(capsys):
@@ -559,3 +559,15 @@ def test_demo_threads_progress_and_what_the_numbers_are(tmp_path, capsys):
     assert json.loads((tmp_path / "d" / "ce-noise0" / "summary.json").read_text())["threads"] == 1
     code, _, err = run_cli(capsys, "demo", "--epochs", "1", "--out", tmp_path / "d", "--no-progress")
     one_line_error(code, err, "already holds a run")  # a second demo never overwrites the first
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
+    (["train", "--set", "-x"], "argument --set: expected one argument"),
+    (["trian"], "invalid choice: 'trian'"),
+])
+def test_usage_errors_are_one_line_too(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    one_line_error(e.value.code, err, needle, "--help")

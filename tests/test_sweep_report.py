@@ -417,3 +417,13 @@ def test_report_with_noise_shows_failed_unfinished_and_missing_runs(tmp_path):
         assert png_ok(out / name) and f"]({name})" in md
     data = json.loads((out / "report.json").read_text())
     assert {g["label"]: (g["finished"], g["total"]) for g in data["groups"]}["noise=symmetric 0.4, lr=0.05"] == (1, 2)
+
+
+def test_report_plots_accuracy_against_compute_when_budgets_differ(grid, tmp_path):
+    """ce (1 pass per sample) and dlb (2) differ in budget: the compute plot is drawn and linked."""
+    out = tmp_path / "rep"
+    md = build_report([str(grid[0] / "runs")], out=str(out))
+    assert png_ok(out / "acc_vs_compute.png") and "](acc_vs_compute.png)" in md
+    only_ce = tmp_path / "ce"
+    md = build_report([str(p) for p in (grid[0] / "runs").glob("method.name=ce/*")], out=str(only_ce))
+    assert not (only_ce / "acc_vs_compute.png").exists() and "acc_vs_compute" not in md  # one budget: no plot

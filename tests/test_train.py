@@ -336,3 +336,18 @@ def test_cpu_peak_memory_is_the_runs_own_not_the_process_lifetime_peak(tmp_path)
                         "train": {"epochs": 1, "device": "cpu"}})
     summary = train_run(cfg, tmp_path / "run", progress=False, log=lambda m: None)
     assert 0 < summary["peak_mem_mb"] < hwm - 300
+
+
+def test_eval_every_scores_every_kth_epoch_and_the_last(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *BASE, "--method", "ce", "--epochs", "5", "--set", "train.eval_every=2",
+                 "--set", "data.noise.kind=symmetric", "--set", "data.noise.rate=0.4", "--out", str(run)]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scored = [r["epoch"] for r in rows if "test_acc" in r]
+    assert scored == [2, 4, 5]  # every 2nd epoch, and the last always
+    assert [r["epoch"] for r in rows if "train_memorized" in r] == scored
+    assert all("train_acc" in r and "train_loss" in r for r in rows)
+    s = json.loads((run / "summary.json").read_text())
+    best = max((r for r in rows if "test_acc" in r), key=lambda r: r["test_acc"])
+    assert s["best_epoch"] == best["epoch"] and s["last_acc"] == rows[-1]["test_acc"]
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] in scored

@@ -15,6 +15,13 @@ from ..errors import ConfigError, SelfKDError
 EXIT_USER = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other error (exit status 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER, f"selfkd: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config (sections: data, augment, model, method, optim, schedule, train)")
     p.add_argument("--preset", metavar="NAME", help="a named recipe (see `selfkd presets`), applied below --config")
@@ -38,7 +45,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train with N processes on this machine (DistributedDataParallel: gloo on CPU, nccl on CUDA), "
-                   "as torchrun does on one node with N processes per node; only rank 0 writes")
+                   "as torchrun does in its standalone mode with N processes per node; only rank 0 writes")
 
 
 # flag attribute -> (flag, config section, key); None: not a config key
@@ -352,7 +359,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    p = argparse.ArgumentParser(prog="selfkd", description="Self-knowledge distillation: DLB and its family.")
+    p = _Parser(prog="selfkd", description="Self-knowledge distillation: DLB and its family.")
     p.add_argument("--version", action="version", version=f"selfkd {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -432,7 +439,8 @@ def _os_error(err: OSError) -> str:
 
         return str(disk_full(Path(err.filename), err))
     where = f"{err.filename}: " if err.filename else ""
-    return f"{where}{(err.strerror or str(err)).splitlines()[0] if (err.strerror or str(err)) else type(err).__name__}"
+    text = (err.strerror or str(err)).strip()
+    return where + (text.splitlines()[0] if text else type(err).__name__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,14 +28,16 @@ def sources_hash() -> str:
     return h.hexdigest()
 
 
-def live() -> dict[str, Any]:
-    """The listing from the registries themselves (imports torch)."""
+def live(shipped_only: bool = True) -> dict[str, Any]:
+    """The listing from the registries themselves (imports torch); ``shipped_only=False`` adds user methods."""
     from ..methods import available_methods, method_class
     from ..models import available_models
 
     methods = {}
     for name in available_methods():
         cls = method_class(name)
+        if shipped_only and not cls.__module__.startswith("selfkd.methods."):
+            continue  # registered at run time by other code (tests, plugins): not a shipped method
         methods[name] = {"formula": cls.formula,
                          "params": [[k, repr(f.default), f.description or ""] for k, f in cls.Params.model_fields.items()]}
     return {"methods": methods, "models": available_models()}
@@ -56,7 +58,7 @@ def _user_code() -> bool:
 def catalog() -> dict[str, Any]:
     """The generated listing if its sources are unchanged and no user code can add to it, else the live one."""
     if _user_code():
-        return live()
+        return live(shipped_only=False)
     try:
         from . import _catalog
     except ImportError:

@@ -130,6 +130,7 @@ class TrainCfg(Section):
     sync_bn: bool = Field(False, description="under torchrun: BatchNorm statistics over every rank's batch (SyncBatchNorm)")
     eval_batch_size: int = Field(500, ge=1)
     log_every: int = Field(20, ge=1, description="steps between progress updates and non-finite checks")
+    eval_every: int = Field(1, ge=1, description="epochs between evaluations; the last epoch is always evaluated")
     log: Literal["auto", "csv", "tensorboard"] = Field(
         "auto", description="RUN/metrics.csv is always written; tensorboard: also RUN/tb event files (needs "
         "selfkd[tensorboard]); auto: those when tensorboard is installed",

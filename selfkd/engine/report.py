@@ -51,7 +51,8 @@ F1_COLUMNS = [("macro_f1", "macro-F1 %", 2)]  # text runs (selfkd finetune)
 NOISE_COLUMNS = [("corrupted_acc", "true-label acc on corrupted %", 1), ("memorized", "noisy-label fit %", 1)]
 TAIL_COLUMNS = [("seconds", "seconds", 1), ("seconds_per_epoch", "s/epoch", 1), ("peak_mem_mb", "peak MiB", 0),
                 ("passes", "fwd passes/sample", 1)]
-PLOTS = {"curves": "acc_curves.png", "noise": "acc_vs_noise.png", "reliability": "reliability.png"}
+PLOTS = {"curves": "acc_curves.png", "noise": "acc_vs_noise.png", "compute": "acc_vs_compute.png",
+         "reliability": "reliability.png"}
 _MISSING = "\0missing"
 
 
@@ -429,7 +430,8 @@ def plot_curves(groups: list[Group], colors: list, path: Path) -> bool:
             series.append((g, c, dict(sorted(per_epoch.items()))))
     if not series:
         return False
-    panels = [("test_acc", "test accuracy (%)", "Test accuracy per epoch")]
+    panels = [("test_acc", "test accuracy (%)", "Test accuracy per epoch"),
+              ("train_acc", "training accuracy (%)", "Training accuracy per epoch (augmented batches, given labels)")]
     if any("train_memorized" in m for _, _, pe in series for ms in pe.values() for m in ms):
         panels.append(("train_memorized", "noisy-label fit (%)",
                        "Corrupted training samples predicted as their noisy label"))
@@ -506,6 +508,47 @@ def plot_noise(groups: list[Group], colors: list, path: Path) -> bool:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     fig.suptitle("Against label noise: mean over seeds, error bars ± std (lines slightly offset in x)", fontsize=10)
+    _legend(fig, axes, len(lines))
+    _save(fig, path)
+    return True
+
+
+def plot_compute(groups: list[Group], colors: list, path: Path) -> bool:
+    """Accuracy (last, best) against forward passes per training sample over the run (the equal-compute
+    axis), one line per method (and noise setting), each point a group; drawn when the budgets differ."""
+    noise_varies = len({_j(_noise_text(g.flat)) for g in groups if g.flat}) > 1
+    lines: dict[str, list[tuple[float, Group]]] = {}
+    for g in groups:
+        passes = stat([r.summary.get("passes") for r in g.finished])["mean"] if g.flat else None
+        if passes is None:
+            continue
+        key = str(g.flat.get("method.name", "runs")) + (f" ({_noise_text(g.flat)})" if noise_varies else "")
+        lines.setdefault(key, []).append((passes, g))
+    if len({p for pts in lines.values() for p, _ in pts}) < 2:
+        return False
+    panels = [("last_acc", "last-epoch test accuracy (%)"), ("best_acc", "best-epoch test accuracy (%)")]
+    palette = _colors(len(lines))
+    fig = _figure(figsize=(6.2 * len(panels), 4.6 + 0.25 * math.ceil(len(lines) / 3)))
+    axes = fig.subplots(1, len(panels), squeeze=False, sharex=True)[0]
+    for ax, (key, ylabel) in zip(axes, panels):
+        for (name, pts), c in zip(lines.items(), palette):
+            xs, ys, es, labels = [], [], [], []
+            for passes, g in sorted(pts, key=lambda p: p[0]):
+                st = stat([r.summary.get(key) for r in g.finished])
+                if st["mean"] is not None:
+                    xs.append(passes)
+                    ys.append(st["mean"])
+                    es.append(st["std"] or 0.0)
+                    labels.append(", ".join(f"{k}={v}" for k, v, _ in g.parts if k != "method") or g.label)
+            if not xs:
+                continue
+            ax.errorbar(xs, ys, yerr=es, color=c, marker="o", ms=4, capsize=3, lw=1.6, label=name)
+            for x, y, text in zip(xs, ys, labels):
+                ax.annotate(_wrap(text, 28), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6, color=c)
+        ax.set_xlabel("forward passes per training sample over the run")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Accuracy against compute: mean over seeds, error bars ± std", fontsize=10)
     _legend(fig, axes, len(lines))
     _save(fig, path)
     return True
@@ -603,6 +646,8 @@ def build_report(dirs: list[str], out: str | None = None, baseline: str | None =
             plots.append((PLOTS["curves"], "Test accuracy per epoch: mean over seeds, band min–max"))
         if plot_noise(groups, colors, report_dir / PLOTS["noise"]):
             plots.append((PLOTS["noise"], "Accuracy against the label-noise rate: mean ± std over seeds"))
+        if plot_compute(groups, colors, report_dir / PLOTS["compute"]):
+            plots.append((PLOTS["compute"], "Accuracy against forward passes per training sample: mean ± std over seeds"))
         if plot_reliability(groups, colors, report_dir / PLOTS["reliability"]):
             plots.append((PLOTS["reliability"], "Reliability diagrams: bins summed over seeds"))
 

@@ -3,7 +3,8 @@
 A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one object per epoch),
 ``checkpoint.pt`` (everything needed to continue: model, optimiser, scheduler, every RNG, the
 method's state and the sampler position), ``best.pt`` (weights of the best epoch) and, once the run
-has finished, ``summary.json``. Every file is written atomically.
+has finished, ``summary.json``. Every file is written atomically. Every writer holds the folder's
+``flock`` (``.lock``, see :mod:`selfkd.engine.rundir`); only a new or empty folder becomes a run.
 """
 from __future__ import annotations
 
@@ -632,14 +633,16 @@ class Trainer:
                 bar.start_epoch(self.epoch + 1, total)
                 m = {"epoch": self.epoch + 1}
                 m.update(self._train_epoch(bar))
-                m.update({f"test_{k}": v for k, v in self.evaluate().items()})
-                if self.noisy:
-                    m.update({f"train_{k}": v for k, v in self.evaluate_train_noise().items()})
+                scored = (self.epoch + 1) % self.cfg.train.eval_every == 0 or self.epoch + 1 == total
+                if scored:
+                    m.update({f"test_{k}": v for k, v in self.evaluate().items()})
+                    if self.noisy:
+                        m.update({f"train_{k}": v for k, v in self.evaluate_train_noise().items()})
                 m["epoch_seconds"] = time.perf_counter() - t0
                 self.epoch += 1
                 self.logs.epoch(self.global_step, m)
-                # best.pt holds the first epoch of the best accuracy, as summary.json's best_epoch does
-                if self.main and all(m["test_acc"] > h["test_acc"] for h in self.history):
+                # best.pt holds the first scored epoch of the best accuracy, as summary.json's best_epoch does
+                if self.main and scored and all(m["test_acc"] > h["test_acc"] for h in self.history if "test_acc" in h):
                     ckpt.save(self.dir / BEST, {"epoch": self.epoch, "model": self.model.state_dict()})
                 self.history.append(m)
                 state = self._gathered_state()  # collective; the file is rank 0's
@@ -684,7 +687,7 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         h = self.history
         last = h[-1]
-        best = max(h, key=lambda r: r["test_acc"])
+        best = max((r for r in h if "test_acc" in r), key=lambda r: r["test_acc"])
         train_s = sum(r["train_seconds"] for r in h)
         rows = sum(r["images_per_s"] * r["train_seconds"] for r in h)
         return {

@@ -26,18 +26,26 @@ What we build (:class:`MultiExit`, via :meth:`BYOT.prepare_model`):
   Then adaptive average pool to 1x1 and one ``Linear(C_last, K)`` (also where the model's own head is an
   MLP, as VGG's 512-512-K: the journal code's exits are single linear layers). Resolutions are read from one probe
   forward at 32x32 in eval mode under ``no_grad`` (BN statistics and RNG untouched).
-* ``attention=True`` adds the journal code's attention gate before each shallow exit:
-  ``x · sigmoid(upsample(block(x, stride 2)))``; the trunk continues with the ungated ``x``. The ICCV
-  paper has no such gate, so the default is off.
+* ``attention=True`` adds the attention gate that the journal code's ResNet always applies before each
+  shallow exit: ``x · sigmoid(upsample(block(x, stride 2)))``; the trunk continues with the ungated ``x``.
+  Default off (the ICCV paper's figure has no gate).
 * ``t2_scaling=True`` replaces each soft term by the library's ``kd_kl`` = ``T²·KL(softmax(z_deep/T) ‖
   softmax(z_i/T))``: the gradient is T² times the official one (KL and H differ by the teacher's entropy,
   a constant for the student), so the reported ``kd`` value differs too. Default False = official.
-* ``hint_weight`` λ adds the ICCV paper's feature hint (absent from the journal code):
-  ``λ · Σ_i mean_rows ||F_i − F_deep.detach()||²``, ``F_i`` the output of exit i's blocks (the features it
-  pools) and ``F_deep`` the tensor the deepest exit pools; a squared L2 norm summed over C·H·W per row
-  (batchmean, like every loss here). Where a shallow map's size differs from the deep one (odd input
-  sizes) it is average-pooled to the deep size. The deep features are the detached teacher, as the deep
-  logits are. Default 0 (off, as in the official code).
+* ``hint_weight`` λ adds a feature hint towards the deepest exit's features (detached teacher), in one of
+  two forms (``hint``):
+
+  - ``"paper"`` (the ICCV paper's L2 hint): ``λ · Σ_i mean_rows ||F_i − F_deep||²``, ``F_i`` the output of
+    exit i's blocks (the map it pools) and ``F_deep`` the map the deepest exit pools; a squared L2 norm
+    summed over C·H·W per row (batchmean). A shallow map of another size (odd inputs) is average-pooled to
+    the deep size.
+  - ``"journal"`` (the journal code, ``--feature_loss_coefficient 0.03``): ``λ · Σ_i ||A_i(f_i) − f_deep||``
+    with ``f`` the pooled features (B x C), ``A_i`` a trainable ``Linear(C, C)`` adaptation layer per
+    hinted exit (held by :class:`MultiExit`, so it is optimised and saved with the model) and ``||·||``
+    the unsquared L2 norm over the whole batch (``torch.dist``: not per row, not averaged). Every shallow
+    exit but the one next to the deepest gets the term, as in that code.
+
+  Default λ=0 (off). The ``byot-journal`` preset sets the journal code's recipe (see ``selfkd presets``).
 * Not reproduced: the journal code's extra "ensemble" output (the mean of the exits), which is only
   reported, never trained.
 
@@ -143,7 +151,8 @@ class MultiExit(nn.Module):
     logits, shallow to deep. ``state_dict`` keys: ``net.*`` (the base model) and ``exits.<i>.*``.
     """
 
-    def __init__(self, net: nn.Module, *, head: Literal["sepconv", "conv"] = "sepconv", attention: bool = False) -> None:
+    def __init__(self, net: nn.Module, *, head: Literal["sepconv", "conv"] = "sepconv", attention: bool = False,
+                 adapt: bool = False) -> None:
         super().__init__()
         label = _model_label(net)
         stage_channels = getattr(net, "stage_channels", None)
@@ -180,6 +189,9 @@ class MultiExit(nn.Module):
             exits.append(Exit(blocks, channels[-1], num_classes, gate))
         self.exits = nn.ModuleList(exits)
         init_conv_bn(self.exits)  # convs Kaiming (fan_out), BN 1/0; linears keep PyTorch's default init
+        # the journal hint's adaptation layers: one per hinted exit (all shallow ones but the deepest's neighbour)
+        self.adapt = nn.ModuleList(nn.Linear(channels[-1], channels[-1]) for _ in journal_hinted(len(exits))) \
+            if adapt else None
         ref = next(net.parameters(), None)
         if ref is not None:
             self.exits.to(device=ref.device, dtype=ref.dtype)
@@ -245,6 +257,18 @@ class MultiExit(nn.Module):
         logits.append(z)
         return (logits, feats) if with_features else logits
 
+    def journal_features(self, feats: Sequence[Tensor]) -> list[Tensor | None]:
+        """The journal hint's inputs from ``forward_exits(..., with_features=True)``'s maps: the adapted
+        pooled features ``A_i(f_i)`` of the hinted shallow exits (None for the others) and, last, the
+        deepest exit's pooled features."""
+        if self.adapt is None:
+            raise TrainingError("byot: hint='journal' needs the wrapper built with adapt=True (method.prepare_model)")
+        out: list[Tensor | None] = [None] * (len(feats) - 1)
+        for a, i in zip(self.adapt, journal_hinted(len(feats) - 1)):
+            out[i] = a(torch.flatten(self.exits[i].pool(feats[i]), 1))
+        out.append(torch.flatten(self.net.pool(feats[-1]), 1))
+        return out
+
     @property
     def num_exits(self) -> int:
         return len(self.exits) + 1
@@ -253,6 +277,11 @@ class MultiExit(nn.Module):
     def base_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
         """The base model's weights from a wrapper ``state_dict`` (``net.`` keys, prefix stripped)."""
         return {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+
+
+def journal_hinted(shallow: int) -> list[int]:
+    """Shallow exits (0 = shallowest) that get the journal code's feature hint: all but the deepest's neighbour."""
+    return list(range(shallow - 1))
 
 
 def _downsamplings(h_from: int, h_to: int, label: str) -> int:
@@ -270,14 +299,17 @@ def byot_loss(
     temperature: float = 3.0,
     t2_scaling: bool = False,
     hint_weight: float = 0.0,
-    features: Sequence[Tensor] | None = None,
+    features: Sequence[Tensor | None] | None = None,
+    hint: Literal["paper", "journal"] = "paper",
     mix: Mix | MixBlocks | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """BYOT's loss on the exits' logits (shallow to deep); returns ``(loss, parts)``.
 
     ``loss = CE(z_deep) + c·kd + (1−c)·ce_aux + λ·hint`` with ``kd = Σ_i H(softmax(z_deep/T), softmax(z_i/T))``
-    (or ``Σ_i T²·KL(...)`` with ``t2_scaling``), ``ce_aux = Σ_i CE(z_i)``, ``hint = Σ_i mean_rows ||F_i − F_deep||²``
-    over the shallow exits i. The deep logits and features are detached teachers of those terms.
+    (or ``Σ_i T²·KL(...)`` with ``t2_scaling``), ``ce_aux = Σ_i CE(z_i)`` over the shallow exits i, and
+    ``hint = Σ_i mean_rows ||F_i − F_deep||²`` (``hint="paper"``, feature maps) or ``Σ_i ||f_i − f_deep||``
+    (``"journal"``: adapted pooled features, one L2 norm over the batch; exits whose entry is None are
+    skipped). The deep logits and features are detached teachers of those terms.
     ``mix``: mixed rows; every CE (deep and shallow) becomes ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``.
     """
     if len(exits) < 2:
@@ -305,14 +337,19 @@ def byot_loss(
                 f"got {None if features is None else len(features)}"
             )
         f_deep = features[-1].detach().float()
-        hint = ce.new_zeros(())
+        hint_sum = ce.new_zeros(())
         for f in features[:-1]:
+            if f is None:
+                continue
             f = f.float()
+            if hint == "journal":
+                hint_sum = hint_sum + torch.linalg.vector_norm(f - f_deep)
+                continue
             if f.shape[-2:] != f_deep.shape[-2:]:
                 f = F.adaptive_avg_pool2d(f, f_deep.shape[-2:])
-            hint = hint + (f - f_deep).pow(2).flatten(1).sum(1).mean()
-        loss = loss + hint_weight * hint
-        parts["hint"] = hint.detach()
+            hint_sum = hint_sum + (f - f_deep).pow(2).flatten(1).sum(1).mean()
+        loss = loss + hint_weight * hint_sum
+        parts["hint"] = hint_sum.detach()
     return loss, parts
 
 
@@ -326,13 +363,18 @@ class BYOTParams(Params):
         False, description="use T²·KL (kd_kl) as the soft term instead of the official unscaled soft cross-entropy"
     )
     hint_weight: float = Field(
-        0.0, ge=0, description="λ of the paper's L2 feature hint between each shallow exit's features and the deepest "
-        "(batchmean of the squared L2 norm; 0 = off, as in the official code)",
+        0.0, ge=0, description="λ of the feature hint between each shallow exit's features and the deepest (form: "
+        "`hint`; 0 = off)",
+    )
+    hint: Literal["paper", "journal"] = Field(
+        "paper", description="form of the feature hint: paper (squared L2 of feature maps, batchmean) or journal "
+        "(unsquared L2 over the batch of linearly adapted pooled features, as the journal code)",
     )
     head: Literal["sepconv", "conv"] = Field(
         "sepconv", description="exit block per downsampling step: sepconv (official SepConv) or conv (3x3 conv-BN-ReLU)"
     )
-    attention: bool = Field(False, description="the journal code's sigmoid attention gate before each shallow exit")
+    attention: bool = Field(False, description="the journal code's sigmoid attention gate before each shallow exit "
+                            "(always on in that code)")
 
 
 @register
@@ -341,8 +383,10 @@ class BYOT(Method):
 
     ``L = CE(z_S, y) + Σ_{i<S} [ c·H(softmax(z_S/T).detach(), softmax(z_i/T)) + (1−c)·CE(z_i, y) ] (+ λ·hint)``
 
-    * Defaults as the journal code: c = ``kd_weight`` = 0.3, T = 3, no T² (``t2_scaling=False``), no
-      feature hint (``hint_weight=0``), SepConv exit heads, no attention gate.
+    * Defaults: c = ``kd_weight`` = 0.3, T = 3 and no T² (``t2_scaling=False``) as the journal code; SepConv
+      exit heads; no feature hint (``hint_weight=0``) and no attention gate, so the defaults are the logit
+      terms alone. The journal code also has its feature hint (``hint="journal"``, λ=0.03) and attention
+      gates: preset ``byot-journal`` sets them with that code's training recipe.
     * :meth:`prepare_model` wraps the model in :class:`MultiExit` (exits after every stage; see the module
       docstring for the head layout); train that wrapper. ``forward`` is the deepest exit, so evaluation and
       plain use see the normal classifier; ``forward_exits`` gives every exit.
@@ -369,7 +413,8 @@ class BYOT(Method):
         """Wrap ``model`` with an exit after each stage (a model already wrapped is returned as is)."""
         if isinstance(model, MultiExit):
             return model
-        return MultiExit(model, head=self.hp.head, attention=self.hp.attention)
+        journal = self.hp.hint == "journal" and self.hp.hint_weight > 0
+        return MultiExit(model, head=self.hp.head, attention=self.hp.attention, adapt=journal)
 
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
@@ -386,6 +431,8 @@ class BYOT(Method):
             )
         if self.hp.hint_weight > 0:
             exits, feats = model.forward_exits(batch.x, with_features=True)
+            if self.hp.hint == "journal":
+                feats = model.journal_features(feats)
         else:
             exits, feats = model.forward_exits(batch.x), None
         return self._score(exits, batch.y, feats, batch.mix)
@@ -407,6 +454,6 @@ class BYOT(Method):
         hp = self.hp
         loss, parts = byot_loss(
             exits, target, kd_weight=hp.kd_weight, temperature=hp.temperature, t2_scaling=hp.t2_scaling,
-            hint_weight=hp.hint_weight, features=feats, mix=mix,
+            hint_weight=hp.hint_weight, features=feats, hint=hp.hint, mix=mix,
         )
         return StepOutput(loss, parts, exits[-1], target)

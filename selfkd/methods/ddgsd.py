@@ -53,8 +53,8 @@ class DDGSD(Method):
     * ``z1``, ``z2``: logits of two independent augmentations of the same images; in each KL the
       teacher side is detached, so each view is pulled towards the other and gets gradients only as
       the student.
-    * Defaults λ=1, T=3. The paper's temperature is [NOT RETRIEVED]; T=3 matches DLB (which is
-      DDGSD's two-view consistency shifted by one step), so the two compare at equal settings;
+    * Defaults λ=1, T=3 (T our choice, see README "Sources"): T=3 matches DLB (which is DDGSD's
+      two-view consistency shifted by one step), so the two compare at equal settings;
       ``temperature=1`` is the plain-softmax KL.
     * ``ce_views="sum"`` (default, the paper's sum of two CE terms): per image, the CE gradient is
       twice a baseline step's. ``"mean"`` averages them (the scale of the mean CE over the 2B rows).

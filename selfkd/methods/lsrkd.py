@@ -26,9 +26,9 @@ class LsrKD(Method):
 
     ``L = (1−α)·CE(z, y) + α·T²·KL(u ‖ softmax(z/T))``
 
-    * Only the abstract could be read: the formula is the natural reading of "extending LSR to the KD
-      regime and applying a softer temperature" (u is invariant to T, so T only softens the student).
-    * The paper's α and T were not retrieved. Defaults α=0.1, T=4 are our choice: α=0.1 matches the
+    * The formula reads "extending LSR to the KD regime and applying a softer temperature" as KD from
+      u at temperature T (u is invariant to T, so T only softens the student).
+    * Defaults α=0.1, T=4 (our choices; README "Sources"): α=0.1 matches the
       usual ε=0.1 of label smoothing, and at T=1 the loss equals ``ls(form="uniform", epsilon=α)``
       minus the constant ``α·log K``; T=4 is a common KD temperature. For large T the term tends to
       ``α/(2K)·Σ_k (z_k − mean(z))²``, a penalty on the spread of the logits. Tune both.

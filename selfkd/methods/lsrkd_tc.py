@@ -18,9 +18,9 @@ from .registry import register
 class LsrKDTCParams(LsrKDParams):
     a: float = Field(0.9, gt=0, lt=1, description="teacher's share on the true class; must exceed 1/K")
     soften_teacher: bool = Field(
-        True,
-        description="True: the teacher has logits log p^c and is softened by T like the student (standard KD); "
-        "False: p^c is the target as is, only the student is softened",
+        False,
+        description="False (the journal's form): p^c is the target as is, only the student is softened by T; "
+        "True: the teacher has logits log p^c and is softened by T like the student (standard KD)",
     )
 
 
@@ -30,20 +30,19 @@ class LsrKDTC(LsrKD):
 
     ``L = (1−α)·CE(z, y) + α·T²·KL(p^c_T ‖ softmax(z/T))``, ``p^c[y] = a``, ``p^c[k≠y] = (1−a)/(K−1)``
 
-    * ``p^c_T``: how TC meets the temperature was not retrieved. Default (``soften_teacher=True``):
-      p^c is a KD teacher with logits ``log p^c``, softened by T like the student,
-      ``p^c_T = softmax(log p^c / T)`` (standard KD; the uniform teacher of ``lsrkd`` is T-invariant,
-      so ``a → 1/K`` gives back ``lsrkd``). The term is then minimal when ``softmax(z) = p^c``,
-      whatever T and K. ``soften_teacher=False`` is the literal "u replaced by p^c": p^c as is, only
-      the student softened (the convention of ``mrkd-tc``, which does not re-soften its corrected
-      teacher); minimal when ``softmax(z/T) = p^c``, i.e. a far more confident ``softmax(z)`` for
-      T > 1 (T=4, K=100, a=0.9: a logit gap of 27), so that form wants a much smaller a (≈0.05 for
-      T=4, K=100 gives the same optimum as the default).
+    * ``p^c_T`` (``soften_teacher``). Default False, the journal version's form (LSR-OS-TC: the
+      temperature is applied to the model's output only; the teacher is the corrected uniform
+      distribution itself): ``p^c_T = p^c``. The term is then minimal when ``softmax(z/T) = p^c``,
+      i.e. at a logit gap of ``T·log(a(K−1)/(1−a))`` between the label and the other classes (T=4, a=0.9:
+      17.6 at K=10, 27 at K=100), a far more confident ``softmax(z)`` than p^c: with T > 1 this form
+      regularises less than its ``a`` suggests; a smaller ``a`` regularises more. ``soften_teacher=True``
+      is standard KD with teacher logits ``log p^c`` softened by T like the student,
+      ``p^c_T = softmax(log p^c / T)``, minimal when ``softmax(z) = p^c`` whatever T and K (the uniform
+      teacher of ``lsrkd`` is T-invariant, so in both forms ``a → 1/K`` gives back ``lsrkd``).
     * ``a`` must exceed the uniform share 1/K (checked at ``setup`` and on every call: ConfigError).
-    * The paper's a, α and T were not retrieved. Defaults: α=0.1, T=4 (as ``lsrkd``) and a=0.9, our
-      choice: p^c is then the off-target label-smoothing label with ε=0.1 (Tf-KD / Zipf's LS code), so
-      the term pulls ``softmax(z)`` towards that label; a=0.9 exceeds 1/K for every K ≥ 2, so the
-      default is valid on any data set. Tune a.
+    * Defaults α=0.1, T=4 (as ``lsrkd``) and a=0.9 (our choices; see README "Sources"): p^c is then the
+      off-target label-smoothing label with ε=0.1 (Tf-KD / Zipf's LS code); a=0.9 exceeds 1/K for every
+      K ≥ 2, so the default is valid on any data set.
     * Same shape of teacher as ``tfkd-reg``'s virtual teacher, but ``tfkd-reg`` softens the teacher's
       *probabilities* (softmax of p^d/T) and not the student.
     * T² comes from :func:`~selfkd.methods.losses.kd_kl`. Parts ``ce`` and ``kd`` (``T²·KL``),
@@ -54,8 +53,8 @@ class LsrKDTC(LsrKD):
     """
 
     name = "lsrkd-tc"
-    formula = ("(1−α)·CE(z, y) + α·T²·KL(softmax(log p^c / T) ‖ softmax(z/T)), "
-               "p^c = a on y, (1−a)/(K−1) elsewhere")
+    formula = ("(1−α)·CE(z, y) + α·T²·KL(p^c ‖ softmax(z/T)), p^c = a on y, (1−a)/(K−1) elsewhere "
+               "(soften_teacher: softmax(log p^c / T) as teacher)")
     Params = LsrKDTCParams
 
     def setup(self, *, num_samples: int, num_classes: int, epochs: int) -> None:

@@ -2,8 +2,8 @@
 
 Wang, Zhang, Pang, Li, "Extending Label Smoothing Regularization with Self-Knowledge Distillation",
 arXiv 2009.05226 (2020); journal version Wang, Zhang, Li, "Memory-Replay Knowledge Distillation",
-Sensors 21(8) 2792 (2021). Only the abstracts were retrieved: the interval, the number of copies,
-α, T, the FCN and the exact KA rule are our choices (see the class docstring), each one a knob.
+Sensors 21(8) 2792 (2021). The interval, the number of copies, α, T, the FCN and the KA rule are our
+choices (class docstring; README "Sources"), each one a knob.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ class MrKD(Method):
     * **KA** (``knowledge_adjustment``, Sensors version, rule of Wen et al. 1911.07471 as we read it):
       where the teacher's argmax is not ``y``, the logits of ``y`` and of the argmax are swapped;
       applied to the final teacher logits, after the ensemble.
-    * **Defaults** (the papers' values were not retrieved): T=3 and α=1, as ``dlb`` (the same loss
+    * **Defaults** (our choices): T=3 and α=1, as ``dlb`` (the same loss
       form with a past model as the teacher, so a comparison isolates the teacher); ``copies=1``,
       ``ensemble="mean"``, no KA (the arXiv version); ``interval=200`` steps (about half a CIFAR epoch
       at batch 128), a step count so that runs do not depend on the epoch length. The journal setup is

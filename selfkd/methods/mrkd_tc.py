@@ -1,8 +1,8 @@
 """MrKD with Teacher Correction (TC): the snapshot teacher gets a fixed larger share on the true class.
 
 Wang, Zhang, Pang, Li, arXiv 2009.05226 (2020): TC "manually sets a constant larger proportion for
-the right class" of the teacher, for LsrKD and MrKD alike. Only the abstract was retrieved: the form
-of the correction and ``a`` are our choices (class docstring), both knobs.
+the right class" of the teacher, for LsrKD and MrKD alike. The form of the correction and ``a`` are
+our choices (class docstring; README "Sources"), both knobs.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class MrKDTC(MrKD):
     * The corrected teacher is already a distribution: it is not re-softened, its logits are ``T·log p_tc``
       so that :func:`~selfkd.methods.losses.kd_kl` (which divides by T) sees exactly ``p_tc``. ``a`` < 1
       keeps every ``log p_tc`` finite.
-    * Default ``a=0.5`` (not retrieved; our choice): half of the teacher is the label, half the
+    * Default ``a=0.5`` (our choice): half of the teacher is the label, half the
       snapshot. ``a=0`` is ``mrkd``.
     * **Mixed samples** (mixup/CutMix): as ``mrkd`` (snapshots on the same mixed input, CE mixed, KA
       per ``ka_mixed``); the corrected teacher of a mixed row is ``lam·p_tc(y) + (1−lam)·p_tc(y[index])``
