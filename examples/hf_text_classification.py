@@ -40,7 +40,7 @@ def main(out):
                                           learning_rate=3e-3, save_strategy="epoch", logging_steps=10, report_to=[],
                                           use_cpu=True, disable_tqdm=True, seed=0)
     trainer = SelfKDTrainer(model=model, args=args, train_dataset=data(256, 0), eval_dataset=data(128, 1),
-                            data_collator=collate, method=selfkd.DLB(temperature=3.0, alpha=1.0, schedule="dynamic"))
+                            data_collator=collate, method=selfkd.DLB(temperature=3.0, alpha=1.0, schedule="confidence"))
     trainer.train()  # stop it at any point and run trainer.train(resume_from_checkpoint=True): it continues exactly
     print({k: round(v, 4) for k, v in trainer.evaluate().items() if k in ("eval_loss", "epoch")})
 

@@ -324,8 +324,8 @@ def test_linear_schedule_ramps_alpha_and_temperature_with_epoch_progress():
     assert [t for _, t in seen] == pytest.approx([t for _, t in expected])
 
 
-def test_dynamic_schedule_follows_teacher_confidence():
-    dlb = selfkd.DLB(schedule="dynamic", alpha=2.0, temperature=3.0)
+def test_confidence_schedule_follows_teacher_confidence():
+    dlb = selfkd.DLB(schedule="confidence", alpha=2.0, temperature=3.0)
     z0 = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
     z1 = torch.zeros(4, 3)
     y1 = torch.tensor([0, 1, 2, 0])

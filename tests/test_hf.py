@@ -137,10 +137,10 @@ def test_dlb_on_token_logits_masks_ignored_and_realigns_padding(tmp_path):
 
 @pytest.mark.parametrize("method", [
     lambda: selfkd.DLB(schedule="linear", ramp_epochs=2, alpha=1.0),
-    lambda: selfkd.DLB(schedule="dynamic"),
+    lambda: selfkd.DLB(schedule="confidence"),
     lambda: selfkd.build_method("pskd"),
     lambda: selfkd.build_method("ce"),
-], ids=["dlb-linear", "dlb-dynamic", "pskd", "ce"])
+], ids=["dlb-linear", "dlb-confidence", "pskd", "ce"])
 def test_resume_equals_uninterrupted(tmp_path, method):
     """Train 3 epochs (14 samples, batch 4: 4 steps each); resume from the mid-epoch checkpoint at step 5."""
     full = trainer(tmp_path, method(), name="full")

@@ -512,9 +512,9 @@ def test_dlb_ce_rows_new_mixed():
     assert out.parts["ce"].item() == pytest.approx(mixed_ce(Z[2:], Y[2:], [1, 0], 0.3), rel=1e-6)
 
 
-def test_dlb_label_smoothing_and_dynamic_schedule_mixed():
+def test_dlb_label_smoothing_and_confidence_schedule_mixed():
     eps, t = 0.1, 3.0
-    dlb = build_method("dlb", label_smoothing=eps, schedule="dynamic", temperature=t, alpha=1.0)
+    dlb = build_method("dlb", label_smoothing=eps, schedule="confidence", temperature=t, alpha=1.0)
     it = iter(dlb.batch_sampler(list(range(4)), 2))
     next(it)
     z1 = [[1.0, 0.0, -0.5, 0.2], [0.3, 0.1, 1.2, -0.4]]

@@ -20,7 +20,7 @@ def test_wheel_has_recipes_license_and_spdx_metadata(tmp_path):
     assert any(n.endswith("licenses/LICENSE") for n in names)
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "License-Expression: MIT" in meta
-    for extra in ("hf", "lightning", "tensorboard", "export", "test"):
+    for extra in ("hf", "lightning", "tensorboard", "export", "lora", "test"):
         assert f"Provides-Extra: {extra}" in meta
 
 

@@ -11,7 +11,8 @@ from syncs import SyncCounter
 
 N, K, B = 48, 4, 8
 METHODS = [
-    ("ce", {}), ("dlb", {}), ("dlb", {"schedule": "dynamic"}), ("dlb", {"schedule": "linear", "ramp_epochs": 1}),
+    ("ce", {}), ("dlb", {}), ("dlb", {"schedule": "confidence"}), ("dlb", {"schedule": "entropy"}), ("dlb", {"schedule": "margin"}),
+    ("dlb", {"schedule": "linear", "ramp_epochs": 1}),
     ("dlb", {"forward": "split", "ce_rows": "new"}), ("cskd", {}), ("pskd", {}), ("pskd", {"memory_device": "cpu"}),
     ("ddgsd", {}), ("byot", {}), ("mrkd", {"interval": 2, "ensemble": "fcn", "copies": 2, "knowledge_adjustment": True}),
     ("mrkd-tc", {"interval": 2}), ("zipf-ls", {}), ("ls", {}), ("lsrkd", {}), ("lsrkd-tc", {}), ("tfkd-reg", {}),

@@ -126,8 +126,8 @@ def test_dlb_tokens_relabelled_or_moved_row_is_an_error():
     del idx
 
 
-def test_dlb_tokens_dynamic_schedule_confidence_over_real_tokens():
-    dlb = selfkd.DLB(schedule="dynamic", alpha=1.0, temperature=2.0)
+def test_dlb_tokens_confidence_schedule_over_real_tokens():
+    dlb = selfkd.DLB(schedule="confidence", alpha=1.0, temperature=2.0)
     it = iter(dlb.batch_sampler(range(4), 2))
     next(it)
     z = torch.tensor([[[2.0, 0.0], [0.0, 5.0]], [[0.0, 1.0], [9.0, 9.0]]])

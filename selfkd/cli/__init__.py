@@ -1,4 +1,4 @@
-"""Command line: ``selfkd train | sweep | report | export | demo | methods | models | presets``.
+"""Command line: ``selfkd train | finetune | sweep | report | export | demo | methods | models | presets``.
 
 Errors a user can fix print one line (``selfkd: error: ...``) and exit 2; ``--debug`` shows the
 traceback instead.
@@ -61,18 +61,42 @@ FLAGS: dict[str, tuple[str, str | None, str | None]] = {
 }
 
 
-def _flags(a: argparse.Namespace) -> dict[str, Any]:
+# the same for `selfkd finetune`
+FINETUNE_FLAGS: dict[str, tuple[str, str | None, str | None]] = {
+    "data": ("--data", "data", "path"), "model": ("--model", "model", "path"), "method": ("--method", "method", "name"),
+    "epochs": ("--epochs", "train", "epochs"), "seed": ("--seed", "train", "seed"),
+    "batch_size": ("--batch-size", "optim", "batch_size"), "lr": ("--lr", "optim", "lr"),
+    "device": ("--device", "train", "device"), "config": ("--config", None, None),
+    "overrides": ("--set", None, None), "out": ("--out", None, None),
+}
+
+
+def _flags(a: argparse.Namespace, table: dict[str, tuple[str, str | None, str | None]] = FLAGS) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for attr, (_, section, key) in FLAGS.items():
+    for attr, (_, section, key) in table.items():
         value = getattr(a, attr)
         if section is not None and value is not None:
             out.setdefault(section, {})[key] = value
     return out
 
 
-def _given(a: argparse.Namespace) -> list[str]:
+def _given(a: argparse.Namespace, table: dict[str, tuple[str, str | None, str | None]] = FLAGS) -> list[str]:
     """The flags given on the command line, as the user typed them."""
-    return [flag for attr, (flag, _, _) in FLAGS.items() if getattr(a, attr) not in (None, [], False)]
+    return [flag for attr, (flag, _, _) in table.items() if getattr(a, attr) not in (None, [], False)]
+
+
+def _saved_config(run: Path, command: str) -> dict[str, Any]:
+    """``--resume RUN``: the run's own config.yaml, written by ``command`` (train or finetune)."""
+    from ..engine import config as C
+    from ..engine.trainer import CONFIG
+
+    if not (run / CONFIG).is_file():
+        raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
+    raw = C.load_yaml(run / CONFIG)
+    kind = "finetune" if raw.get("kind") == "finetune" else "train"
+    if kind != command:
+        raise ConfigError(f"--resume {run}: a {kind} run; resume it with selfkd {kind} --resume {run}")
+    return raw
 
 
 def _check_threads(a: argparse.Namespace) -> None:
@@ -161,9 +185,7 @@ def _train_distributed(a: argparse.Namespace) -> int:
         if given:
             raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
         run = Path(a.resume)
-        if not (run / CONFIG).is_file():
-            raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
-        cfg = C.build_config(C.load_yaml(run / CONFIG), source=str(run / CONFIG))
+        cfg = C.build_config(_saved_config(run, "train"), source=str(run / CONFIG))
         if (run / SUMMARY).exists():
             if distributed.env_ranks()[0] == 0:
                 print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
@@ -195,9 +217,7 @@ def _train(a: argparse.Namespace, resolved: Any = None) -> int:
             raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
         run = Path(a.resume)
         if resolved is None:
-            if not (run / CONFIG).is_file():
-                raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
-            cfg = C.build_config(C.load_yaml(run / CONFIG), source=str(run / CONFIG))
+            cfg = C.build_config(_saved_config(run, "train"), source=str(run / CONFIG))
             if (run / SUMMARY).exists():
                 print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
                 return 0
@@ -217,6 +237,37 @@ def _train(a: argparse.Namespace, resolved: Any = None) -> int:
         return 0
     print(f"{run}: last acc {summary['last_acc']:.2f} | best acc {summary['best_acc']:.2f} (epoch {summary['best_epoch']})"
           f" | ece {summary['ece']:.4f} | nll {summary['nll']:.4f} | {summary['seconds']:.1f}s")
+    return 0
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from ..engine.finetune_config import build_finetune_config, resolve_finetune
+    from ..engine.trainer import CONFIG, SUMMARY
+
+    _check_threads(a)
+    if a.resume:
+        given = _given(a, FINETUNE_FLAGS)
+        if given:
+            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
+        run = Path(a.resume)
+        cfg = build_finetune_config(_saved_config(run, "finetune"), source=str(run / CONFIG))
+        if (run / SUMMARY).exists():
+            print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+            return 0
+    else:
+        if not a.out:
+            raise ConfigError("finetune: --out RUN_DIR is required (or --resume RUN_DIR)")
+        run = Path(a.out)
+        cfg = resolve_finetune(file=a.config, flags=_flags(a, FINETUNE_FLAGS), overrides=a.overrides)
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    from ..integrations.finetune import finetune_run  # transformers: imported only for this command
+
+    s = finetune_run(cfg, run, resume=bool(a.resume))
+    print(f"{run}: last acc {s['last_acc']:.2f} | best acc {s['best_acc']:.2f} (epoch {s['best_epoch']}) | macro-F1 "
+          f"{s['macro_f1']:.2f} | ece {s['ece']:.4f} | nll {s['nll']:.4f} | {s['seconds']:.1f}s")
     return 0
 
 
@@ -325,6 +376,22 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run", parents=[common, threads, imports])
     _train_args(t)
     t.set_defaults(func=cmd_train)
+    f = sub.add_parser("finetune", help="fine-tune a local Hugging Face model on labelled text (pip install selfkd[hf])",
+                       parents=[common, threads, imports])
+    f.add_argument("--config", metavar="FILE", help="YAML config (sections: data, model, method, optim, train)")
+    f.add_argument("--data", metavar="PATH", help="a folder of class folders of .txt files, or a .csv/.tsv/.jsonl file")
+    f.add_argument("--model", metavar="DIR", help="a local Hugging Face model folder (with its tokenizer)")
+    f.add_argument("--method", metavar="NAME", help="ce, ls, dlb, ... (methods computed from the logits)")
+    f.add_argument("--epochs", type=int, metavar="N")
+    f.add_argument("--seed", type=int, metavar="S")
+    f.add_argument("--batch-size", type=int, metavar="B", help="new documents per step (DLB adds the repeated ones)")
+    f.add_argument("--lr", type=float)
+    f.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set method.schedule=entropy (repeatable)")
+    f.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
+    f.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch's checkpoint")
+    f.set_defaults(func=cmd_finetune)
     w = sub.add_parser("sweep", help="run a grid of configs from a sweep file (skips finished runs, resumes the rest)",
                        parents=[common, threads, imports])
     w.add_argument("file", metavar="SWEEP_FILE", nargs="?", help="YAML: out, preset, base, grid, variants, import")

@@ -267,13 +267,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def build_config(*layers: dict[str, Any], source: str = "config") -> Config:
-    """Merge layers (later wins) and validate."""
+def build_config(*layers: dict[str, Any], source: str = "config", schema: type[Section] | None = None) -> Any:
+    """Merge layers (later wins) and validate them as ``schema`` (default :class:`Config`)."""
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = _merge(merged, layer, "")
     try:
-        return Config.model_validate(merged)
+        return (schema or Config).model_validate(merged)
     except ValidationError as err:
         raise ConfigError(format_validation_error(source, err)) from None
 
@@ -283,7 +283,8 @@ def resolve(
     file: str | None = None,
     flags: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
-) -> Config:
+    schema: type[Section] | None = None,
+) -> Any:
     layers: list[dict[str, Any]] = []
     if preset is not None:
         layers.append(load_preset(preset))
@@ -293,7 +294,7 @@ def resolve(
         layers.append(flags)
     for item in overrides or []:
         layers.append(parse_override(item))
-    return build_config(*layers)
+    return build_config(*layers, schema=schema)
 
 
 def save_yaml(cfg: Config) -> str:

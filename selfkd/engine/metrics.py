@@ -56,3 +56,16 @@ def classification_metrics(logits: Tensor, target: Tensor, bins: int = 15) -> di
         "nll": nll(logits, target),
         "ece": ece(logits, target, bins),
     }
+
+
+def macro_f1(logits: Tensor, target: Tensor, num_classes: int | None = None) -> float:
+    """Macro-averaged F1 in percent: ``100 · mean_k 2·TP_k / (2·TP_k + FP_k + FN_k)`` over the classes
+    that occur among the labels or the predictions (scikit-learn's ``f1_score(average="macro")``)."""
+    k = num_classes or logits.shape[1]
+    pred = logits.argmax(dim=1)
+    tp = torch.bincount(target[pred == target], minlength=k).double()
+    n_pred = torch.bincount(pred, minlength=k).double()
+    n_true = torch.bincount(target, minlength=k).double()
+    seen = (n_pred + n_true) > 0
+    f1 = 2 * tp[seen] / (n_pred[seen] + n_true[seen])
+    return 100.0 * float(f1.mean())

@@ -47,6 +47,7 @@ COMMON = ("data.name", "model.name", "train.epochs", "optim.batch_size", "optim.
           "data.test_subset", "method.name")
 # (summary key, column title, decimals)
 COLUMNS = [("last_acc", "last acc %", 2), ("best_acc", "best acc %", 2), ("ece", "ECE", 4), ("nll", "NLL", 4)]
+F1_COLUMNS = [("macro_f1", "macro-F1 %", 2)]  # text runs (selfkd finetune)
 NOISE_COLUMNS = [("corrupted_acc", "true-label acc on corrupted %", 1), ("memorized", "noisy-label fit %", 1)]
 TAIL_COLUMNS = [("seconds", "seconds", 1), ("seconds_per_epoch", "s/epoch", 1), ("peak_mem_mb", "peak MiB", 0),
                 ("passes", "fwd passes/sample", 1)]
@@ -619,7 +620,8 @@ def build_report(dirs: list[str], out: str | None = None, baseline: str | None =
     pairs = paired(groups, baseline) if baseline is not None else None
     report_dir = Path(out) if out is not None else Path(dirs[0]) / "report"
     noisy = any(r.noisy for r in runs) or any(r.summary and "memorized" in r.summary for r in runs)
-    columns = COLUMNS + (NOISE_COLUMNS if noisy else []) + TAIL_COLUMNS
+    f1 = any(r.summary and "macro_f1" in r.summary for r in runs)
+    columns = COLUMNS + (F1_COLUMNS if f1 else []) + (NOISE_COLUMNS if noisy else []) + TAIL_COLUMNS
 
     data_groups = []
     for g in groups:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Samp
 from .. import distributed
 from ..data import ArrayDataset, BatchAugment, BatchView, Mixer, apply_label_noise, build_mixer, build_policy, load_dataset
 from ..data.policies import Policy
+from ..data.split import stratified_subset  # noqa: F401  (re-exported: selfkd.engine.trainer.stratified_subset)
 from ..errors import ConfigError, SelfKDError, TrainingError
 from ..methods import Batch, Method, build_method, method_class
 from ..models import build_model
@@ -59,21 +60,6 @@ def select_device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device() if distributed.active() else 0)
     return dev
-
-
-def stratified_subset(labels: torch.Tensor, n: int, seed: int, key: str = "data.subset",
-                      split: str = "training") -> torch.Tensor:
-    """A fixed, class-balanced subset of ``n`` indices (round-robin over classes in a seeded order)."""
-    if n > len(labels):
-        raise ConfigError(f"{key}={n} exceeds the {len(labels)} {split} images")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(labels), generator=g)
-    by_class: dict[int, list[int]] = {}
-    for i in perm.tolist():
-        by_class.setdefault(int(labels[i]), []).append(i)
-    # rank of each index within its class: take the lowest ranks first, classes interleaved
-    ranked = sorted(((r, c, i) for c, idx in by_class.items() for r, i in enumerate(idx)))
-    return torch.tensor(sorted(i for _, _, i in ranked[:n]), dtype=torch.int64)
 
 
 @dataclass

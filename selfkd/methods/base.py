@@ -69,7 +69,7 @@ def format_validation_error(owner: str, err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"{owner}: unknown key '{key}'"
+        return f"{owner}: unknown key {key!r}"  # repr: a key with control characters stays one line
     msg = first["msg"].removeprefix("Value error, ")
     if not key:  # a check across keys: the message names them
         return f"{owner}: {msg}"

@@ -25,13 +25,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from ..data.mixing import (Mix, MixBlocks, Mixer, mix_from_state, mix_state, mix_targets, mixed_cross_entropy,
+from ..data.mixing import (Mix, MixBlocks, Mixer, mix_from_state, mix_state, mixed_cross_entropy,
                            remix)
 from ..errors import ConfigError, TrainingError
+from . import dlb_schedules
 from .base import Batch, Method, Params, StepOutput, host_equal
 from .losses import align_tokens, cross_entropy, kd_kl, token_mask
 from .registry import register
@@ -125,12 +126,21 @@ class DLBParams(Params):
         "BatchNorm sees two batches)",
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="ε of label smoothing in the CE term (ε/K on every class)")
-    schedule: Literal["constant", "linear", "dynamic"] = Field(
-        "constant", description="alpha/T over training: constant, linear ramp, or confidence-driven (DynSDPB-style)"
+    schedule: Literal["constant", "linear", "confidence", "entropy", "margin"] = Field(
+        "constant", description="alpha/T over training: constant, linear ramp, confidence (α·c, T·(2−c) per step); "
+        "or a per-row weight of the distillation term from the teacher's uncertainty: entropy, margin "
+        "(see selfkd.methods.dlb_schedules)"
     )
     ramp_epochs: float = Field(0.0, ge=0, description="linear: epochs over which alpha and T move to their final values")
     alpha_start: float = Field(0.0, ge=0, description="linear: alpha at the start of the ramp")
     temperature_start: float | None = Field(None, gt=0, description="linear: T at the start of the ramp (None: T)")
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _renamed(cls, v: Any) -> Any:
+        if v in dlb_schedules.RENAMED:
+            raise ValueError(f"schedule {v!r} was renamed {dlb_schedules.RENAMED[v]!r} (it is our own rule, not DynSDPB's)")
+        return v
+
     padding_side: Literal["right", "left"] = Field(
         "right", description="token logits [B, T, V]: where the collator pads, to align a repeated row's positions "
         "with its cached ones when its padded length changed",
@@ -158,10 +168,13 @@ class DLB(Method):
       - ``constant``: α, T as given;
       - ``linear``: ``α_p = α_0 + (α − α_0)·min(p/R, 1)``, likewise T from ``temperature_start``, with
         ``R = ramp_epochs`` (``α_0 = alpha_start``);
-      - ``dynamic`` (in the spirit of DynSDPB, Fu et al. 2024, whose formulas we could not retrieve):
-        per step, ``c`` = the cached teacher's mean probability of the true label on the repeated rows
-        (at T=1); ``α_t = α·c`` and ``T_t = T·(2 − c)``: an unreliable early teacher is trusted less and
-        softened more; a confident one gets the full α at temperature T.
+      - ``confidence`` (our rule, not DynSDPB's, Fu et al. 2024, whose formulas we could not
+        retrieve; ``dynamic`` is its old name, now an error): per step, ``c`` = the cached teacher's
+        mean probability of the true label on the repeated rows (at T=1); ``α_t = α·c`` and
+        ``T_t = T·(2 − c)``: an unreliable early teacher is trusted less and softened more;
+      - ``entropy`` / ``margin``: per repeated row ``i`` a weight ``w_i`` of its distillation term from
+        the teacher's uncertainty on it, ``1 − H(p_i)/log K`` or ``p_i(1) − p_i(2)``;
+        ``KD = (1/R) Σ_i w_i·T²·KL_i`` (formulas in :mod:`~selfkd.methods.dlb_schedules`).
 
     * **Mixed samples** (mixup/CutMix, :meth:`mix`): the new rows are mixed among themselves (a
       permutation of the new rows only, a fresh lam and CutMix box); the repeated rows re-apply the
@@ -170,7 +183,7 @@ class DLB(Method):
       earlier) and the student see the same two images in the same proportion; the KL is unchanged.
       CE on every row is mixed per row, ``lam_i·CE(z_i, y_i) + (1−lam_i)·CE(z_i, y[index_i])`` (the
       repeated block with the previous lam, the new block with the fresh one; ``ce_rows`` and
-      ``label_smoothing`` apply as usual). ``schedule="dynamic"``: the teacher's confidence ``c`` is its
+      ``label_smoothing`` apply as usual). ``schedule="confidence"``: the teacher's confidence ``c`` is its
       mean probability of the mixed one-hot target. The last step's Mix is method state
       (``state_dict``), so a resumed run mixes identically. With ``repeat_fraction < 1`` the repeated
       rows are a prefix of the previous block and its permutation cannot be re-applied: mixing then
@@ -189,7 +202,8 @@ class DLB(Method):
     Use the sampler from :meth:`batch_sampler`; the loss checks that each batch has the layout the
     sampler produced, and that the repeated rows carry the labels of the cached ones. The checks
     compare CPU tensors (the loader's indices and labels, ``batch.y_host``), so a step never waits
-    for the device; ``schedule="dynamic"`` keeps α and T as device tensors for the same reason.
+    for the device; ``schedule="confidence"`` keeps α and T as device tensors for the same reason
+    (``entropy``/``margin`` their row weights).
 
     * **Distributed** (DDP): shard first, then pair. The sampler wraps this rank's
       ``DistributedSampler``, so each rank's batch is ``[this rank's previous new rows | this rank's
@@ -339,6 +353,7 @@ class DLB(Method):
                                 f"(got {tuple(logits.shape)} and {tuple(target.shape)})")
         rep_mix, new_mix = self._split_mix(mix, r, rows)
         alpha, temp = self.hp.alpha, self.hp.temperature
+        weight = None
         if r > 0:
             cached = self._cache_logits
             if cached is None or cached.shape[0] < r:
@@ -365,7 +380,8 @@ class DLB(Method):
                 raise TrainingError("DLB: the repeated rows are not the previous step's new samples")
             teacher = teacher.to(logits.device)
             alpha, temp = self.schedule_values(layout.progress, teacher, target[:r], rep_mix)
-            kd = kd_kl(logits[:r], teacher, temp, mask=mask)
+            weight = dlb_schedules.row_weight(self.hp.schedule, teacher) if self.hp.schedule in dlb_schedules.PER_SAMPLE else None
+            kd = kd_kl(logits[:r], teacher, temp, mask=mask, weight=weight)
         else:
             kd = logits.float().sum() * 0.0
         ce_from = r if self.hp.ce_rows == "new" else 0
@@ -386,8 +402,11 @@ class DLB(Method):
         self._track.position = layout.position + 1
         self.steps += 1
         parts = {"ce": ce.detach(), "kd": kd.detach()}
-        if self.hp.schedule != "constant" and r > 0:
-            parts.update(alpha=torch.as_tensor(alpha).detach(), temperature=torch.as_tensor(temp).detach())
+        if self.hp.schedule in ("linear", "confidence") and r > 0:
+            parts.update(alpha=torch.as_tensor(alpha, dtype=torch.float32).detach(),
+                         temperature=torch.as_tensor(temp, dtype=torch.float32).detach())
+        elif weight is not None:
+            parts["weight"] = (weight * mask).sum() / mask.sum().clamp_min(1) if mask is not None else weight.mean()
         return StepOutput(loss, parts, logits, target)
 
     def schedule_values(self, progress: float, teacher: Tensor, labels: Tensor,
@@ -399,18 +418,8 @@ class DLB(Method):
             f = min(progress / hp.ramp_epochs, 1.0) if hp.ramp_epochs > 0 else 1.0
             t0 = hp.temperature if hp.temperature_start is None else hp.temperature_start
             return hp.alpha_start + (hp.alpha - hp.alpha_start) * f, t0 + (hp.temperature - t0) * f
-        if hp.schedule == "dynamic":
-            probs = teacher.float().softmax(dim=-1)
-            if probs.dim() == 3:  # tokens: mean over the non-ignored ones
-                keep = token_mask(labels)
-                p_true = probs.gather(2, labels.clamp_min(0)[..., None])[..., 0]
-                conf = (p_true * keep).sum() / keep.sum().clamp_min(1)
-            elif mix is None:
-                conf = probs.gather(1, labels[:, None]).mean()
-            else:
-                conf = (probs * mix_targets(labels, probs.shape[1], mix)).sum(dim=1).mean()
-            # tensors on the teacher's device: the step never waits for the value
-            return hp.alpha * conf, hp.temperature * (2.0 - conf)
+        if hp.schedule == "confidence":
+            return dlb_schedules.confidence(teacher, labels, hp.alpha, hp.temperature, mix)
         return hp.alpha, hp.temperature
 
     # -- state -------------------------------------------------------------------------------

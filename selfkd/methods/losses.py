@@ -36,10 +36,13 @@ def _masked_mean(per_row: Tensor, mask: Tensor | None) -> Tensor:
     return (per_row * w).sum() / w.sum().clamp_min(1.0)
 
 
-def kd_kl(student: Tensor, teacher: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
+def kd_kl(student: Tensor, teacher: Tensor, temperature: float | Tensor, mask: Tensor | None = None,
+          weight: Tensor | None = None) -> Tensor:
     """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the last dimension, mean over rows
     (``[B, K]``) or over the tokens that ``mask`` (``[B, T]`` bool) selects (``[B, T, V]``; no mask:
-    every token).
+    every token). ``weight`` (shape ``student.shape[:-1]``, detached) multiplies each row's (token's)
+    term before that same mean: ``(1/N) Σ_i w_i · T²·KL_i`` (not renormalised by ``Σ w``).
+    ``temperature`` may be a 0-dim tensor (a schedule's value, kept on the device).
 
     The T² factor keeps the gradient scale of the soft term independent of T (Hinton et al., 2015).
     Gradients flow into ``student`` only. No rows (or no selected token) give zero (not NaN).
@@ -48,10 +51,12 @@ def kd_kl(student: Tensor, teacher: Tensor, temperature: float, mask: Tensor | N
         raise ValueError(f"kd_kl: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
     if mask is not None and tuple(mask.shape) != tuple(student.shape[:-1]):
         raise ValueError(f"kd_kl: mask {tuple(mask.shape)} must have the shape {tuple(student.shape[:-1])}")
+    if weight is not None and tuple(weight.shape) != tuple(student.shape[:-1]):
+        raise ValueError(f"kd_kl: weight {tuple(weight.shape)} must have the shape {tuple(student.shape[:-1])}")
     if student.shape[0] == 0:
         return student.float().sum() * 0.0
     t = temperature
-    if student.dim() == 2 and mask is None:  # the image path: one fused batchmean
+    if student.dim() == 2 and mask is None and weight is None:  # the image path: one fused batchmean
         log_s = F.log_softmax(student.float() / t, dim=1)
         log_t = F.log_softmax(teacher.detach().float() / t, dim=1)
         return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * (t * t)
@@ -59,6 +64,8 @@ def kd_kl(student: Tensor, teacher: Tensor, temperature: float, mask: Tensor | N
     log_s = F.log_softmax(s.float() / t, dim=1)
     log_t = F.log_softmax(teacher.detach().reshape(s.shape).float() / t, dim=1)
     per_token = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(dim=1)
+    if weight is not None:
+        per_token = per_token * weight.detach().reshape(-1).to(per_token)
     return _masked_mean(per_token, m) * (t * t)
 
 
