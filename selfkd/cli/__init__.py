@@ -45,7 +45,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train with N processes on this machine (DistributedDataParallel: gloo on CPU, nccl on CUDA), "
-                   "as `torchrun --standalone --nproc_per_node=N -m selfkd train ...` does; only rank 0 writes")
+                   "as torchrun in standalone mode does (nproc_per_node=N); only rank 0 writes")
 
 
 # flag attribute -> (flag, config section, key); None: not a config key
