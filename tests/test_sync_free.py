@@ -102,7 +102,7 @@ def test_host_checks_stay_strict():
 
 def test_the_trainer_step_reads_no_device_value(tmp_path):
     """The trainer's own step (Trainer._step: transfer, augment, method, backward, optimiser, scheduler), DLB with
-    the dynamic schedule and a policy, counted over a whole epoch."""
+    the confidence schedule and a policy, counted over a whole epoch."""
     from selfkd.engine.config import build_config
     from selfkd.engine.trainer import Trainer, build
 
@@ -116,7 +116,7 @@ def test_the_trainer_step_reads_no_device_value(tmp_path):
             return out
 
     cfg = build_config({"data": {"name": "digits", "subset": 200}, "model": {"name": "cnn_small"},
-                        "method": {"name": "dlb", "schedule": "dynamic"}, "augment": {"policy": "trivialaugment"},
+                        "method": {"name": "dlb", "schedule": "confidence"}, "augment": {"policy": "trivialaugment"},
                         "optim": {"batch_size": 32}, "train": {"epochs": 1, "device": "cpu", "log_every": 1000}})
     Counted(build(cfg), tmp_path / "run", progress=False, log=lambda m: None).run()
     assert len(per_step) == 7 and all(calls == [] for calls in per_step), per_step

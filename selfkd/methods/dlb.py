@@ -168,8 +168,8 @@ class DLB(Method):
       - ``constant``: α, T as given;
       - ``linear``: ``α_p = α_0 + (α − α_0)·min(p/R, 1)``, likewise T from ``temperature_start``, with
         ``R = ramp_epochs`` (``α_0 = alpha_start``);
-      - ``confidence`` (our rule, not DynSDPB's, Fu et al. 2024, whose formulas we could not
-        retrieve; ``dynamic`` is its old name, now an error): per step, ``c`` = the cached teacher's
+      - ``confidence`` (our rule, not DynSDPB's (Fu et al. 2024; README "Sources"); ``dynamic`` is
+        its old name, now an error): per step, ``c`` = the cached teacher's
         mean probability of the true label on the repeated rows (at T=1); ``α_t = α·c`` and
         ``T_t = T·(2 − c)``: an unreliable early teacher is trusted less and softened more;
       - ``entropy`` / ``margin``: per repeated row ``i`` a weight ``w_i`` of its distillation term from
