@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         "# DDP on the CPU: 1 process x 2 threads vs 2 ranks x 1 thread", "",
         f"Command: `{command(__file__, argv)}`. Real CIFAR-10 JPEGs, ResNet-8, {a.subset} training images, "
-        f"{a.epochs} epoch(s), global batch 64 new samples per step. Measured on a shared 2-core machine "
-        "(other jobs ran beside it): the numbers are indicative only.", "",
+        f"{a.epochs} epoch(s), global batch 64 new samples per step. 2-core CPU, one run per cell, "
+        "short runs with the first epoch's warm-up included: indicative only.", "",
         "| method | processes | images/s | peak MiB per rank | train s |", "| --- | --- | --- | --- | --- |", *rows, ""])
     Path(a.out).write_text(text)
     print(text)
