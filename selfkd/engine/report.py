@@ -466,6 +466,21 @@ def plot_curves(groups: list[Group], colors: list, path: Path) -> bool:
     return True
 
 
+def _points(pts: list[tuple[float, Group]], key: str, shift: float = 0.0
+            ) -> tuple[list[float], list[float], list[float], list[Group]]:
+    """(x, mean, std, group) of ``key`` over each group's finished runs, sorted by x; groups without a value
+    are left out."""
+    xs, ys, es, kept = [], [], [], []
+    for x, g in sorted(pts, key=lambda p: p[0]):
+        st = stat([r.summary.get(key) for r in g.finished])
+        if st["mean"] is not None:
+            xs.append(x + shift)
+            ys.append(st["mean"])
+            es.append(st["std"] or 0.0)
+            kept.append(g)
+    return xs, ys, es, kept
+
+
 def plot_noise(groups: list[Group], colors: list, path: Path) -> bool:
     """Accuracy (last, best) and noisy-label fit against the noise rate, one line per method/setting."""
     points = []
@@ -495,13 +510,7 @@ def plot_noise(groups: list[Group], colors: list, path: Path) -> bool:
     for ax, (key, ylabel) in zip(axes, panels):
         for i, ((name, pts), c) in enumerate(zip(lines.items(), palette)):
             shift = (i - (len(lines) - 1) / 2) * 0.012 * top  # a small offset keeps error bars apart
-            xs, ys, es = [], [], []
-            for rate, g in sorted(pts, key=lambda p: p[0]):
-                s = stat([r.summary.get(key) for r in g.finished])
-                if s["mean"] is not None:
-                    xs.append(rate + shift)
-                    ys.append(s["mean"])
-                    es.append(s["std"] or 0.0)
+            xs, ys, es, _ = _points(pts, key, shift)
             if xs:
                 ax.errorbar(xs, ys, yerr=es, color=c, marker="o", ms=4, capsize=3, lw=1.6, label=name)
         ax.set_xlabel("label-noise rate" + (f" ({kinds[0]})" if len(kinds) == 1 else ""))
@@ -532,14 +541,8 @@ def plot_compute(groups: list[Group], colors: list, path: Path) -> bool:
     axes = fig.subplots(1, len(panels), squeeze=False, sharex=True)[0]
     for ax, (key, ylabel) in zip(axes, panels):
         for (name, pts), c in zip(lines.items(), palette):
-            xs, ys, es, labels = [], [], [], []
-            for passes, g in sorted(pts, key=lambda p: p[0]):
-                st = stat([r.summary.get(key) for r in g.finished])
-                if st["mean"] is not None:
-                    xs.append(passes)
-                    ys.append(st["mean"])
-                    es.append(st["std"] or 0.0)
-                    labels.append(", ".join(f"{k}={v}" for k, v, _ in g.parts if k != "method") or g.label)
+            xs, ys, es, kept = _points(pts, key)
+            labels = [", ".join(f"{k}={v}" for k, v, _ in g.parts if k != "method") or g.label for g in kept]
             if not xs:
                 continue
             ax.errorbar(xs, ys, yerr=es, color=c, marker="o", ms=4, capsize=3, lw=1.6, label=name)
