@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from selfkd.engine.sweep import run_sweep
+from selfkd.experiments.sweep import run_sweep
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*/*.yaml"))
 

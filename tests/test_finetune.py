@@ -11,7 +11,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from selfkd.cli import main  # noqa: E402
 from selfkd.engine.finetune_config import resolve_finetune  # noqa: E402
-from selfkd.engine.report import build_report  # noqa: E402
+from selfkd.experiments.report import build_report  # noqa: E402
 
 import tinylm  # noqa: E402
 from handmath import hand_kl  # noqa: E402

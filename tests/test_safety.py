@@ -497,7 +497,7 @@ def test_sweep_path_error_shared_by_every_run_is_reported_once_up_front(tmp_path
 
 
 def test_sweep_relative_paths_resolve_against_the_sweep_file(tmp_path, monkeypatch):
-    from selfkd.engine.sweep import plan
+    from selfkd.experiments.sweep import plan
 
     f = _sweep(tmp_path, "out: runs\nbase:\n  data: {name: imagefolder, dir: imgs.tar.gz, cache_dir: ../cache}\n"
                          "  train: {epochs: 1}\n")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfkd.engine import sweep as sweep_mod
-from selfkd.engine.report import build_report
-from selfkd.engine.sweep import label, plan, run_jobs, run_sweep
+from selfkd.experiments import sweep as sweep_mod
+from selfkd.experiments.report import build_report
+from selfkd.experiments.sweep import label, plan, run_jobs, run_sweep
 from selfkd.errors import ConfigError
 from selfkd.methods import CE, register, registry
 
@@ -224,7 +224,7 @@ def test_jobs_share_a_sweep_and_train_every_run_once(tmp_path):
 
 
 def test_forward_passes_count_an_auto_trained_teacher(tmp_path):
-    from selfkd.engine.report import _cost
+    from selfkd.experiments.report import _cost
 
     run = tmp_path / "run"
     (run / "teacher").mkdir(parents=True)

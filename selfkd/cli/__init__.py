@@ -291,12 +291,12 @@ def _recipe(a: argparse.Namespace) -> None:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from ..engine.sweep import run_sweep
+    from ..experiments.sweep import run_sweep
 
     _recipe(a)
     _check_threads(a)
     if a.jobs is not None and not a.plan:
-        from ..engine.sweep import run_jobs
+        from ..experiments.sweep import run_jobs
 
         result = run_jobs(a.file, a.jobs, threads=a.threads, out=a.out)
         return 1 if result["failed"] else 0
@@ -308,7 +308,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from ..engine.report import build_report
+    from ..experiments.report import build_report
 
     build_report(a.dirs, out=a.out, baseline=a.baseline)
     print(Path(a.out or Path(a.dirs[0]) / "report") / "report.md")

@@ -33,10 +33,10 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from . import checkpoint as ckpt
-from .config import flatten
+from ..engine import checkpoint as ckpt
+from ..engine.config import flatten
+from ..engine.trainer import CHECKPOINT, CONFIG, METRICS, SUMMARY
 from .sweep import FAILED, RUNS
-from .trainer import CHECKPOINT, CONFIG, METRICS, SUMMARY
 
 IGNORED = ("train.seed", "train.log_every", "train.eval_batch_size", "data.num_workers", "data.cache_dir",
            "data.download")
