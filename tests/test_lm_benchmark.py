@@ -30,3 +30,25 @@ def test_report_pairs_by_seed_and_says_where_dlb_does_not_help():
     assert "`dlb` vs `ce2x`: -1.75" in plain and "`dlb-entropy` vs `ce`: -1.00" in plain
     assert "`dlb` vs `ce`:" not in plain
     assert "python benchmarks/lm_finetune.py --tasks bbc" in md
+
+
+def test_paired_table_counts_seeds_and_flags_worse_calibration():
+    a = argparse.Namespace(seeds=[0, 1], epochs=2, batch_size=8, lr=2e-4, device="cpu", smoke=False, budget="cpu")
+
+    def run(seed, acc, ece, nll, fwd=1.0, epochs=2):
+        return summary(seed, acc, fwd, epochs) | {"ece": ece, "nll": nll}
+
+    results = {"tweets": {
+        "ce": [run(0, 70.0, 0.10, 0.70), run(1, 72.0, 0.12, 0.72)],
+        "ce2x": [run(0, 71.0, 0.20, 0.80, epochs=4), run(1, 71.0, 0.20, 0.80, epochs=4)],
+        "dlb": [run(0, 71.0, 0.05, 0.75, 2.0), run(1, 71.0, 0.16, 0.76, 2.0)],
+    }}
+    md = lm_finetune.report(a, results, None).splitlines()
+    row = next(line for line in md if line.startswith("| `dlb` | `ce` |"))
+    # Δacc +1, -1; ΔECE -0.05, +0.04 (mean -0.005); ΔNLL +0.05, +0.04
+    assert row == "| `dlb` | `ce` | +0.00 ± 1.41 | +0.00 ± 1.41 | -0.0050 ± 0.0636 | +0.0450 ± 0.0071 | 1 / 1 / 0 of 2 |"
+    row2 = next(line for line in md if line.startswith("| `dlb` | `ce2x` |"))
+    assert row2.endswith("| 0 / 2 / 2 of 2 |")
+    plain = next(line for line in md if line.startswith("Where DLB does not help"))
+    assert "`dlb` NLL vs `ce`: +0.0450" in plain and "`dlb` ECE vs `ce`" not in plain
+    assert "`dlb` vs `ce`: +0.00 points" in plain and "`dlb` ECE vs `ce2x`" not in plain
