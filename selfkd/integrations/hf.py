@@ -46,6 +46,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler  # noqa: E402
 
+from .. import distributed  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..methods import Method  # noqa: E402
 from ..methods.losses import cross_entropy  # noqa: E402
@@ -144,7 +145,8 @@ class SelfKDTrainer(transformers.Trainer):
                 raise ConfigError("SelfKDTrainer: pass num_classes= (the model has no config.num_labels)")
             epochs = max(1, math.ceil(self.args.num_train_epochs))
             if self.args.max_steps and self.args.max_steps > 0:
-                steps_per_epoch = max(1, math.ceil(len(self.train_dataset) / self._train_batch_size))
+                per_rank = math.ceil(len(self.train_dataset) / self.args.world_size)  # DistributedSampler pads
+                steps_per_epoch = max(1, math.ceil(per_rank / self._train_batch_size))
                 epochs = max(1, math.ceil(self.args.max_steps * self.args.gradient_accumulation_steps / steps_per_epoch))
             method.setup(num_samples=len(self.train_dataset), num_classes=int(k), epochs=epochs)
         self.add_callback(_EpochHook(self))
@@ -164,8 +166,7 @@ class SelfKDTrainer(transformers.Trainer):
         except ImportError:
             collate = self._get_collator_with_removed_columns(collate, description="training")
         args = self.args
-        seed = args.data_seed if args.data_seed is not None else args.seed
-        sampler = DistributedSampler(data, num_replicas=args.world_size, rank=args.process_index, shuffle=True, seed=seed)
+        sampler = self._index_sampler(data)
         labels = _labels(data)
         inner = self.method.batch_sampler(sampler, self._train_batch_size, drop_last=args.dataloader_drop_last,
                                           labels=labels)
@@ -175,11 +176,25 @@ class SelfKDTrainer(transformers.Trainer):
         loader = DataLoader(_Indexed(data), batch_sampler=self._batches, collate_fn=_IndexCollator(collate),
                             num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
                             persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0)
-        prepared = self.accelerator.prepare(loader)
+        acc = self.accelerator
+        if acc.num_processes > 1 and (acc.split_batches or acc.dispatch_batches):
+            raise ConfigError("SelfKDTrainer: accelerator_config split_batches/dispatch_batches would split the method's "
+                              "batches across ranks; each rank already draws its own shard: leave them False")
+        prepared = acc.prepare(loader)
         shard = getattr(prepared, "batch_sampler", None)
         if shard is not None and getattr(shard, "batch_sampler", None) is self._batches:
-            shard.num_processes, shard.process_index = 1, 0  # already one stream per rank: accelerate must not re-split
+            # already one stream per rank: accelerate's BatchSamplerShard must neither deal the batches out
+            # again nor hold back (or pad) a batch whose length is not batch_size (DLB's [repeated | new]
+            # batches, a short last batch, the resume placeholders): batch_size None passes every batch as is
+            shard.num_processes, shard.process_index, shard.batch_size = 1, 0, None
         return prepared
+
+    def _index_sampler(self, data: Any) -> Any:
+        """This rank's sample order, which the method's batch sampler batches: a ``DistributedSampler``
+        (``data_seed``, else ``seed``; ``set_epoch`` per epoch)."""
+        args = self.args
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return DistributedSampler(data, num_replicas=args.world_size, rank=args.process_index, shuffle=True, seed=seed)
 
     _resume_skip = 0
 
@@ -203,9 +218,12 @@ class SelfKDTrainer(transformers.Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if self._part_steps and "loss" in logs:
-            for k, v in self._parts.items():
-                logs[f"selfkd/{k}"] = float(v) / self._part_steps
+        if self._part_steps and "loss" in logs:  # the training loop's log: every rank calls it at the same step
+            mine = {k: float(v) / self._part_steps for k, v in self._parts.items()}
+            every = distributed.all_gather_objects(mine)  # one process: [mine]
+            for k in sorted({k for d in every for k in d}):
+                vals = [d[k] for d in every if k in d]
+                logs[f"selfkd/{k}"] = sum(vals) / len(vals)
             self._parts, self._part_steps = {}, 0
         super().log(logs, *args, **kwargs)
 
@@ -259,7 +277,12 @@ class _EpochHook(transformers.TrainerCallback):
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         epochs = max(1, math.ceil(state.num_train_epochs or args.num_train_epochs))
-        self.trainer.method.on_epoch_start(min(int(math.floor(state.epoch + 1e-9)), epochs - 1), epochs)
+        epoch = int(math.floor(state.epoch + 1e-9))  # the Trainer's epoch (a resumed one: the checkpoint's)
+        if self.trainer._batches is not None:
+            # the Trainer's own set_epoch does not reach the sampler through accelerate's shard and skip
+            # wrappers in a resumed epoch of a multi-process run: set it here, before the epoch is iterated
+            self.trainer._batches.set_epoch(epoch)
+        self.trainer.method.on_epoch_start(min(epoch, epochs - 1), epochs)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer.method.on_epoch_end()  # before the epoch's checkpoint (e.g. PS-KD's memory across ranks)
