@@ -7,6 +7,7 @@ import torch
 import transformers
 
 import selfkd
+from selfkd.errors import ConfigError
 from selfkd.integrations.hf import SelfKDTrainer
 
 N, BATCH, EPOCHS = 24, 5, 2  # 12 samples per rank: new-row batches of 5, 5, 2 (a short last one); 6 steps
@@ -46,7 +47,7 @@ METHODS = {"ce": lambda: selfkd.build_method("ce"), "dlb": lambda: selfkd.DLB(te
 
 
 def args(out, batch=BATCH, **kw):
-    base = dict(output_dir=str(out), per_device_train_batch_size=batch, num_train_epochs=EPOCHS, learning_rate=0.05,
+    base = dict(output_dir=str(out), per_device_train_batch_size=batch, num_train_epochs=EPOCHS, learning_rate=0.5,
                 optim="sgd", save_strategy="steps", save_steps=1, logging_steps=1, report_to=[], use_cpu=True, seed=0,
                 disable_tqdm=True, dataloader_pin_memory=False)
     base.update(kw)
@@ -65,12 +66,22 @@ def record(method):
     return seen
 
 
-def run(out, name, method, resume=None, trainer_cls=SelfKDTrainer, **kw):
+class SaveAt(transformers.TrainerCallback):
+    """Checkpoints at these global steps only (saving every step costs more than the training)."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_save = state.global_step in self.steps
+
+
+def run(out, name, method, resume=None, trainer_cls=SelfKDTrainer, save_at=(), **kw):
     """Train; returns (trainer, the indices of every step)."""
     m = METHODS[method]()
     seen = record(m)
     t = trainer_cls(model=tiny_bert(), args=args(Path(out) / name, **kw), train_dataset=examples(),
-                    data_collator=pad_collator, method=m)
+                    data_collator=pad_collator, method=m, callbacks=[SaveAt(save_at)])
     t.train(resume_from_checkpoint=None if resume is None else str(Path(out) / resume))
     return t, seen
 
@@ -79,17 +90,24 @@ def main(out):
     torch.set_num_threads(1)
     # (run name, method, checkpoint to resume from); checkpoint-3 ends epoch 0 (saved before on_epoch_end),
     # checkpoint-4 is mid-epoch 1
-    plan = [("ce", "ce", None), ("dlb", "dlb", None), ("dlb-from-3", "dlb", "dlb/checkpoint-3"),
+    plan = [("ce", "ce", None), ("ce-from-4", "ce", "ce/checkpoint-4"), ("dlb", "dlb", None), ("dlb-from-3", "dlb", "dlb/checkpoint-3"),
             ("dlb-from-4", "dlb", "dlb/checkpoint-4"), ("pskd", "pskd", None),
             ("pskd-from-3", "pskd", "pskd/checkpoint-3"), ("pskd-from-4", "pskd", "pskd/checkpoint-4")]
     only = set(sys.argv[2:])
     for name, method, resume in plan:
         if only and name not in only:
             continue
-        t, seen = run(out, name, method, resume)
+        t, seen = run(out, name, method, resume, save_at=() if resume else (3, 4))
         r = t.args.process_index
         torch.save({"world": t.args.world_size, "batches": seen, "state": t.method.state_dict(),
                     "weights": t.model.state_dict(), "log": t.state.log_history}, Path(out) / name / f"rank{r}.pt")
+    if not only:  # accelerate splitting the method's batches across ranks: refused on every rank
+        try:
+            run(out, "split", "dlb", accelerator_config={"split_batches": True})
+            msg = "trained"
+        except ConfigError as err:
+            msg = str(err)
+        (Path(out) / "split" / f"rank{torch.distributed.get_rank()}.txt").write_text(msg)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ What the subclass changes, and nothing else:
   parts are logged beside ``loss`` as ``selfkd/<part>`` (means over the logging window).
 * **data**: the training loader's batches come from ``method.batch_sampler`` (DLB's
   ``[repeated | new]`` batches) over a ``DistributedSampler`` seeded with ``args.data_seed`` (else
-  ``args.seed``) and re-shuffled per epoch (one process: one replica). Every example carries its
+  ``args.seed``) and re-shuffled per epoch (one process: one replica; several: below). Every example carries its
   dataset index to the loss (PS-KD's memory, DLB's checks), any collator pads as it likes (DLB
   re-aligns a repeated row padded to another length).
 * **state**: ``method.state_dict()`` is saved in every checkpoint folder (``selfkd_method.pt``, one
@@ -25,6 +25,19 @@ What the subclass changes, and nothing else:
 * **set-up**: ``method.setup(num_samples, num_classes, epochs)`` once (``num_classes``: the model
   config's ``num_labels``; pass ``num_classes=`` otherwise), ``method.on_epoch_start`` and
   ``method.on_epoch_end`` per epoch.
+* **several processes** (``torchrun``; DDP, tested on CPU with gloo): each rank's ``DistributedSampler``
+  draws its shard of every epoch (the shards are disjoint; ``DistributedSampler`` pads the last one) and
+  the method batches that shard by itself: DLB's batch on rank ``r`` is ``[rank r's previous new rows |
+  rank r's new rows]``, so cached logits never cross ranks. Accelerate's batch sharding is turned off
+  for this loader (it would deal the batches out again and hold back those not ``batch_size`` long),
+  so ``accelerator_config`` ``split_batches``/``dispatch_batches`` are refused. DDP averages the
+  gradients: with equal row counts per rank (``DistributedSampler`` sees to it) a step equals one
+  process whose batch is the union of the ranks' batches (tested: same weights up to float32
+  summation order). Method state is per rank (one file each, above); PS-KD's memory is made the same
+  on every rank at each epoch's end, and its writes not yet synced travel in the checkpoint, so a run
+  resumed from a mid-epoch checkpoint, or one the Trainer saved just before the epoch's end, continues
+  exactly (tested: bit-identical weights and per-rank state). Resume with the world size that saved
+  the checkpoint. The logged ``selfkd/<part>`` values are means over the ranks.
 
 Methods whose step runs forward passes of their own (CS-KD's partners, DDGSD's second view, BYOT's
 exits, DLB with ``forward="split"``) are refused: ``method.runs_on_logits`` must be true. So is
@@ -34,6 +47,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,6 +67,7 @@ from ..methods.losses import cross_entropy  # noqa: E402
 
 INDEX = "selfkd_index"
 STATE = "selfkd_method.pt"
+_RANK_FILE = re.compile(r"selfkd_method_rank(\d+)\.pt")
 
 __all__ = ["SelfKDTrainer", "STATE"]
 
@@ -254,6 +269,14 @@ class SelfKDTrainer(transformers.Trainer):
         from ..engine import checkpoint as ckpt
 
         path = self._state_file(folder)
+        world = self.args.world_size
+        ranks = [int(m.group(1)) for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+                 if (m := _RANK_FILE.fullmatch(f))]
+        single = os.path.isfile(os.path.join(folder, STATE))
+        if (world == 1 and ranks and not single) or (world > 1 and (single or any(r >= world for r in ranks))):
+            saved = "1 process" if single else f"{max(ranks) + 1} ranks"
+            raise ConfigError(f"resume_from_checkpoint: {folder} holds the method state of {saved}, this run has "
+                              f"{world} process{'es' if world > 1 else ''}; resume with the same world size")
         if not os.path.isfile(path):
             raise ConfigError(f"resume_from_checkpoint: {path} is missing (not a SelfKDTrainer checkpoint?)")
         saved = ckpt.load(path)

@@ -96,7 +96,8 @@ class PSKD(Method):
       rank (:meth:`sync_memory`), so at each epoch start every rank holds the same N x K memory,
       whichever rank saw a sample last. A sample seen twice within one epoch (sampling with
       replacement, DistributedSampler's padding) reads its previous-epoch row on another rank than
-      the one that wrote it; the latest (step, rank) write wins.
+      the one that wrote it; the latest (step, rank) write wins. The writes not yet synced are part
+      of :meth:`state_dict`, so a checkpoint taken before the epoch's end resumes exactly.
 
     Plain loop: ``pskd.setup(num_samples=N, num_classes=K, epochs=E)``, then per epoch
     ``pskd.on_epoch_start(e, E)`` and per batch ``pskd.loss(model(x), y, index=idx).loss``.
