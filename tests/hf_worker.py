@@ -90,24 +90,21 @@ def main(out):
     torch.set_num_threads(1)
     # (run name, method, checkpoint to resume from); checkpoint-3 ends epoch 0 (saved before on_epoch_end),
     # checkpoint-4 is mid-epoch 1
-    plan = [("ce", "ce", None), ("ce-from-4", "ce", "ce/checkpoint-4"), ("dlb", "dlb", None), ("dlb-from-3", "dlb", "dlb/checkpoint-3"),
-            ("dlb-from-4", "dlb", "dlb/checkpoint-4"), ("pskd", "pskd", None),
-            ("pskd-from-3", "pskd", "pskd/checkpoint-3"), ("pskd-from-4", "pskd", "pskd/checkpoint-4")]
-    only = set(sys.argv[2:])
+    plan = [("ce", "ce", None), ("ce-from-4", "ce", "ce/checkpoint-4"),
+            ("dlb", "dlb", None), ("dlb-from-3", "dlb", "dlb/checkpoint-3"), ("dlb-from-4", "dlb", "dlb/checkpoint-4"),
+            ("pskd", "pskd", None), ("pskd-from-3", "pskd", "pskd/checkpoint-3"),
+            ("pskd-from-4", "pskd", "pskd/checkpoint-4")]
     for name, method, resume in plan:
-        if only and name not in only:
-            continue
         t, seen = run(out, name, method, resume, save_at=() if resume else (3, 4))
         r = t.args.process_index
         torch.save({"world": t.args.world_size, "batches": seen, "state": t.method.state_dict(),
                     "weights": t.model.state_dict(), "log": t.state.log_history}, Path(out) / name / f"rank{r}.pt")
-    if not only:  # accelerate splitting the method's batches across ranks: refused on every rank
-        try:
-            run(out, "split", "dlb", accelerator_config={"split_batches": True})
-            msg = "trained"
-        except ConfigError as err:
-            msg = str(err)
-        (Path(out) / "split" / f"rank{torch.distributed.get_rank()}.txt").write_text(msg)
+    try:  # accelerate splitting the method's batches across ranks: refused on every rank
+        run(out, "split", "dlb", accelerator_config={"split_batches": True})
+        msg = "trained"
+    except ConfigError as err:
+        msg = str(err)
+    (Path(out) / "split" / f"rank{torch.distributed.get_rank()}.txt").write_text(msg)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,12 @@ def ranks(out: Path, name: str) -> list[dict]:
 
 
 def same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        same_state(v, b[k]) if isinstance(v, dict) else torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k]
-        for k, v in a.items())
+    def same(x, y):
+        if isinstance(x, dict):
+            return same_state(x, y)
+        return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+    return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
 
 
 class UnionSampler(Sampler[int]):

@@ -193,8 +193,8 @@ class SelfKDTrainer(transformers.Trainer):
                             persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0)
         acc = self.accelerator
         if acc.num_processes > 1 and (acc.split_batches or acc.dispatch_batches):
-            raise ConfigError("SelfKDTrainer: accelerator_config split_batches/dispatch_batches would split the method's "
-                              "batches across ranks; each rank already draws its own shard: leave them False")
+            raise ConfigError("SelfKDTrainer: accelerator_config split_batches/dispatch_batches would split the "
+                              "method's batches across ranks; each rank already draws its own shard: leave them False")
         prepared = acc.prepare(loader)
         shard = getattr(prepared, "batch_sampler", None)
         if shard is not None and getattr(shard, "batch_sampler", None) is self._batches:
