@@ -15,7 +15,7 @@ What the subclass changes, and nothing else:
   parts are logged beside ``loss`` as ``selfkd/<part>`` (means over the logging window).
 * **data**: the training loader's batches come from ``method.batch_sampler`` (DLB's
   ``[repeated | new]`` batches) over a ``DistributedSampler`` seeded with ``args.data_seed`` (else
-  ``args.seed``) and re-shuffled per epoch (one process: one replica). Every example carries its
+  ``args.seed``) and re-shuffled per epoch (one process: one replica; several: below). Every example carries its
   dataset index to the loss (PS-KD's memory, DLB's checks), any collator pads as it likes (DLB
   re-aligns a repeated row padded to another length).
 * **state**: ``method.state_dict()`` is saved in every checkpoint folder (``selfkd_method.pt``, one
@@ -25,6 +25,19 @@ What the subclass changes, and nothing else:
 * **set-up**: ``method.setup(num_samples, num_classes, epochs)`` once (``num_classes``: the model
   config's ``num_labels``; pass ``num_classes=`` otherwise), ``method.on_epoch_start`` and
   ``method.on_epoch_end`` per epoch.
+* **several processes** (``torchrun``; DDP, tested on CPU with gloo): each rank's ``DistributedSampler``
+  draws its shard of every epoch (the shards are disjoint; ``DistributedSampler`` pads the last one) and
+  the method batches that shard by itself: DLB's batch on rank ``r`` is ``[rank r's previous new rows |
+  rank r's new rows]``, so cached logits never cross ranks. Accelerate's batch sharding is turned off
+  for this loader (it would deal the batches out again and hold back those not ``batch_size`` long),
+  so ``accelerator_config`` ``split_batches``/``dispatch_batches`` are refused. DDP averages the
+  gradients: with equal row counts per rank (``DistributedSampler`` sees to it) a step equals one
+  process whose batch is the union of the ranks' batches (tested: same weights up to float32
+  summation order). Method state is per rank (one file each, above); PS-KD's memory is made the same
+  on every rank at each epoch's end, and its writes not yet synced travel in the checkpoint, so a run
+  resumed from a mid-epoch checkpoint, or one the Trainer saved just before the epoch's end, continues
+  exactly (tested: bit-identical weights and per-rank state). Resume with the world size that saved
+  the checkpoint. The logged ``selfkd/<part>`` values are means over the ranks.
 
 Methods whose step runs forward passes of their own (CS-KD's partners, DDGSD's second view, BYOT's
 exits, DLB with ``forward="split"``) are refused: ``method.runs_on_logits`` must be true. So is
@@ -34,6 +47,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,12 +60,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler  # noqa: E402
 
+from .. import distributed  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..methods import Method  # noqa: E402
 from ..methods.losses import cross_entropy  # noqa: E402
 
 INDEX = "selfkd_index"
 STATE = "selfkd_method.pt"
+_RANK_FILE = re.compile(r"selfkd_method_rank(\d+)\.pt")
 
 __all__ = ["SelfKDTrainer", "STATE"]
 
@@ -144,7 +160,8 @@ class SelfKDTrainer(transformers.Trainer):
                 raise ConfigError("SelfKDTrainer: pass num_classes= (the model has no config.num_labels)")
             epochs = max(1, math.ceil(self.args.num_train_epochs))
             if self.args.max_steps and self.args.max_steps > 0:
-                steps_per_epoch = max(1, math.ceil(len(self.train_dataset) / self._train_batch_size))
+                per_rank = math.ceil(len(self.train_dataset) / self.args.world_size)  # DistributedSampler pads
+                steps_per_epoch = max(1, math.ceil(per_rank / self._train_batch_size))
                 epochs = max(1, math.ceil(self.args.max_steps * self.args.gradient_accumulation_steps / steps_per_epoch))
             method.setup(num_samples=len(self.train_dataset), num_classes=int(k), epochs=epochs)
         self.add_callback(_EpochHook(self))
@@ -164,8 +181,7 @@ class SelfKDTrainer(transformers.Trainer):
         except ImportError:
             collate = self._get_collator_with_removed_columns(collate, description="training")
         args = self.args
-        seed = args.data_seed if args.data_seed is not None else args.seed
-        sampler = DistributedSampler(data, num_replicas=args.world_size, rank=args.process_index, shuffle=True, seed=seed)
+        sampler = self._index_sampler(data)
         labels = _labels(data)
         inner = self.method.batch_sampler(sampler, self._train_batch_size, drop_last=args.dataloader_drop_last,
                                           labels=labels)
@@ -175,11 +191,25 @@ class SelfKDTrainer(transformers.Trainer):
         loader = DataLoader(_Indexed(data), batch_sampler=self._batches, collate_fn=_IndexCollator(collate),
                             num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
                             persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0)
-        prepared = self.accelerator.prepare(loader)
+        acc = self.accelerator
+        if acc.num_processes > 1 and (acc.split_batches or acc.dispatch_batches):
+            raise ConfigError("SelfKDTrainer: accelerator_config split_batches/dispatch_batches would split the "
+                              "method's batches across ranks; each rank already draws its own shard: leave them False")
+        prepared = acc.prepare(loader)
         shard = getattr(prepared, "batch_sampler", None)
         if shard is not None and getattr(shard, "batch_sampler", None) is self._batches:
-            shard.num_processes, shard.process_index = 1, 0  # already one stream per rank: accelerate must not re-split
+            # already one stream per rank: accelerate's BatchSamplerShard must neither deal the batches out
+            # again nor hold back (or pad) a batch whose length is not batch_size (DLB's [repeated | new]
+            # batches, a short last batch, the resume placeholders): batch_size None passes every batch as is
+            shard.num_processes, shard.process_index, shard.batch_size = 1, 0, None
         return prepared
+
+    def _index_sampler(self, data: Any) -> Any:
+        """This rank's sample order, which the method's batch sampler batches: a ``DistributedSampler``
+        (``data_seed``, else ``seed``; ``set_epoch`` per epoch)."""
+        args = self.args
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return DistributedSampler(data, num_replicas=args.world_size, rank=args.process_index, shuffle=True, seed=seed)
 
     _resume_skip = 0
 
@@ -203,9 +233,12 @@ class SelfKDTrainer(transformers.Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if self._part_steps and "loss" in logs:
-            for k, v in self._parts.items():
-                logs[f"selfkd/{k}"] = float(v) / self._part_steps
+        if self._part_steps and "loss" in logs:  # the training loop's log: every rank calls it at the same step
+            mine = {k: float(v) / self._part_steps for k, v in self._parts.items()}
+            every = distributed.all_gather_objects(mine)  # one process: [mine]
+            for k in sorted({k for d in every for k in d}):
+                vals = [d[k] for d in every if k in d]
+                logs[f"selfkd/{k}"] = sum(vals) / len(vals)
             self._parts, self._part_steps = {}, 0
         super().log(logs, *args, **kwargs)
 
@@ -236,6 +269,14 @@ class SelfKDTrainer(transformers.Trainer):
         from ..engine import checkpoint as ckpt
 
         path = self._state_file(folder)
+        world = self.args.world_size
+        ranks = [int(m.group(1)) for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+                 if (m := _RANK_FILE.fullmatch(f))]
+        single = os.path.isfile(os.path.join(folder, STATE))
+        if (world == 1 and ranks and not single) or (world > 1 and (single or any(r >= world for r in ranks))):
+            saved = "1 process" if single else f"{max(ranks) + 1} ranks"
+            raise ConfigError(f"resume_from_checkpoint: {folder} holds the method state of {saved}, this run has "
+                              f"{world} process{'es' if world > 1 else ''}; resume with the same world size")
         if not os.path.isfile(path):
             raise ConfigError(f"resume_from_checkpoint: {path} is missing (not a SelfKDTrainer checkpoint?)")
         saved = ckpt.load(path)
@@ -259,7 +300,12 @@ class _EpochHook(transformers.TrainerCallback):
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         epochs = max(1, math.ceil(state.num_train_epochs or args.num_train_epochs))
-        self.trainer.method.on_epoch_start(min(int(math.floor(state.epoch + 1e-9)), epochs - 1), epochs)
+        epoch = int(math.floor(state.epoch + 1e-9))  # the Trainer's epoch (a resumed one: the checkpoint's)
+        if self.trainer._batches is not None:
+            # the Trainer's own set_epoch does not reach the sampler through accelerate's shard and skip
+            # wrappers in a resumed epoch of a multi-process run: set it here, before the epoch is iterated
+            self.trainer._batches.set_epoch(epoch)
+        self.trainer.method.on_epoch_start(min(epoch, epochs - 1), epochs)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer.method.on_epoch_end()  # before the epoch's checkpoint (e.g. PS-KD's memory across ranks)

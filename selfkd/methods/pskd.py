@@ -96,7 +96,8 @@ class PSKD(Method):
       rank (:meth:`sync_memory`), so at each epoch start every rank holds the same N x K memory,
       whichever rank saw a sample last. A sample seen twice within one epoch (sampling with
       replacement, DistributedSampler's padding) reads its previous-epoch row on another rank than
-      the one that wrote it; the latest (step, rank) write wins.
+      the one that wrote it; the latest (step, rank) write wins. The writes not yet synced are part
+      of :meth:`state_dict`, so a checkpoint taken before the epoch's end resumes exactly.
 
     Plain loop: ``pskd.setup(num_samples=N, num_classes=K, epochs=E)``, then per epoch
     ``pskd.on_epoch_start(e, E)`` and per batch ``pskd.loss(model(x), y, index=idx).loss``.
@@ -156,9 +157,9 @@ class PSKD(Method):
         mem = self._memory
         dev = mem.device
         if self._log:
-            idx = torch.cat([i for i, _, _ in self._log]).to(dev)
-            rows = torch.cat([r for _, r, _ in self._log]).to(dev)
-            step = torch.cat([t for _, _, t in self._log]).to(dev)
+            idx = torch.cat([i.to(dev) for i, _, _ in self._log])  # a resumed log sits on the CPU
+            rows = torch.cat([r.to(dev) for _, r, _ in self._log])
+            step = torch.cat([t.to(dev) for _, _, t in self._log])
         else:
             idx = torch.empty(0, dtype=torch.int64, device=dev)
             rows = mem.new_empty((0, mem.shape[1]))
@@ -241,14 +242,20 @@ class PSKD(Method):
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The prediction memory (on the CPU, in ``memory_dtype``) and the schedule position."""
+        """The prediction memory (on the CPU, in ``memory_dtype``) and the schedule position; in a
+        multi-process run also this rank's writes not yet synced (``unsynced``: indices, rows, steps), so
+        that a checkpoint taken before the epoch's end (a Trainer saving every n steps) still hands them
+        to the other ranks at the next :meth:`sync_memory`."""
         state: dict[str, Any] = {"steps": self.steps, "epoch": self.epoch, "epochs": self.epochs}
         if self._memory is not None:
             state["memory"] = self._memory.to("cpu", copy=True)
+        if self._log:
+            state["unsynced"] = {key: torch.cat([e[i] for e in self._log]).to("cpu", copy=True)
+                                 for i, key in enumerate(("index", "rows", "step"))}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        known = {"steps", "epoch", "epochs", "memory"}
+        known = {"steps", "epoch", "epochs", "memory", "unsynced"}
         unknown = set(state) - known
         if unknown:
             raise ConfigError(f"PS-KD state: unknown keys {sorted(unknown)}")
@@ -265,3 +272,6 @@ class PSKD(Method):
         self.steps = int(state.get("steps", 0))
         self.epoch = int(state.get("epoch", 0))
         self.epochs = int(state.get("epochs", 0))
+        log = state.get("unsynced")
+        self._log = [] if log is None else [(log["index"].to(torch.int64), log["rows"].to(self.dtype),
+                                             log["step"].to(torch.int64))]
