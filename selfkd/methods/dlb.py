@@ -204,11 +204,10 @@ class DLB(Method):
         host = check_batch(layout, logits, target, target_host, mix)
         r = layout.repeat
         rep_mix, new_mix = dlb_mixing.split_mix(mix, r, r + layout.new, track.mix)
-        alpha, temp, weight, parts = hp.alpha, hp.temperature, None, {}
+        alpha, parts = hp.alpha, {}
         if r > 0:
             teacher, mask = track.teacher(layout, logits, target, host, index, hp.padding_side)
-            alpha, temp = self.schedule_values(layout.progress, teacher, target[:r], rep_mix)
-            weight = dlb_schedules.row_weight(hp.schedule, teacher) if hp.schedule in dlb_schedules.PER_SAMPLE else None
+            alpha, temp, weight = dlb_schedules.for_step(hp, layout.progress, teacher, target[:r], rep_mix)
             kd = kd_kl(logits[:r], teacher, temp, mask=mask, weight=weight)
             parts = dlb_schedules.logged(hp.schedule, alpha, temp, weight, mask)
         else:
@@ -217,12 +216,6 @@ class DLB(Method):
         ce = cross_entropy(logits[ce_from:], target[ce_from:], hp.label_smoothing, mix=new_mix if ce_from else mix)
         track.commit(layout, logits[r:], (host if host is not None else target)[r:], new_mix)  # the next teacher
         return StepOutput(ce + alpha * kd, {"ce": ce.detach(), "kd": kd.detach(), **parts}, logits, target)
-
-    def schedule_values(self, progress: float, teacher: Tensor, labels: Tensor,
-                        mix: Mix | None = None) -> tuple[float | Tensor, float | Tensor]:
-        """(α, T) for a step at ``progress`` epochs, given the teacher logits of the repeated rows (and
-        how those rows were mixed)."""
-        return dlb_schedules.step_values(self.hp, progress, teacher, labels, mix)
 
     def state_dict(self) -> dict[str, Any]:
         """Cached logits and labels, the sampler's position (epoch order + consumed batches) and the

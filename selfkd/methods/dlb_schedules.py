@@ -58,18 +58,19 @@ def confidence(teacher: Tensor, labels: Tensor, alpha: float, temperature: float
     return alpha * conf, temperature * (2.0 - conf)
 
 
-def step_values(hp: Any, progress: float, teacher: Tensor, labels: Tensor,
-                mix: Mix | None = None) -> tuple[float | Tensor, float | Tensor]:
-    """(α, T) for a step at ``progress`` epochs under DLB's hyper-parameters ``hp``, given the teacher
-    logits of the repeated rows and how those rows were mixed: the ``linear`` ramp, :func:`confidence`,
-    or α and T as given (``constant`` and the per-sample schedules)."""
+def for_step(hp: Any, progress: float, teacher: Tensor, labels: Tensor,
+             mix: Mix | None = None) -> tuple[float | Tensor, float | Tensor, Tensor | None]:
+    """``(α, T, row weight)`` for a step at ``progress`` epochs under DLB's hyper-parameters ``hp``, given
+    the teacher logits of the repeated rows and how those rows were mixed: α and T from the ``linear``
+    ramp, :func:`confidence` or as given; the weight from :func:`row_weight` (``entropy``, ``margin``), else None."""
+    weight = row_weight(hp.schedule, teacher) if hp.schedule in PER_SAMPLE else None
     if hp.schedule == "linear":
         f = min(progress / hp.ramp_epochs, 1.0) if hp.ramp_epochs > 0 else 1.0
         t0 = hp.temperature if hp.temperature_start is None else hp.temperature_start
-        return hp.alpha_start + (hp.alpha - hp.alpha_start) * f, t0 + (hp.temperature - t0) * f
+        return hp.alpha_start + (hp.alpha - hp.alpha_start) * f, t0 + (hp.temperature - t0) * f, weight
     if hp.schedule == "confidence":
-        return confidence(teacher, labels, hp.alpha, hp.temperature, mix)
-    return hp.alpha, hp.temperature
+        return (*confidence(teacher, labels, hp.alpha, hp.temperature, mix), weight)
+    return hp.alpha, hp.temperature, weight
 
 
 def logged(schedule: str, alpha: float | Tensor, temperature: float | Tensor, weight: Tensor | None,
