@@ -108,7 +108,7 @@ def test_dlb_sampler_uses_only_plan_epoch():
         for idx in sampler:
             layout = dlb._track.peek()
             seen.append((idx, layout.repeat))
-            assert idx == layout.indices() and layout.indices() == layout.repeat_index.tolist() + layout.new_index.tolist()
+            assert idx == layout.indices() == layout.repeat_index.tolist() + layout.new_index.tolist()
             dlb.loss(torch.zeros(len(idx), 3), torch.tensor(idx) % 3, index=torch.tensor(idx))
     assert seen[:3] == [([0, 1, 2, 3], 0), ([0, 1, 2, 3, 4, 5, 6, 7], 4), ([4, 5, 6, 7, 8, 9], 4)]
     assert seen[3] == ([8, 9, 0, 1, 2, 3], 2)  # carried over the epoch boundary

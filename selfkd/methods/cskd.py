@@ -13,7 +13,6 @@ official code (github.com/alinlab/cs-kd, ``datasets.py`` ``PairBatchSampler`` an
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any, Literal
@@ -25,7 +24,7 @@ from torch.utils.data import Sampler
 
 from ..data.mixing import Mix, MixBlocks, Mixer, remix
 from ..errors import ConfigError, TrainingError
-from .base import Batch, Method, Params, StepOutput, host_equal, host_range
+from .base import Batch, Method, Params, StepOutput, batch_count, host_equal, host_range
 from .losses import cross_entropy, kd_kl
 from .registry import register
 
@@ -76,10 +75,6 @@ class _ClassIndex:
         return self.sorted[self.starts[cls] + j]
 
 
-def _batches(n: int, batch_size: int, drop_last: bool) -> int:
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
-
-
 class PairBatchSampler(Sampler[list[int]]):
     """Yields ``[batch_size anchors | one same-class partner per anchor]`` for each step.
 
@@ -100,7 +95,7 @@ class PairBatchSampler(Sampler[list[int]]):
         cskd.set_train_labels(labels)
 
     def __len__(self) -> int:
-        return _batches(len(self.sampler), self.batch_size, self.drop_last)  # type: ignore[arg-type]
+        return batch_count(len(self.sampler), self.batch_size, self.drop_last)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
         """Forwarded to the wrapped sampler (e.g. ``DistributedSampler``)."""
@@ -110,7 +105,7 @@ class PairBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order, partners, start = self.cskd.plan_epoch(self.sampler, self.batch_size, self.drop_last)
         bs = self.batch_size
-        for b in range(start, _batches(len(order), bs, self.drop_last)):
+        for b in range(start, batch_count(len(order), bs, self.drop_last)):
             yield torch.cat([order[b * bs : (b + 1) * bs], partners[b * bs : (b + 1) * bs]]).tolist()
 
 
@@ -205,7 +200,8 @@ class CSKD(Method):
         """``(anchor order, partners, first batch)`` of the epoch a batch sampler starts: the rest of a
         resumed epoch (after :meth:`load_state_dict`), else ``sampler``'s order with one partner per
         anchor drawn now from this method's generator (needs :meth:`set_train_labels`)."""
-        if self._resume and self._order is not None and self._position < _batches(len(self._order), batch_size, drop_last):
+        saved = 0 if self._order is None else batch_count(len(self._order), batch_size, drop_last)
+        if self._resume and self._position < saved:
             order, partners, start = self._order, self._partners, self._position
         else:
             if self._classes is None:

@@ -42,8 +42,8 @@ from torch.utils.data import Sampler
 from ..data.mixing import Mix, MixBlocks, Mixer
 from ..errors import ConfigError
 from . import dlb_mixing, dlb_schedules
-from .base import Batch, Method, Params, StepOutput
-from .dlb_cache import LastBatch, Layout, batches, check_batch
+from .base import Batch, Method, Params, StepOutput, batch_count
+from .dlb_cache import LastBatch, Layout, check_batch
 from .losses import cross_entropy, kd_kl
 from .registry import register
 
@@ -67,7 +67,7 @@ class DLBBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
 
     def __len__(self) -> int:
-        return batches(len(self.sampler), self.batch_size, self.drop_last)  # type: ignore[arg-type]
+        return batch_count(len(self.sampler), self.batch_size, self.drop_last)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
         """Forwarded to the wrapped sampler (e.g. ``DistributedSampler``)."""

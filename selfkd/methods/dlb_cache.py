@@ -17,7 +17,6 @@ labels must then agree token by token, else TrainingError. ``[B, K]`` logits are
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,15 +27,10 @@ from torch import Tensor
 
 from ..data.mixing import Mix, MixBlocks, mix_from_state, mix_state
 from ..errors import ConfigError, TrainingError
-from .base import host_equal
+from .base import batch_count, host_equal
 from .losses import align_tokens, token_mask
 
 KEYS = {"steps", "prev_new", "position", "epoch", "order", "cache_logits", "cache_labels", "last_mix"}
-
-
-def batches(n: int, batch_size: int, drop_last: bool) -> int:
-    """Batches of ``batch_size`` new samples in an epoch of ``n`` samples."""
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
 @dataclass(frozen=True)
@@ -75,7 +69,7 @@ class LastBatch:
         """One epoch of layouts: the rest of a resumed epoch, else a new pass over ``sampler``'s order
         (drawn once, kept for an exact resume). Each layout is queued in ``pending`` as it is yielded."""
         self.pending.clear()  # layouts of an abandoned iterator were never consumed
-        if self.resume and self.order is not None and self.position < batches(len(self.order), batch_size, drop_last):
+        if self.resume and self.order is not None and self.position < batch_count(len(self.order), batch_size, drop_last):
             order, start = self.order, self.position
         else:
             order = torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
@@ -84,7 +78,7 @@ class LastBatch:
             self.epoch += 1
         self.resume = False
         prev = self.prev_new if carry_over or start > 0 else torch.empty(0, dtype=torch.int64)
-        n = batches(len(order), batch_size, drop_last)
+        n = batch_count(len(order), batch_size, drop_last)
         for b in range(start, n):
             new = order[b * batch_size : (b + 1) * batch_size]
             rep = prev[: repeat_count(len(prev))]
