@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from selfkd.data.mixing import (MIXERS, Mix, build_mixer, cutmix, mix_targets, mixed_cross_entropy, mixup,
-                                sample_beta)
+from selfkd.data.mixing import MIXERS, Mix, build_mixer, cutmix, mixup, sample_beta
 from selfkd.data.policies import (AUTOAUGMENT_POLICIES, OP_NAMES, OPS, POLICIES, AutoAugment, Cutout, RandAugment,
                                   TrivialAugment, build_policy)
 from selfkd.errors import ConfigError, DataError
+from selfkd.methods.losses import mix_targets, mixed_cross_entropy
 
 CUDA = torch.cuda.is_available()
 

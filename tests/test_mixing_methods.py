@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 import selfkd.methods  # noqa: F401  (registers every method)
-from selfkd.data.mixing import (Mix, MixBlocks, build_mixer, cutmix, mix_from_state, mix_rows, mix_state,
-                                mixed_cross_entropy, mixup, remix)
+from selfkd.data.mixing import Mix, MixBlocks, build_mixer, cutmix, mix_from_state, mix_rows, mix_state, mixup, remix
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine.config import build_config
 from selfkd.engine.trainer import TIMING_KEYS, train_run
 from selfkd.errors import ConfigError, DataError, TrainingError
 from selfkd.methods import Batch, Method, available_methods, build_method, method_class
 from selfkd.methods.byot import byot_loss
+from selfkd.methods.losses import mixed_cross_entropy
 
 # ==================================================================================================
 # plain-math helpers (independent of the implementation)

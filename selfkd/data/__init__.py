@@ -12,14 +12,13 @@ from .augment import BatchAugment
 from .cifar import SOURCES, download_cifar
 from .dataset import ArrayDataset, BatchView, DataBundle
 from .loaders import KNOWN_DATASETS, load_dataset
-from .mixing import (MIXERS, Mix, MixBlocks, Mixer, build_mixer, cutmix, mix_rows, mix_targets, mixed_cross_entropy,
-                     mixed_log_probs, mixup, remix, sample_beta)
+from .mixing import MIXERS, Mix, MixBlocks, Mixer, build_mixer, cutmix, mix_rows, mixup, remix, sample_beta
 from .noise import NOISE_KINDS, apply_label_noise
 from .policies import POLICIES, AutoAugment, Cutout, RandAugment, TrivialAugment, build_policy
 
 __all__ = [
     "ArrayDataset", "AutoAugment", "BatchView", "BatchAugment", "Cutout", "DataBundle", "KNOWN_DATASETS", "MIXERS", "Mix",
     "Mixer", "NOISE_KINDS", "POLICIES", "RandAugment", "SOURCES", "TrivialAugment", "apply_label_noise",
-    "build_mixer", "build_policy", "cutmix", "download_cifar", "load_dataset", "mix_targets",
-    "mixed_cross_entropy", "mixup", "sample_beta", "MixBlocks", "mix_rows", "mixed_log_probs", "remix",
+    "build_mixer", "build_policy", "cutmix", "download_cifar", "load_dataset", "mixup", "sample_beta", "MixBlocks",
+    "mix_rows", "remix",
 ]

@@ -1,9 +1,11 @@
 """Batch mixing (mixup, CutMix) on normalised float batches, with what a loss needs to undo it.
 
     mixer = build_mixer("cutmix", alpha=1.0)
-    x, mix = mixer(x, generator)                  # x: float [B, C, H, W] after BatchAugment
-    loss = mixed_cross_entropy(model(x), y, mix)  # lam * CE(., y) + (1 - lam) * CE(., y[mix.index])
-    x2_mixed = remix(x2, mix)                     # the very same mixing on another view of the same rows
+    x, mix = mixer(x, generator)                # x: float [B, C, H, W] after BatchAugment
+    loss = cross_entropy(model(x), y, mix=mix)  # lam * CE(., y) + (1 - lam) * CE(., y[mix.index])
+    x2_mixed = remix(x2, mix)                   # the very same mixing on another view of the same rows
+
+(``cross_entropy`` is :func:`selfkd.methods.losses.cross_entropy`.)
 
 Row ``i`` of a mixed batch is ``lam * x[i] + (1 - lam) * x[mix.index[i]]`` (mixup) or ``x[i]`` with
 one box pasted from ``x[mix.index[i]]`` (CutMix; the same box for the whole batch, as the official
@@ -23,8 +25,10 @@ fixed by the generator state, so the draws are reproducible.
 
 A :class:`Mix` records everything needed to apply the same mixing again (:func:`remix`): the kind, the
 permutation, ``lam`` and, for CutMix, the box. A batch made of consecutive blocks, each mixed within
-itself (DLB's repeated and new rows, CS-KD's anchors and partners), is a :class:`MixBlocks`; the
-target helpers (:func:`mixed_cross_entropy`, :func:`mix_targets`, :func:`mix_rows`) take either.
+itself (DLB's repeated and new rows, CS-KD's anchors and partners), is a :class:`MixBlocks`;
+:func:`mix_rows` gives either as a partner row and a weight per row. The losses and targets of mixed
+rows (``cross_entropy(..., mix=)``, ``mix_targets``, ``mixed_log_probs``) are in
+:mod:`selfkd.methods.losses`: the data layer mixes inputs, the methods define what a mixed row is taught.
 """
 from __future__ import annotations
 
@@ -32,13 +36,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
 from ._util import draw_device
 
 __all__ = ["MIXERS", "Mix", "MixBlocks", "Mixer", "build_mixer", "cutmix", "mix_from_state", "mix_rows",
-           "mix_state", "mix_targets", "mixed_cross_entropy", "mixed_log_probs", "mixup", "remix", "sample_beta"]
+           "mix_state", "mixup", "remix", "sample_beta"]
 
 Tensor = torch.Tensor
 
@@ -234,7 +237,7 @@ def mix_from_state(state: dict) -> Mix:
 
 
 # ==================================================================================================
-# losses / targets
+# per-row view (what the losses in selfkd.methods.losses read)
 # ==================================================================================================
 
 
@@ -260,53 +263,6 @@ def mix_rows(mix: Mix | MixBlocks, rows: int, device: torch.device | str | None 
         index[start:start + n] = m.index.to(dev) + start
         lam[start:start + n] = float(m.lam)
     return index, lam
-
-
-def mixed_cross_entropy(logits: Tensor, y: Tensor, mix: Mix | MixBlocks | None,
-                        label_smoothing: float = 0.0) -> Tensor:
-    """``lam * CE(logits, y) + (1 - lam) * CE(logits, y[mix.index])``, each CE a mean over rows;
-    logits are upcast to float32 (bf16 under autocast). With :class:`MixBlocks` (a ``lam`` per block)
-    the same per row, ``mean_i [lam_i CE_i(y_i) + (1 - lam_i) CE_i(y[index_i])]``. ``mix=None``: plain
-    CE. ``label_smoothing``: PyTorch's, on each of the two CE terms."""
-    logits = logits.float()
-    if mix is None:
-        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    if isinstance(mix, Mix):
-        ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        if mix.lam == 1.0:
-            return ce
-        other = y.index_select(0, mix.index.to(y.device))
-        return mix.lam * ce + (1.0 - mix.lam) * F.cross_entropy(logits, other, label_smoothing=label_smoothing)
-    index, lam = mix_rows(mix, y.shape[0], y.device)
-    own = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
-    other = F.cross_entropy(logits, y.index_select(0, index), reduction="none", label_smoothing=label_smoothing)
-    return (lam * own + (1.0 - lam) * other).mean()
-
-
-def one_hot(y: Tensor, num_classes: int) -> Tensor:
-    """float32 ``[B, K]`` one-hot rows, by a scatter: unlike ``F.one_hot`` on the CPU it reads no value back
-    to range-check (labels are checked when the data set is loaded), so it is the same op on every device."""
-    return torch.zeros((y.shape[0], num_classes), dtype=torch.float32, device=y.device).scatter_(1, y[:, None], 1.0)
-
-
-def mix_targets(y: Tensor, num_classes: int, mix: Mix | MixBlocks) -> Tensor:
-    """Soft targets ``lam * onehot(y) + (1 - lam) * onehot(y[mix.index])``, float32 ``[B, K]``."""
-    oh = one_hot(y, num_classes)
-    if isinstance(mix, Mix):
-        return oh.mul(mix.lam).add_(oh.index_select(0, mix.index.to(y.device)), alpha=1.0 - mix.lam)
-    index, lam = mix_rows(mix, y.shape[0], y.device)
-    return oh * lam[:, None] + oh.index_select(0, index) * (1.0 - lam[:, None])
-
-
-def mixed_log_probs(log_own: Tensor, log_other: Tensor, lam: Tensor | float) -> Tensor:
-    """``log(lam * exp(log_own) + (1 - lam) * exp(log_other))`` row-wise (``lam`` a float or a ``[B]``
-    tensor), in log space: the log of a mixture of two distributions (``lam`` 0 or 1 are exact)."""
-    lam_t = torch.as_tensor(lam, dtype=log_own.dtype, device=log_own.device)
-    if lam_t.dim() == 1:
-        lam_t = lam_t[:, None]
-    a = torch.where(lam_t > 0, log_own + torch.log(lam_t), torch.full_like(log_own, -math.inf))
-    b = torch.where(lam_t < 1, log_other + torch.log1p(-lam_t), torch.full_like(log_other, -math.inf))
-    return torch.logaddexp(a, b)
 
 
 # ==================================================================================================

@@ -193,6 +193,11 @@ def as_index_tensor(indices: Iterable[int] | Iterator[int]) -> Tensor:
     return torch.as_tensor(list(indices), dtype=torch.int64)
 
 
+def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of ``batch_size`` in an epoch of ``n`` samples (a short last one unless ``drop_last``)."""
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
 def host_equal(a: Tensor, b: Tensor) -> bool:
     """Exact equality of two CPU tensors, in numpy: a host-side check that cannot read a device
     value (``.numpy()`` refuses CUDA tensors), so batch-layout checks cost no synchronisation."""

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..data.mixing import Mix, MixBlocks, mixed_cross_entropy
+from ..data.mixing import Mix, MixBlocks
 from ..errors import ConfigError, TrainingError
 from ..models._common import init_conv_bn
 from .base import Batch, Method, Params, StepOutput
@@ -317,7 +317,7 @@ def byot_loss(
     deep = exits[-1]
     teacher = F.softmax(deep.detach().float() / temperature, dim=1)
     def hard(z: Tensor) -> Tensor:
-        return cross_entropy(z, target) if mix is None else mixed_cross_entropy(z, target, mix)
+        return cross_entropy(z, target, mix=mix)
 
     ce = hard(deep)
     kd = ce.new_zeros(())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..data.mixing import Mix, MixBlocks, mixed_cross_entropy
+from ..data.mixing import Mix, MixBlocks
 from .base import Method, StepOutput
 from .losses import cross_entropy
 from .registry import register
@@ -23,5 +23,5 @@ class CE(Method):
 
     def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
              mix: Mix | MixBlocks | None = None) -> StepOutput:
-        ce = cross_entropy(logits, target) if mix is None else mixed_cross_entropy(logits, target, mix)
+        ce = cross_entropy(logits, target, mix=mix)
         return StepOutput(ce, {"ce": ce.detach()}, logits, target)

@@ -13,7 +13,6 @@ official code (github.com/alinlab/cs-kd, ``datasets.py`` ``PairBatchSampler`` an
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any, Literal
@@ -23,9 +22,9 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from ..data.mixing import Mix, MixBlocks, Mixer, mixed_cross_entropy, remix
+from ..data.mixing import Mix, MixBlocks, Mixer, remix
 from ..errors import ConfigError, TrainingError
-from .base import Batch, Method, Params, StepOutput, host_equal, host_range
+from .base import Batch, Method, Params, StepOutput, batch_count, host_equal, host_range
 from .losses import cross_entropy, kd_kl
 from .registry import register
 
@@ -80,8 +79,9 @@ class PairBatchSampler(Sampler[list[int]]):
     """Yields ``[batch_size anchors | one same-class partner per anchor]`` for each step.
 
     Wraps any sampler of indices (``RandomSampler``, ``DistributedSampler``, ...). Each
-    ``__iter__`` is one epoch: the wrapped sampler's order and all the epoch's partners are drawn
-    once, at its start, and kept in the method's state, so a run resumes mid-epoch exactly.
+    ``__iter__`` is one epoch, from :meth:`CSKD.plan_epoch`: the wrapped sampler's order and all the
+    epoch's partners are drawn once, at its start, and kept in the method's state, so a run resumes
+    mid-epoch exactly. ``labels`` go to :meth:`CSKD.set_train_labels`.
     """
 
     def __init__(self, cskd: "CSKD", sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool,
@@ -92,14 +92,10 @@ class PairBatchSampler(Sampler[list[int]]):
         self.sampler = sampler
         self.batch_size = batch_size
         self.drop_last = drop_last
-        self.index = _ClassIndex(labels)
-        cskd._labels = self.index.labels
+        cskd.set_train_labels(labels)
 
     def __len__(self) -> int:
-        return self._batches(len(self.sampler))  # type: ignore[arg-type]
-
-    def _batches(self, n: int) -> int:
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return batch_count(len(self.sampler), self.batch_size, self.drop_last)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
         """Forwarded to the wrapped sampler (e.g. ``DistributedSampler``)."""
@@ -107,17 +103,9 @@ class PairBatchSampler(Sampler[list[int]]):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        m = self.cskd
-        if m._resume and m._order is not None and m._position < self._batches(len(m._order)):
-            order, partners, start = m._order, m._partners, m._position
-        else:
-            order = torch.as_tensor(list(iter(self.sampler)), dtype=torch.int64)
-            partners = self.index.partners(order, m._gen, m.hp.partner)
-            start = 0
-            m._order, m._partners, m._position = order, partners, 0
-        m._resume = False
+        order, partners, start = self.cskd.plan_epoch(self.sampler, self.batch_size, self.drop_last)
         bs = self.batch_size
-        for b in range(start, self._batches(len(order))):
+        for b in range(start, batch_count(len(order), bs, self.drop_last)):
             yield torch.cat([order[b * bs : (b + 1) * bs], partners[b * bs : (b + 1) * bs]]).tolist()
 
 
@@ -183,7 +171,8 @@ class CSKD(Method):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._gen = torch.Generator().manual_seed(self.hp.seed)
-        self._labels: Tensor | None = None  # training labels, set by batch_sampler
+        self._classes: _ClassIndex | None = None  # the training labels by class, from set_train_labels
+        self._labels: Tensor | None = None  # the training labels (CPU int64)
         self._order: Tensor | None = None  # the current epoch's anchor order
         self._partners: Tensor | None = None  # the partner of each anchor in ``_order``
         self._position = 0  # batches of ``_order`` consumed by the loss
@@ -200,6 +189,30 @@ class CSKD(Method):
     ) -> PairBatchSampler:
         """``batch_size`` anchors per step, followed by one same-class partner each."""
         return PairBatchSampler(self, sampler, batch_size, drop_last, labels)
+
+    def set_train_labels(self, labels: Tensor | None) -> None:
+        """The training labels (1-D integers, indexed like the data set): the partners are drawn from
+        them and the loss checks each pair against them on the CPU. :meth:`batch_sampler` sets them."""
+        self._classes = _ClassIndex(labels)
+        self._labels = self._classes.labels
+
+    def plan_epoch(self, sampler: Iterable[int], batch_size: int, drop_last: bool) -> tuple[Tensor, Tensor, int]:
+        """``(anchor order, partners, first batch)`` of the epoch a batch sampler starts: the rest of a
+        resumed epoch (after :meth:`load_state_dict`), else ``sampler``'s order with one partner per
+        anchor drawn now from this method's generator (needs :meth:`set_train_labels`)."""
+        saved = 0 if self._order is None else batch_count(len(self._order), batch_size, drop_last)
+        if self._resume and self._position < saved:
+            order, partners, start = self._order, self._partners, self._position
+        else:
+            if self._classes is None:
+                raise TrainingError("CS-KD: no training labels to pair samples of the same class: call "
+                                    "cskd.set_train_labels(labels) or cskd.batch_sampler(..., labels=train_labels)")
+            order = torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
+            partners = self._classes.partners(order, self._gen, self.hp.partner)
+            start = 0
+            self._order, self._partners, self._position = order, partners, 0
+        self._resume = False
+        return order, partners, start
 
     # -- training ----------------------------------------------------------------------------
     def _check_pairs(self, rows: int, target: Tensor, index: Tensor | None, host: Tensor | None = None) -> int:
@@ -268,7 +281,7 @@ class CSKD(Method):
         return m
 
     def _loss(self, z_anchor: Tensor, z_partner: Tensor, y: Tensor, mix: Mix | None = None) -> StepOutput:
-        ce = cross_entropy(z_anchor, y) if mix is None else mixed_cross_entropy(z_anchor, y, mix)
+        ce = cross_entropy(z_anchor, y, mix=mix)
         kd = kd_kl(z_anchor, z_partner, self.hp.temperature)
         loss = ce + self.hp.lam * kd
         if self._order is not None:

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..data.mixing import Mix, MixBlocks, mixed_cross_entropy, remix
+from ..data.mixing import Mix, MixBlocks, remix
 from ..errors import TrainingError
 from .base import Batch, Method, Params, StepOutput, host_equal
 from .losses import cross_entropy, kd_kl
@@ -132,10 +132,7 @@ class DDGSD(Method):
                 f"DDGSD: {rows} logits (two views of {b} images) need {b} or {rows} labels (got {target.shape[0]})"
             )
         z1, z2 = logits[:b], logits[b:]
-        if mix is None:
-            ce = cross_entropy(z1, y) + cross_entropy(z2, y)
-        else:
-            ce = mixed_cross_entropy(z1, y, mix) + mixed_cross_entropy(z2, y, mix)
+        ce = cross_entropy(z1, y, mix=mix) + cross_entropy(z2, y, mix=mix)
         if self.hp.ce_views == "mean":
             ce = ce / 2
         t = self.hp.temperature

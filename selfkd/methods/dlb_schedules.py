@@ -1,6 +1,10 @@
 """How much DLB trusts its last-mini-batch teacher, step by step or row by row (``DLB(schedule=...)``).
 
-All of them read the cached teacher logits ``z_prev`` of the repeated rows at T=1,
+* ``constant``: α, T as given.
+* ``linear``: ``α_p = α_0 + (α − α_0)·min(p/R, 1)``, likewise T from ``temperature_start``, with
+  ``R = ramp_epochs`` (``α_0 = alpha_start``) and ``p`` the epochs done (counted by DLB's sampler).
+
+The others read the cached teacher logits ``z_prev`` of the repeated rows at T=1,
 ``p = softmax(z_prev)`` over the last dimension (K classes, or the vocabulary for token logits), and
 return tensors on the teacher's device: nothing here waits for the device (no ``.item()``/``float()``).
 
@@ -24,12 +28,13 @@ detached: no gradient flows into the teacher's uncertainty.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..data.mixing import Mix, mix_targets
-from .losses import token_mask
+from ..data.mixing import Mix
+from .losses import mix_targets, token_mask
 
 #: every schedule ``DLB(schedule=...)`` accepts
 SCHEDULES = ("constant", "linear", "confidence", "entropy", "margin")
@@ -51,6 +56,33 @@ def confidence(teacher: Tensor, labels: Tensor, alpha: float, temperature: float
     else:
         conf = (probs * mix_targets(labels, probs.shape[1], mix)).sum(dim=1).mean()
     return alpha * conf, temperature * (2.0 - conf)
+
+
+def for_step(hp: Any, progress: float, teacher: Tensor, labels: Tensor,
+             mix: Mix | None = None) -> tuple[float | Tensor, float | Tensor, Tensor | None]:
+    """``(α, T, row weight)`` for a step at ``progress`` epochs under DLB's hyper-parameters ``hp``, given
+    the teacher logits of the repeated rows and how those rows were mixed: α and T from the ``linear``
+    ramp, :func:`confidence` or as given; the weight from :func:`row_weight` (``entropy``, ``margin``), else None."""
+    weight = row_weight(hp.schedule, teacher) if hp.schedule in PER_SAMPLE else None
+    if hp.schedule == "linear":
+        f = min(progress / hp.ramp_epochs, 1.0) if hp.ramp_epochs > 0 else 1.0
+        t0 = hp.temperature if hp.temperature_start is None else hp.temperature_start
+        return hp.alpha_start + (hp.alpha - hp.alpha_start) * f, t0 + (hp.temperature - t0) * f, weight
+    if hp.schedule == "confidence":
+        return (*confidence(teacher, labels, hp.alpha, hp.temperature, mix), weight)
+    return hp.alpha, hp.temperature, weight
+
+
+def logged(schedule: str, alpha: float | Tensor, temperature: float | Tensor, weight: Tensor | None,
+           mask: Tensor | None) -> dict[str, Tensor]:
+    """The parts a step with repeated rows logs of its schedule: α and T (``linear``, ``confidence``) or the
+    mean weight over the repeated rows (or their non-ignored tokens, ``mask``) of ``entropy``/``margin``."""
+    if schedule in ("linear", "confidence"):
+        return {"alpha": torch.as_tensor(alpha, dtype=torch.float32).detach(),
+                "temperature": torch.as_tensor(temperature, dtype=torch.float32).detach()}
+    if weight is not None:
+        return {"weight": (weight * mask).sum() / mask.sum().clamp_min(1) if mask is not None else weight.mean()}
+    return {}
 
 
 def row_weight(kind: str, teacher: Tensor) -> Tensor:

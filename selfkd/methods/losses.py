@@ -11,13 +11,21 @@ dimension is the last one:
   with no such token gives 0 (not NaN). Every token weighs the same, wherever its row is and however
   long that row is (Hugging Face's own token-level mean).
 
+Mixed rows (mixup/CutMix, a :class:`~selfkd.data.mixing.Mix` or ``MixBlocks`` from the data layer) get
+their targets here too: ``cross_entropy(logits, y, mix=mix)`` is the one call for mixed and unmixed
+hard labels, :func:`mix_targets` the soft targets, :func:`mixed_log_probs` a mixture of two teachers.
+
 Teachers are always detached.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..data.mixing import Mix, MixBlocks, mix_rows
 
 #: the label of a position that gets no loss (padding, prompt tokens): PyTorch's and Hugging Face's -100
 IGNORE = -100
@@ -69,15 +77,71 @@ def kd_kl(student: Tensor, teacher: Tensor, temperature: float | Tensor, mask: T
     return _masked_mean(per_token, m) * (t * t)
 
 
-def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, *,
+                  mix: Mix | MixBlocks | None = None) -> Tensor:
     """Hard-label cross-entropy in float32, mean over rows (``[B, K]``) or over the non-ignored tokens
     (``[B, T, V]`` with ``[B, T]`` labels, -100 ignored; none left: 0). ``label_smoothing=ε`` targets
-    ``(1−ε)·onehot + ε/K`` (PyTorch's form)."""
+    ``(1−ε)·onehot + ε/K`` (PyTorch's form). ``mix`` (how the rows were mixed; ``[B, K]`` only):
+    :func:`mixed_cross_entropy`; None: no mixing."""
+    if mix is not None:
+        if logits.dim() != 2:
+            raise ValueError(f"cross_entropy: mixed targets need [B, K] logits (got {tuple(logits.shape)})")
+        return mixed_cross_entropy(logits, target, mix, label_smoothing)
     if logits.dim() == 2:
         return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
     z, y = logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)
     total = F.cross_entropy(z, y, ignore_index=IGNORE, label_smoothing=label_smoothing, reduction="sum")
     return total / (y != IGNORE).sum().clamp_min(1).to(total.dtype)
+
+
+def mixed_cross_entropy(logits: Tensor, y: Tensor, mix: Mix | MixBlocks | None,
+                        label_smoothing: float = 0.0) -> Tensor:
+    """``lam * CE(logits, y) + (1 - lam) * CE(logits, y[mix.index])``, each CE a mean over rows;
+    logits are upcast to float32 (bf16 under autocast). With :class:`MixBlocks` (a ``lam`` per block)
+    the same per row, ``mean_i [lam_i CE_i(y_i) + (1 - lam_i) CE_i(y[index_i])]``. ``mix=None``: plain
+    CE. ``label_smoothing``: PyTorch's, on each of the two CE terms."""
+    logits = logits.float()
+    if mix is None:
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    if isinstance(mix, Mix):
+        ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if mix.lam == 1.0:
+            return ce
+        other = y.index_select(0, mix.index.to(y.device))
+        return mix.lam * ce + (1.0 - mix.lam) * F.cross_entropy(logits, other, label_smoothing=label_smoothing)
+    index, lam = mix_rows(mix, y.shape[0], y.device)
+    own = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+    other = F.cross_entropy(logits, y.index_select(0, index), reduction="none", label_smoothing=label_smoothing)
+    return (lam * own + (1.0 - lam) * other).mean()
+
+
+def one_hot(y: Tensor, num_classes: int) -> Tensor:
+    """float32 ``[B, K]`` one-hot rows, by a scatter: unlike ``F.one_hot`` on the CPU it reads no value back
+    to range-check (labels are checked when the data set is loaded), so it is the same op on every device."""
+    return torch.zeros((y.shape[0], num_classes), dtype=torch.float32, device=y.device).scatter_(1, y[:, None], 1.0)
+
+
+def mix_targets(y: Tensor, num_classes: int, mix: Mix | MixBlocks | None = None) -> Tensor:
+    """Soft targets ``lam * onehot(y) + (1 - lam) * onehot(y[mix.index])``, float32 ``[B, K]``
+    (``mix=None``: ``onehot(y)``)."""
+    oh = one_hot(y, num_classes)
+    if mix is None:
+        return oh
+    if isinstance(mix, Mix):
+        return oh.mul(mix.lam).add_(oh.index_select(0, mix.index.to(y.device)), alpha=1.0 - mix.lam)
+    index, lam = mix_rows(mix, y.shape[0], y.device)
+    return oh * lam[:, None] + oh.index_select(0, index) * (1.0 - lam[:, None])
+
+
+def mixed_log_probs(log_own: Tensor, log_other: Tensor, lam: Tensor | float) -> Tensor:
+    """``log(lam * exp(log_own) + (1 - lam) * exp(log_other))`` row-wise (``lam`` a float or a ``[B]``
+    tensor), in log space: the log of a mixture of two distributions (``lam`` 0 or 1 are exact)."""
+    lam_t = torch.as_tensor(lam, dtype=log_own.dtype, device=log_own.device)
+    if lam_t.dim() == 1:
+        lam_t = lam_t[:, None]
+    a = torch.where(lam_t > 0, log_own + torch.log(lam_t), torch.full_like(log_own, -math.inf))
+    b = torch.where(lam_t < 1, log_other + torch.log1p(-lam_t), torch.full_like(log_other, -math.inf))
+    return torch.logaddexp(a, b)
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy
+from ..data.mixing import Mix, MixBlocks, mix_rows
 from ..errors import ConfigError
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy, soft_cross_entropy
@@ -82,7 +82,7 @@ class LS(Method):
                 partner, lam = mix_rows(mix, target.shape[0], target.device)
                 v_other = peaked_target(target.index_select(0, partner), k, 0.0)
                 v = v * lam[:, None] + v_other * (1.0 - lam[:, None])
-        ce = cross_entropy(logits, target) if mix is None else mixed_cross_entropy(logits, target, mix)
+        ce = cross_entropy(logits, target, mix=mix)
         smooth = soft_cross_entropy(logits, v)
         loss = (1.0 - eps) * ce + eps * smooth
         return StepOutput(loss, {"ce": ce.detach(), "smooth": smooth.detach()}, logits, target)

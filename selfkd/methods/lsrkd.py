@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from ..data.mixing import Mix, MixBlocks, mixed_cross_entropy
+from ..data.mixing import Mix, MixBlocks
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
 from .registry import register
@@ -55,12 +55,8 @@ class LsrKD(Method):
     def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
              mix: Mix | MixBlocks | None = None) -> StepOutput:
         alpha, t = self.hp.alpha, self.hp.temperature
-        if mix is None:
-            ce = cross_entropy(logits, target)
-            teacher = self.teacher_logits(logits, target)
-        else:
-            ce = mixed_cross_entropy(logits, target, mix)
-            teacher = self.mixed_teacher_logits(logits, target, mix)
+        ce = cross_entropy(logits, target, mix=mix)
+        teacher = self.teacher_logits(logits, target) if mix is None else self.mixed_teacher_logits(logits, target, mix)
         kd = kd_kl(logits, teacher, t)
         loss = (1.0 - alpha) * ce + alpha * kd
         return StepOutput(loss, {"ce": ce.detach(), "kd": kd.detach()}, logits, target)

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_log_probs
+from ..data.mixing import Mix, MixBlocks, mix_rows
 from .ls import check_share, peaked_target
+from .losses import mixed_log_probs
 from .lsrkd import LsrKD, LsrKDParams
 from .registry import register
 

@@ -11,12 +11,11 @@ import copy
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
 from .. import distributed
-from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy
+from ..data.mixing import Mix, MixBlocks, mix_rows
 from ..errors import ConfigError, TrainingError
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
@@ -206,7 +205,7 @@ class MrKD(Method):
         self._fcn_to(inp.device)
         with torch.enable_grad(), torch.autocast(inp.device.type, enabled=False):
             z = self._fcn(inp)
-            ce = F.cross_entropy(z, target) if mix is None else mixed_cross_entropy(z, target, mix)
+            ce = cross_entropy(z, target, mix=mix)
             self._fcn_opt.zero_grad(set_to_none=True)
             ce.backward()
             # DDP: the layer is trained on every rank's batch alike (averaged gradients), so ranks do not drift
@@ -244,7 +243,7 @@ class MrKD(Method):
              teacher: Tensor | None = None, mix: Mix | MixBlocks | None = None) -> StepOutput:
         """``CE + α·KD`` given the teacher's logits (KA is applied here); no teacher: CE only.
         ``mix``: how the rows were mixed (the teacher must have seen the same mixed input)."""
-        ce = cross_entropy(logits, target) if mix is None else mixed_cross_entropy(logits, target, mix)
+        ce = cross_entropy(logits, target, mix=mix)
         if teacher is None:
             kd = torch.zeros((), device=logits.device)
             total = ce

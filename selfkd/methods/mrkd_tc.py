@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_log_probs
-from .losses import kd_kl
+from ..data.mixing import Mix, MixBlocks, mix_rows
+from .losses import kd_kl, mixed_log_probs
 from .mrkd import MrKD, MrKDParams
 from .registry import register
 

@@ -29,10 +29,10 @@ from pydantic import Field
 from torch import Tensor
 
 from .. import distributed
-from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy, one_hot
+from ..data.mixing import Mix, MixBlocks, mix_rows
 from ..errors import ConfigError, TrainingError
 from .base import Method, Params, StepOutput, host_range
-from .losses import cross_entropy, soft_cross_entropy
+from .losses import cross_entropy, one_hot, soft_cross_entropy
 from .registry import register
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -229,7 +229,7 @@ class PSKD(Method):
         probs = torch.softmax(logits.detach().float(), dim=1)
         with torch.no_grad():
             z = logits.detach()
-            ce = cross_entropy(z, target) if mix is None else mixed_cross_entropy(z, target, mix)
+            ce = cross_entropy(z, target, mix=mix)
             kd = soft_cross_entropy(logits.detach(), prev)
         stored = probs.to(mem.device, self.dtype)
         if write is not None:  # keep: rows that mix two images write back the old value (no boolean indexing)

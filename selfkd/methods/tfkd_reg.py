@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy, mixed_log_probs
+from ..data.mixing import Mix, MixBlocks, mix_rows
 from .base import Method, Params, StepOutput
-from .losses import cross_entropy, kd_kl
+from .losses import cross_entropy, kd_kl, mixed_log_probs
 from .ls import check_share, peaked_target
 from .registry import register
 
@@ -72,13 +72,12 @@ class TfKDReg(Method):
         if mix is None:
             # softmax(teacher / T_s) = softmax(p^d / T): kd_kl applies T_s to both sides and the T_s² factor
             teacher = peaked_target(target, k, hp.a) * (hp.student_temperature / hp.temperature)
-            ce = cross_entropy(logits, target)
         else:
             partner, lam = mix_rows(mix, target.shape[0], target.device)
             own = F.log_softmax(peaked_target(target, k, hp.a) / hp.temperature, dim=1)
             other = F.log_softmax(peaked_target(target.index_select(0, partner), k, hp.a) / hp.temperature, dim=1)
             teacher = mixed_log_probs(own, other, lam) * hp.student_temperature
-            ce = mixed_cross_entropy(logits, target, mix)
+        ce = cross_entropy(logits, target, mix=mix)
         kd = kd_kl(logits, teacher, hp.student_temperature)
         loss = (1.0 - hp.alpha) * ce + hp.alpha * kd
         return StepOutput(loss, {"ce": ce.detach(), "kd": kd.detach()}, logits, target)

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..data.mixing import Mix, MixBlocks, mixed_cross_entropy
+from ..data.mixing import Mix, MixBlocks
 from ..errors import ConfigError, TrainingError
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
@@ -179,7 +179,7 @@ class TfKDSelf(Method):
              teacher: Tensor | None = None, mix: Mix | MixBlocks | None = None) -> StepOutput:
         if teacher is None:
             raise TrainingError("tfkd-self: the loss needs the teacher's logits: loss(logits, y, teacher=z_t)")
-        ce = cross_entropy(logits, target) if mix is None else mixed_cross_entropy(logits, target, mix)
+        ce = cross_entropy(logits, target, mix=mix)
         kd = kd_kl(logits, teacher.detach(), self.hp.temperature)
         a = self.hp.alpha
         return StepOutput((1.0 - a) * ce + a * kd, {"ce": ce.detach(), "kd": kd.detach()}, logits, target)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..data.mixing import Mix, MixBlocks, mix_rows, mixed_cross_entropy
+from ..data.mixing import Mix, MixBlocks, mix_rows
 from ..errors import ConfigError, TrainingError
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy
@@ -228,7 +228,7 @@ class ZipfLS(Method):
             zipf = (per_row * correct).sum() / correct.sum().clamp(min=1.0)
         else:
             zipf = per_row.mean()
-        ce = mixed_cross_entropy(logits, target, mix)
+        ce = cross_entropy(logits, target, mix=mix)
         loss = ce + hp.loss_lambda * zipf
         return StepOutput(loss, {"ce": ce.detach(), "zipf": zipf.detach()}, logits, target)
 

@@ -1,0 +1,189 @@
+"""DLB's bookkeeping between its batch sampler and its loss, and its cache of the last step's logits.
+
+:meth:`LastBatch.plan` lays out one epoch of batches ``[repeated | new]`` (a :class:`Layout` per
+batch, queued in ``pending`` as the sampler yields it); the loss consumes the layouts in order
+(:meth:`LastBatch.peek`), takes the repeated rows' teacher from the cache (:meth:`LastBatch.teacher`)
+and makes its new rows' logits the next step's teacher (:meth:`LastBatch.commit`). Only the last
+step's logits, labels and Mix are kept; they, the epoch order and the position are method state.
+
+The checks compare CPU tensors (the loader's indices and labels, ``batch.y_host``), so a step never
+waits for the device; device labels alone (a plain loop) cost one synchronisation.
+
+Token logits (``[B, T, V]`` with ``[B, T]`` labels, -100 ignored): the cache holds the new rows'
+``[B, T, V]`` logits (float32: ``B·T·V·4`` bytes). With dynamic padding a repeated row may come back
+padded to another length: its cached logits are re-laid by position (``padding_side``: ``right``
+aligns the first positions, ``left`` the last; :func:`~selfkd.methods.losses.align_tokens`) and the
+labels must then agree token by token, else TrainingError. ``[B, K]`` logits are unchanged.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..data.mixing import Mix, MixBlocks, mix_from_state, mix_state
+from ..errors import ConfigError, TrainingError
+from .base import batch_count, host_equal
+from .losses import align_tokens, token_mask
+
+KEYS = {"steps", "prev_new", "position", "epoch", "order", "cache_logits", "cache_labels", "last_mix"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the sampler built one batch: ``repeat`` leading rows, then ``new`` rows."""
+
+    repeat: int
+    new: int
+    position: int  # index of this batch within its epoch
+    new_index: Tensor  # dataset indices of the new rows
+    progress: float  # epochs done when this batch starts: pass number + position / batches per pass
+    repeat_index: Tensor  # dataset indices of the repeated rows (the previous batch's new ones)
+
+    def indices(self) -> list[int]:
+        """The batch's dataset indices, ``[repeated | new]``."""
+        return torch.cat([self.repeat_index, self.new_index]).tolist()
+
+
+class LastBatch:
+    """State shared by DLB's sampler (which plans layouts) and its loss (which consumes them)."""
+
+    def __init__(self) -> None:
+        self.pending: deque[Layout] = deque()  # planned, not yet consumed
+        self.order: Tensor | None = None  # the current epoch's sample order
+        self.position = 0  # batches of ``order`` consumed by the loss
+        self.prev_new = torch.empty(0, dtype=torch.int64)  # last consumed new rows
+        self.resume = False  # continue ``order`` at ``position`` on the next plan
+        self.epoch = -1  # passes started over the data (drives the alpha/T schedules)
+        self.steps = 0  # steps consumed
+        self.logits: Tensor | None = None  # the last consumed step's new rows' logits (float32, detached)
+        self.labels: Tensor | None = None  # and their labels
+        self.mix: Mix | None = None  # how those rows were mixed (None: not mixed)
+
+    def plan(self, sampler: Iterable[int], batch_size: int, drop_last: bool, repeat_count: Callable[[int], int],
+             carry_over: bool) -> Iterator[Layout]:
+        """One epoch of layouts: the rest of a resumed epoch, else a new pass over ``sampler``'s order
+        (drawn once, kept for an exact resume). Each layout is queued in ``pending`` as it is yielded."""
+        self.pending.clear()  # layouts of an abandoned iterator were never consumed
+        if self.resume and self.order is not None and self.position < batch_count(len(self.order), batch_size, drop_last):
+            order, start = self.order, self.position
+        else:
+            order = torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
+            start = 0
+            self.order, self.position = order, 0
+            self.epoch += 1
+        self.resume = False
+        prev = self.prev_new if carry_over or start > 0 else torch.empty(0, dtype=torch.int64)
+        n = batch_count(len(order), batch_size, drop_last)
+        for b in range(start, n):
+            new = order[b * batch_size : (b + 1) * batch_size]
+            rep = prev[: repeat_count(len(prev))]
+            layout = Layout(len(rep), len(new), b, new, self.epoch + b / n, rep)
+            self.pending.append(layout)
+            yield layout
+            prev = new
+
+    def peek(self) -> Layout:
+        """The layout of the batch the loss consumes next."""
+        if not self.pending:
+            raise TrainingError(
+                "DLB: no batch layout is pending: build the DataLoader with "
+                "batch_sampler=dlb.batch_sampler(sampler, batch_size) and call dlb once per batch"
+            )
+        return self.pending[0]
+
+    def resumes_at(self) -> int | None:
+        return self.position if self.resume and self.order is not None else None
+
+    def teacher(self, layout: Layout, logits: Tensor, target: Tensor, host: Tensor | None, index: Tensor | None,
+                padding_side: str) -> tuple[Tensor, Tensor | None]:
+        """The cached logits of the ``layout.repeat`` repeated rows, on ``logits``' device, and their token
+        mask (None for ``[B, K]``), once those rows are checked to be the cached samples with their labels."""
+        r = layout.repeat
+        cached = self.logits
+        if cached is None or cached.shape[0] < r:
+            raise TrainingError(f"DLB: {r} repeated rows but only {0 if cached is None else cached.shape[0]} cached logits")
+        labels = host if host is not None else target
+        cached_labels = self.labels
+        if cached_labels.device != labels.device:  # a plain loop switched between host and device labels
+            cached_labels = cached_labels.to(labels.device)
+        if logits.dim() == 3:  # tokens: re-lay the cache at the current positions (dynamic padding)
+            teacher, same = align_tokens(cached[:r], cached_labels[:r], labels[:r], padding_side)
+            mask = token_mask(target[:r])
+            same = bool(same)  # on the host with host labels: no device sync
+        else:
+            teacher, mask = cached[:r], None
+            same = (host_equal(cached_labels[:r], labels[:r]) if labels.device.type == "cpu"
+                    else torch.equal(cached_labels[:r], labels[:r]))  # device labels only: one sync
+        if not same:
+            raise TrainingError(
+                "DLB: the labels of the repeated rows differ from the previous step's new rows; "
+                "the loader must not reorder or relabel samples (use dlb.batch_sampler, shuffle=False)"
+                + (f"; token rows are aligned with padding_side={padding_side!r}" if mask is not None else "")
+            )
+        if index is not None and not host_equal(self.prev_new[:r], index[:r].cpu()):
+            raise TrainingError("DLB: the repeated rows are not the previous step's new samples")
+        return teacher.to(logits.device), mask
+
+    def commit(self, layout: Layout, logits: Tensor, labels: Tensor, mix: Mix | None) -> None:
+        """The consumed step's new rows (their logits, labels and Mix) become the next step's teacher."""
+        self.pending.popleft()
+        self.logits = logits.detach().float()
+        self.labels = labels.detach().clone()
+        self.mix = mix
+        self.prev_new = layout.new_index
+        self.position = layout.position + 1
+        self.steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"steps": self.steps, "prev_new": self.prev_new.clone(), "position": self.position,
+                                 "epoch": self.epoch}
+        if self.order is not None:
+            state["order"] = self.order.clone()
+        if self.logits is not None:
+            state["cache_logits"] = self.logits.cpu().clone()
+            state["cache_labels"] = self.labels.cpu().clone()
+        if self.mix is not None:
+            state["last_mix"] = mix_state(self.mix)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - KEYS
+        if unknown:
+            raise ConfigError(f"DLB state: unknown keys {sorted(unknown)}")
+        self.pending.clear()
+        self.steps = int(state["steps"])
+        self.prev_new = state["prev_new"].to(torch.int64)
+        self.position = int(state["position"])
+        self.epoch = int(state["epoch"])
+        self.order = state.get("order")
+        self.resume = self.order is not None
+        self.logits = state.get("cache_logits")
+        self.labels = state.get("cache_labels")
+        last = state.get("last_mix")
+        self.mix = None if last is None else mix_from_state(last)
+
+
+def check_batch(layout: Layout, logits: Tensor, target: Tensor, target_host: Tensor | None,
+                mix: Mix | MixBlocks | None) -> Tensor | None:
+    """The batch's labels on the host (None: only device labels were given), once the batch is checked
+    to have the rows ``layout`` planned and logits ``[B, K]`` or ``[B, T, V]`` that fit the labels."""
+    host = target_host if target_host is not None else (target if target.device.type == "cpu" else None)
+    if host is not None and host.shape[0] != target.shape[0]:
+        raise TrainingError(f"DLB: target_host has {host.shape[0]} labels but target {target.shape[0]}")
+    r, rows = layout.repeat, layout.repeat + layout.new
+    if logits.shape[0] != rows or target.shape[0] != rows:
+        raise TrainingError(
+            f"DLB: the sampler built a batch of {rows} rows ({r} repeated + {layout.new} new) but the loss got "
+            f"{logits.shape[0]} logits and {target.shape[0]} labels; pass the whole batch, in loader order"
+        )
+    if logits.dim() == 3 and mix is not None:
+        raise TrainingError("DLB: mixing (mixup/CutMix) is not defined for token logits [B, T, V]")
+    if logits.dim() not in (2, 3) or target.shape != logits.shape[:-1]:
+        raise TrainingError(f"DLB: expected logits [B, K] with labels [B] or [B, T, V] with labels [B, T] "
+                            f"(got {tuple(logits.shape)} and {tuple(target.shape)})")
+    return host
