@@ -212,3 +212,18 @@ def test_no_class_reads_another_objects_private_attributes():
                 continue
             found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
     assert not found, found
+
+
+def test_capabilities_are_declared_on_every_method_not_found_by_getattr():
+    from selfkd.methods.base import Method
+    from selfkd.methods.registry import available_methods, method_class
+
+    caps = ("supports_mix", "own_forward", "needs_teacher")
+    for name in available_methods():
+        cls = method_class(name)
+        assert issubclass(cls, Method)
+        assert all(isinstance(getattr(cls, c), bool) for c in caps), name
+    assert [n for n in available_methods() if method_class(n).needs_teacher] == ["tfkd-self"]
+    src = "\n".join(p.read_text() for p in (Path(selfkd.__file__).parent).rglob("*.py"))
+    for c in caps:
+        assert f'getattr(cls, "{c}"' not in src and f"hasattr(method, \"{c}\"" not in src

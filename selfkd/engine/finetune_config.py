@@ -82,7 +82,7 @@ class FinetuneConfig(Section):
         if not method.runs_on_logits:
             raise ValueError(f"method.name: '{self.method.name}' runs forward passes of its own ({method.describe()}); "
                              "finetune runs the methods computed from the model's logits (ce, ls, dlb, pskd, ...)")
-        if getattr(cls, "needs_teacher", False):
+        if cls.needs_teacher:
             raise ValueError(f"method.name: '{self.method.name}' needs a trained teacher; not supported by finetune")
         return self
 

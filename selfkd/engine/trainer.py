@@ -734,7 +734,7 @@ def train_run(cfg: Config, run_dir: str | Path, *, resume: bool = False, progres
 
     _on_main(checks)
     teacher: Trainer | None = None
-    if getattr(method_class(cfg.method.name), "needs_teacher", False):
+    if method_class(cfg.method.name).needs_teacher:
         own = run / "teacher"
         if cfg.method.params().get("teacher") is None:
             params = cfg.method.params() | {"teacher": str(own)}

@@ -167,6 +167,11 @@ class SelfKDTrainer(transformers.Trainer):
         self.add_callback(_EpochHook(self))
 
     # -- data ------------------------------------------------------------------------------
+    def set_sampler_epoch(self, epoch: int) -> None:
+        """Seed the method's batch sampler for ``epoch`` (a no-op before the first training loader exists)."""
+        if self._batches is not None:
+            self._batches.set_epoch(epoch)
+
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
@@ -301,10 +306,9 @@ class _EpochHook(transformers.TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         epochs = max(1, math.ceil(state.num_train_epochs or args.num_train_epochs))
         epoch = int(math.floor(state.epoch + 1e-9))  # the Trainer's epoch (a resumed one: the checkpoint's)
-        if self.trainer._batches is not None:
-            # the Trainer's own set_epoch does not reach the sampler through accelerate's shard and skip
-            # wrappers in a resumed epoch of a multi-process run: set it here, before the epoch is iterated
-            self.trainer._batches.set_epoch(epoch)
+        # the Trainer's own set_epoch does not reach the sampler through accelerate's shard and skip
+        # wrappers in a resumed epoch of a multi-process run: set it here, before the epoch is iterated
+        self.trainer.set_sampler_epoch(epoch)
         self.trainer.method.on_epoch_start(min(epoch, epochs - 1), epochs)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

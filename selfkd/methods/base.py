@@ -87,6 +87,8 @@ class Method:
     #: ``train_step`` runs forward passes of its own (partners, a second view, exits, a teacher): an
     #: integration that only hands over the model's logits (Hugging Face, Lightning) cannot run it
     own_forward: ClassVar[bool] = False
+    #: a CE teacher of the same config is trained first (``RUN/teacher``) unless ``teacher`` is given
+    needs_teacher: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         try:
