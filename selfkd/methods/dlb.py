@@ -101,17 +101,17 @@ class DLBParams(Params):
     ramp_epochs: float = Field(0.0, ge=0, description="linear: epochs over which alpha and T move to their final values")
     alpha_start: float = Field(0.0, ge=0, description="linear: alpha at the start of the ramp")
     temperature_start: float | None = Field(None, gt=0, description="linear: T at the start of the ramp (None: T)")
+    padding_side: Literal["right", "left"] = Field(
+        "right", description="token logits [B, T, V]: where the collator pads, to align a repeated row's positions "
+        "with its cached ones when its padded length changed",
+    )
+
     @field_validator("schedule", mode="before")
     @classmethod
     def _renamed(cls, v: Any) -> Any:
         if v in dlb_schedules.RENAMED:
             raise ValueError(f"schedule {v!r} was renamed {dlb_schedules.RENAMED[v]!r} (it is our own rule, not DynSDPB's)")
         return v
-
-    padding_side: Literal["right", "left"] = Field(
-        "right", description="token logits [B, T, V]: where the collator pads, to align a repeated row's positions "
-        "with its cached ones when its padded length changed",
-    )
 
 
 @register
