@@ -10,40 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DistributedSampler, Sampler
 
 from ddp_worker import EQUIV_METHODS, tiny_config
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine.trainer import Trainer, build
 from test_distributed import free_port, torchrun
+from union import UnionSampler
 
 HERE = Path(__file__).parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
 RUN = ["--data", "digits", "--model", "cnn_small", "--method", "dlb", "--seed", "1", "--batch-size", "16",
        "--epochs", "3", "--set", "data.subset=320", "--set", "train.sync_bn=true", "--no-progress", "--threads", "1"]
-
-
-class UnionSampler(Sampler[int]):
-    """One process's order whose step ``s`` (batch 2b) is rank 0's step-``s`` samples then rank 1's, as
-    the two ranks' DistributedSamplers (the trainer's, seed + 1) draw them."""
-
-    def __init__(self, n: int, seed: int, b: int, world: int = 2):
-        self.shards = [DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=True, seed=seed + 1)
-                       for r in range(world)]
-        self.b = b
-
-    def set_epoch(self, epoch: int) -> None:
-        for s in self.shards:
-            s.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.shards)
-
-    def __iter__(self):
-        parts = [list(s) for s in self.shards]
-        for k in range(0, len(parts[0]), self.b):
-            for p in parts:
-                yield from p[k : k + self.b]
 
 
 def weights(run: Path) -> dict:
@@ -60,7 +37,7 @@ def test_two_ranks_train_as_one_process_on_the_union_batch(tmp_path):
         assert {f.name for f in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoint.pt", "best.pt"}
         cfg = tiny_config(method, 16)  # one process, batch 2b: the union of both ranks' batches
         twin = Trainer(build(cfg), tmp_path / "one" / method, progress=False, log=lambda m: None,
-                       sampler=UnionSampler(64, cfg.train.seed, 8))
+                       sampler=UnionSampler(64, cfg.train.seed + 1, 8))  # the trainer seeds its sampler with seed + 1
         twin.run()
         a, b = weights(run), weights(tmp_path / "one" / method)
         init = build(cfg).model.state_dict()  # the seeded initial weights both runs started from

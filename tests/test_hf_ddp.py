@@ -9,13 +9,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from torch.utils.data import DistributedSampler, Sampler  # noqa: E402
 
 import hf_worker  # noqa: E402
 from hf_worker import BATCH, EPOCHS, N  # noqa: E402
 from selfkd.errors import ConfigError  # noqa: E402
 from selfkd.integrations.hf import STATE, SelfKDTrainer  # noqa: E402
 from test_distributed import torchrun  # noqa: E402
+from union import UnionSampler  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -41,28 +41,6 @@ def same_state(a: dict, b: dict) -> bool:
         return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
 
     return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
-
-
-class UnionSampler(Sampler[int]):
-    """One process's order whose step ``s`` (batch 2b) is rank 0's step-``s`` samples then rank 1's, as the
-    two ranks' ``DistributedSampler`` s (the trainer's, seeded with ``args.seed``) draw them."""
-
-    def __init__(self, n: int, seed: int, b: int):
-        self.shards = [DistributedSampler(range(n), num_replicas=2, rank=r, shuffle=True, seed=seed) for r in (0, 1)]
-        self.b = b
-
-    def set_epoch(self, epoch: int) -> None:
-        for s in self.shards:
-            s.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.shards)
-
-    def __iter__(self):
-        parts = [list(s) for s in self.shards]
-        for k in range(0, len(parts[0]), self.b):
-            for p in parts:
-                yield from p[k : k + self.b]
 
 
 class Twin(SelfKDTrainer):
