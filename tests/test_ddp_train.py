@@ -155,3 +155,20 @@ def test_sync_bn_on_a_model_without_batchnorm_is_an_error(monkeypatch):
     cfg = build_config({"data": {"name": "digits"}, "model": {"name": "plain_linear"}, "train": {"sync_bn": True}})
     with pytest.raises(ConfigError, match="train.sync_bn = true: model.name=plain_linear has no BatchNorm layer"):
         build(cfg)
+
+
+def test_tfkd_self_teacher_stage_on_two_ranks_is_the_ce_run_of_the_same_config(tmp_path):
+    base = ["--data", "digits", "--model", "cnn_small", "--seed", "1", "--batch-size", "16", "--epochs", "2",
+            "--set", "data.subset=160", "--no-progress", "--threads", "1", "--nproc", "2"]
+    p = selfkd("train", *base, "--method", "tfkd-self", "--out", str(tmp_path / "kd"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "training the CE teacher first" in p.stderr
+    teacher = tmp_path / "kd" / "teacher"
+    for run in (teacher, tmp_path / "kd"):
+        assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    p = selfkd("train", *base, "--method", "ce", "--out", str(tmp_path / "ce"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = weights(teacher), weights(tmp_path / "ce")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the stage is that run, bit for bit
+    rows = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train_kd"] > 0 for r in rows)  # the student distils from it on both epochs
