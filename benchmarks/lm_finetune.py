@@ -134,6 +134,13 @@ def cell(vals: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
 
 
+def spread(vals: list[float]) -> str:
+    """Median (min–max): wall-clock seconds, where one seed run on a busy machine must not set the figure."""
+    if not vals:
+        return "–"
+    return f"{statistics.median(vals):.0f}" + (f" ({min(vals):.0f}–{max(vals):.0f})" if len(vals) > 1 else "")
+
+
 def paired_table(arms: dict[str, list[dict]], paired: dict[str, dict[int, dict]], flat: list[str]) -> list[str]:
     """Every metric's paired difference to `ce` and to `ce2x`, with the seeds on which the arm is better;
     appends to ``flat`` each DLB arm whose mean ECE or NLL is not below the baseline's."""
@@ -162,14 +169,15 @@ def report(a: argparse.Namespace, results: dict, argv: list[str] | None) -> str:
              f"Command: `{command(__file__, argv)}`", "",
              f"Budget `{'smoke' if a.smoke else a.budget}`; seeds {' '.join(map(str, a.seeds))}; {a.epochs} epoch(s) ({2 * a.epochs} for `ce2x`); batch "
              f"{a.batch_size} new documents per step; AdamW lr {a.lr}; device {a.device}. Mean ± std over seeds "
-             "of the last epoch's test metrics (accuracy and macro-F1 in %).", ""]
+             "of the last epoch's test metrics (accuracy and macro-F1 in %). Seconds per run: wall-clock, median (min–max) "
+             "over seeds, as the machine was (other work on it inflates them; forward passes are the compute measure).", ""]
     for task, arms in results.items():
         first = next(iter(next(iter(arms.values()))), {})
         lines += [f"## {task}", "",
                   f"{first.get('train_docs')} training / {first.get('test_docs')} test documents, "
                   f"max_length {first.get('max_length')} tokens ({first.get('truncated_train')} training documents "
                   "truncated).", "",
-                  "| arm | acc % | macro-F1 % | ECE | NLL | fwd passes/doc | seconds/run | Δacc vs ce | Δacc vs ce2x |",
+                  "| arm | acc % | macro-F1 % | ECE | NLL | fwd passes/doc | seconds/run, median | Δacc vs ce | Δacc vs ce2x |",
                   "|---|---|---|---|---|---|---|---|---|"]
         paired = {b: {s["seed"]: s for s in arms.get(b, [])} for b in ("ce", "ce2x")}
 
@@ -188,7 +196,7 @@ def report(a: argparse.Namespace, results: dict, argv: list[str] | None) -> str:
                 f"{cell([s['macro_f1'] for s in runs], '{:.2f}')} | {cell([s['ece'] for s in runs], '{:.4f}')} | "
                 f"{cell([s['nll'] for s in runs], '{:.4f}')} | "
                 f"{cell([s['forwards_per_sample'] * s['epochs'] for s in runs], '{:.0f}')} | "
-                f"{cell([s['seconds'] for s in runs], '{:.0f}')} | "
+                f"{spread([s['seconds'] for s in runs])} | "
                 f"{cell(diffs, '{:+.2f}') if diffs else '–'} | {cell(diffs2, '{:+.2f}') if diffs2 else '–'} |")
         lines += ["", "Δ: last-epoch accuracy minus the baseline's, paired by seed (mean ± std). `ce2x` has DLB's "
                   "forward passes (equal compute).", ""]

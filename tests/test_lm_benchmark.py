@@ -49,6 +49,7 @@ def test_paired_table_counts_seeds_and_flags_worse_calibration():
     assert row == "| `dlb` | `ce` | +0.00 ± 1.41 | +0.00 ± 1.41 | -0.0050 ± 0.0636 | +0.0450 ± 0.0071 | 1 / 1 / 0 of 2 |"
     row2 = next(line for line in md if line.startswith("| `dlb` | `ce2x` |"))
     assert row2.endswith("| 0 / 2 / 2 of 2 |")
+    assert lm_finetune.spread([30.0, 10.0, 500.0]) == "30 (10–500)" and lm_finetune.spread([7.0]) == "7"
     plain = next(line for line in md if line.startswith("Where DLB does not help"))
     assert "`dlb` NLL vs `ce`: +0.0450" in plain and "`dlb` ECE vs `ce`" not in plain
     assert "`dlb` vs `ce`: +0.00 points" in plain and "`dlb` ECE vs `ce2x`" not in plain
