@@ -195,6 +195,29 @@ def as_index_tensor(indices: Iterable[int] | Iterator[int]) -> Tensor:
     return torch.as_tensor(list(indices), dtype=torch.int64)
 
 
+class PlannedBatchSampler(Sampler[list[int]]):
+    """A method's batch sampler around any sampler of indices (``RandomSampler``,
+    ``DistributedSampler``, ...): the method plans each epoch's batches (its order and position are
+    method state); subclasses turn that plan into batches of indices in ``__iter__``."""
+
+    owner = "method"  # names the method in the batch_size error
+
+    def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ConfigError(f"{self.owner} batch_size must be a positive integer (got {batch_size!r})")
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        return batch_count(len(self.sampler), self.batch_size, self.drop_last)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to the wrapped sampler (e.g. ``DistributedSampler``)."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
 def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
     """Batches of ``batch_size`` in an epoch of ``n`` samples (a short last one unless ``drop_last``)."""
     return n // batch_size if drop_last else -(-n // batch_size)

@@ -24,7 +24,8 @@ from torch.utils.data import Sampler
 
 from ..data.mixing import Mix, MixBlocks, Mixer, remix
 from ..errors import ConfigError, TrainingError
-from .base import Batch, Method, Params, StepOutput, batch_count, host_equal, host_range
+from .base import (Batch, Method, Params, PlannedBatchSampler, StepOutput, as_index_tensor, batch_count, host_equal,
+                   host_range)
 from .losses import cross_entropy, kd_kl
 from .registry import register
 
@@ -75,7 +76,7 @@ class _ClassIndex:
         return self.sorted[self.starts[cls] + j]
 
 
-class PairBatchSampler(Sampler[list[int]]):
+class PairBatchSampler(PlannedBatchSampler):
     """Yields ``[batch_size anchors | one same-class partner per anchor]`` for each step.
 
     Wraps any sampler of indices (``RandomSampler``, ``DistributedSampler``, ...). Each
@@ -84,23 +85,13 @@ class PairBatchSampler(Sampler[list[int]]):
     mid-epoch exactly. ``labels`` go to :meth:`CSKD.set_train_labels`.
     """
 
+    owner = "CS-KD"
+
     def __init__(self, cskd: "CSKD", sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool,
                  labels: Tensor | None):
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(f"CS-KD batch_size must be a positive integer (got {batch_size!r})")
+        super().__init__(sampler, batch_size, drop_last)
         self.cskd = cskd
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.drop_last = drop_last
         cskd.set_train_labels(labels)
-
-    def __len__(self) -> int:
-        return batch_count(len(self.sampler), self.batch_size, self.drop_last)  # type: ignore[arg-type]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Forwarded to the wrapped sampler (e.g. ``DistributedSampler``)."""
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
         order, partners, start = self.cskd.plan_epoch(self.sampler, self.batch_size, self.drop_last)
@@ -207,7 +198,7 @@ class CSKD(Method):
             if self._classes is None:
                 raise TrainingError("CS-KD: no training labels to pair samples of the same class: call "
                                     "cskd.set_train_labels(labels) or cskd.batch_sampler(..., labels=train_labels)")
-            order = torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
+            order = as_index_tensor(sampler)
             partners = self._classes.partners(order, self._gen, self.hp.partner)
             start = 0
             self._order, self._partners, self._position = order, partners, 0

@@ -40,9 +40,8 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from ..data.mixing import Mix, MixBlocks, Mixer
-from ..errors import ConfigError
 from . import dlb_mixing, dlb_schedules
-from .base import Batch, Method, Params, StepOutput, batch_count
+from .base import Batch, Method, Params, PlannedBatchSampler, StepOutput
 from .dlb_cache import LastBatch, Layout, check_batch
 from .losses import cross_entropy, kd_kl
 from .registry import register
@@ -50,7 +49,7 @@ from .registry import register
 __all__ = ["DLB", "DLBBatchSampler", "DLBParams", "Layout"]
 
 
-class DLBBatchSampler(Sampler[list[int]]):
+class DLBBatchSampler(PlannedBatchSampler):
     """Yields ``[previous step's new indices | batch_size new indices]`` for each step.
 
     Wraps any sampler of indices (``RandomSampler``, ``DistributedSampler``, ...). Each
@@ -58,21 +57,11 @@ class DLBBatchSampler(Sampler[list[int]]):
     drawn once and kept (method state), so the position within the epoch is saved and restored exactly.
     """
 
+    owner = "DLB"
+
     def __init__(self, dlb: "DLB", sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"DLB batch_size must be a positive integer (got {batch_size!r})")
+        super().__init__(sampler, batch_size, drop_last)
         self.dlb = dlb
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-
-    def __len__(self) -> int:
-        return batch_count(len(self.sampler), self.batch_size, self.drop_last)  # type: ignore[arg-type]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Forwarded to the wrapped sampler (e.g. ``DistributedSampler``)."""
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
         for layout in self.dlb.plan_epoch(self.sampler, self.batch_size, self.drop_last):

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..data.mixing import Mix, MixBlocks, mix_from_state, mix_state
 from ..errors import ConfigError, TrainingError
-from .base import batch_count, host_equal
+from .base import as_index_tensor, batch_count, host_equal
 from .losses import align_tokens, token_mask
 
 KEYS = {"steps", "prev_new", "position", "epoch", "order", "cache_logits", "cache_labels", "last_mix"}
@@ -72,7 +72,7 @@ class LastBatch:
         if self.resume and self.order is not None and self.position < batch_count(len(self.order), batch_size, drop_last):
             order, start = self.order, self.position
         else:
-            order = torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
+            order = as_index_tensor(sampler)
             start = 0
             self.order, self.position = order, 0
             self.epoch += 1

@@ -82,11 +82,13 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, 
     """Hard-label cross-entropy in float32, mean over rows (``[B, K]``) or over the non-ignored tokens
     (``[B, T, V]`` with ``[B, T]`` labels, -100 ignored; none left: 0). ``label_smoothing=ε`` targets
     ``(1−ε)·onehot + ε/K`` (PyTorch's form). ``mix`` (how the rows were mixed; ``[B, K]`` only):
-    :func:`mixed_cross_entropy`; None: no mixing."""
+    ``lam * CE(logits, y) + (1 - lam) * CE(logits, y[mix.index])``, each CE a mean over rows; with
+    :class:`MixBlocks` (a ``lam`` per block) the same per row, ``mean_i [lam_i CE_i(y_i) + (1 - lam_i)
+    CE_i(y[index_i])]``; ``label_smoothing`` on each of the two CE terms. None: no mixing."""
     if mix is not None:
         if logits.dim() != 2:
             raise ValueError(f"cross_entropy: mixed targets need [B, K] logits (got {tuple(logits.shape)})")
-        return mixed_cross_entropy(logits, target, mix, label_smoothing)
+        return _mixed(logits.float(), target, mix, label_smoothing)
     if logits.dim() == 2:
         return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
     z, y = logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)
@@ -96,13 +98,11 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, 
 
 def mixed_cross_entropy(logits: Tensor, y: Tensor, mix: Mix | MixBlocks | None,
                         label_smoothing: float = 0.0) -> Tensor:
-    """``lam * CE(logits, y) + (1 - lam) * CE(logits, y[mix.index])``, each CE a mean over rows;
-    logits are upcast to float32 (bf16 under autocast). With :class:`MixBlocks` (a ``lam`` per block)
-    the same per row, ``mean_i [lam_i CE_i(y_i) + (1 - lam_i) CE_i(y[index_i])]``. ``mix=None``: plain
-    CE. ``label_smoothing``: PyTorch's, on each of the two CE terms."""
-    logits = logits.float()
-    if mix is None:
-        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    """:func:`cross_entropy` with ``mix`` given positionally (its older name)."""
+    return cross_entropy(logits, y, label_smoothing, mix=mix)
+
+
+def _mixed(logits: Tensor, y: Tensor, mix: Mix | MixBlocks, label_smoothing: float) -> Tensor:
     if isinstance(mix, Mix):
         ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         if mix.lam == 1.0:
