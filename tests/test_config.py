@@ -94,3 +94,27 @@ def test_schedules():
     g = lr_lambda(cos, epochs=3, steps_per_epoch=10, base_lr=0.1)
     assert g(0) == pytest.approx(0.1) and g(9) == pytest.approx(1.0)  # linear warmup over 10 steps
     assert g(10) == pytest.approx(1.0) and g(20) == pytest.approx(0.5) and g(30) == pytest.approx(0.0)
+
+
+def test_dlb_repeat_preset_is_dlb_batches_with_ce_on_every_row_and_no_distillation():
+    import torch
+
+    from selfkd.methods import build_method
+
+    cfg = C.resolve(preset="dlb-repeat", flags={"data": {"name": "digits"}})
+    assert cfg.method.name == "dlb" and cfg.method.params()["alpha"] == 0.0
+    dlb = build_method(cfg.method.name, **cfg.method.params())
+    sampler = dlb.batch_sampler(range(6), batch_size=3)
+    g = torch.Generator().manual_seed(0)
+    for step, idx in enumerate(sampler):  # step 0: 3 new rows; step 1: 3 repeated + 3 new
+        z = torch.randn(len(idx), 4, generator=g, requires_grad=True)
+        y = torch.tensor([i % 4 for i in idx])
+        out = dlb.loss(z, y, index=torch.tensor(idx))
+        loss = out.loss
+        # by hand: the mean over all rows of -log softmax(z)[y], nothing else
+        hand = -(z.log_softmax(1)[torch.arange(len(idx)), y]).mean()
+        assert len(idx) == (3 if step == 0 else 6)
+        assert abs(loss.item() - hand.item()) <= 1e-6 * hand.item()  # float32 rounding only
+        (gz,) = torch.autograd.grad(loss, z)
+        (gh,) = torch.autograd.grad(hand, z)
+        assert torch.allclose(gz, gh, atol=1e-7)
