@@ -370,9 +370,10 @@ def check_root(sweep: Sweep, flag: str) -> None:
     if not out.is_dir() or _is_root(out):
         return
     own = sweep.path.resolve()
-    try:  # a lock or a path probe of another process starting this sweep at the same moment is no one's file
-        found = sorted(p.name for p in out.iterdir()
-                       if p.name != LOCK and not p.name.startswith(".selfkd-probe-") and p.resolve() != own)
+    ours = {r.name.split("/")[0] for r in sweep.runs}  # this sweep's own run directories (another process's)
+    try:  # so are a lock and a path probe of another process starting this sweep at the same moment
+        found = sorted(p.name for p in out.iterdir() if p.name != LOCK and p.name not in ours
+                       and not p.name.startswith(".selfkd-probe-") and p.resolve() != own)
     except OSError as err:
         raise ConfigError(f"{flag}: cannot list it ({err.strerror or err})") from None
     if found:
