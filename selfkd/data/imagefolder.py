@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from ._util import atomic_file, channel_stats, check_image_size, check_member, progress, resolve_cache_dir, warn
+from ._util import (atomic_file, channel_stats, check_image_size, check_member, check_tar_end, progress,
+                    resolve_cache_dir, warn)
 from .dataset import ArrayDataset, DataBundle
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
@@ -169,8 +170,10 @@ def _read_archive(path: Path) -> _Tree:
     tree = _Tree(label, archive=True)
     try:
         with tarfile.open(path, "r:*") as tar:
+            last = None
             for m in tar:
                 rel = check_member(m, label)
+                last = m.name
                 if not rel or any(_skip(p) for p in rel.split("/")):
                     continue
                 if m.isdir():
@@ -182,6 +185,7 @@ def _read_archive(path: Path) -> _Tree:
                     tree.add_file(rel, f.read() if f is not None else b"")
                 else:
                     tree.add_file(rel, None)
+            check_tar_end(tar, label, last)  # cut short at a member boundary: members would be missing
     except DataError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:

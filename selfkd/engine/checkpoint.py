@@ -59,6 +59,44 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     _atomic(Path(path), lambda f: f.write(data))
 
 
+def write_new(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, which must not exist: written in full under a temp name, then
+    hard-linked into place, which fails if anything (a file, a link) took the name meanwhile, so of
+    two writers one wins and the other gets a SelfKDError. File systems without hard links:
+    ``O_EXCL`` creation, then the bytes."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as err:
+        raise _write_error(p, err) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        try:
+            os.link(tmp, p)
+        except FileExistsError:
+            raise SelfKDError(f"cannot write {p}: it exists already (another process wrote it meanwhile); "
+                              "nothing was replaced") from None
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                raise _write_error(p, err) from None
+            try:
+                out = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                raise SelfKDError(f"cannot write {p}: it exists already (another process wrote it meanwhile); "
+                                  "nothing was replaced") from None
+            with os.fdopen(out, "wb") as f:
+                f.write(data)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode())
 
