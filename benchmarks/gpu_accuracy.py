@@ -78,9 +78,10 @@ def step_ms(rows: list[dict], model: str) -> tuple[float, str] | None:
 
 
 def choose_epochs(ms: float, n_train: int, batch: int, seconds: float) -> tuple[int, float]:
-    """Epochs that fit ``seconds`` after a run's start, and the estimated seconds per epoch."""
+    """Epochs that fit ``seconds`` after a run's start (at least 2: the recipe warms up for one), and the
+    estimated seconds per epoch."""
     per_epoch = math.ceil(n_train / batch) * ms / 1000 * MARGIN
-    return max(1, int((seconds - STARTUP_S) // per_epoch)), per_epoch
+    return max(2, int((seconds - STARTUP_S) // per_epoch)), per_epoch
 
 
 def train_cmd(a: argparse.Namespace, method: str, epochs: int, cuda: bool) -> list[str]:
