@@ -77,7 +77,7 @@ setup() {
       echo "gpu.sh: pydantic is missing and there is no .whl/ folder of wheels (run \`make gpu-pack\` where pip works)" >&2
       return 2
     fi
-    "$PY" -m pip install -q --no-index --find-links .whl --no-compile --no-cache-dir --target "$WORK/site" pydantic
+    "$PY" -m pip install -q --no-index --find-links .whl --no-compile --no-cache-dir --no-warn-conflicts --target "$WORK/site" pydantic
   fi
   "$PY" - "$OUT/gpu_env.json" "$SMOKE" <<'PY'
 import json, platform, subprocess, sys, time
