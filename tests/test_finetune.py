@@ -171,3 +171,30 @@ def test_lora_trains_adapters_only_and_dlb_caches_the_adapted_logits(parts, tmp_
     state = s.method.state_dict()
     assert torch.equal(state["cache_logits"], calls[-1][0][-2:].float())
     assert calls[0][2] is None and len(calls[-1][0]) == 6  # first step: nothing cached; last: 4 repeated + 2 new  # last step: 2 new documents
+
+
+@pytest.mark.parametrize("case,match", [
+    ("truncated", r"config.json: not valid JSON: unterminated string starting at line 1 column \d+$"),
+    ("empty", r"config.json: empty file"),
+    ("list", r"config.json: holds a JSON list, expected an object"),
+    ("no_type", r"config.json: no 'model_type' key"),
+    ("unknown_type", r"config.json: model_type 'nopebert' is not an architecture transformers [0-9.]+ knows"),
+    ("bad_value", r"config.json: rejected by transformers \(\w+: .*hidden_size.* expected int, got str"),
+])
+def test_broken_model_config_says_what_is_wrong(parts, tmp_path, capsys, case, match):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(parts["model"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    text = {"truncated": json.dumps(cfg)[:40], "empty": "", "list": "[1, 2]",
+            "no_type": json.dumps({k: v for k, v in cfg.items() if k != "model_type"}),
+            "unknown_type": json.dumps({**cfg, "model_type": "nopebert"}),
+            "bad_value": json.dumps({**cfg, "hidden_size": "big"})}[case]
+    (model / "config.json").write_text(text)
+    out = tmp_path / "run"
+    assert cli({**parts, "model": model}, out, epochs=1) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"selfkd: error: model.path {model}"), err
+    assert re.search(match, err), err
+    assert not out.exists()

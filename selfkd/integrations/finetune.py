@@ -80,6 +80,34 @@ def model_limit(tokenizer: Any, config: Any) -> int:
     return min(limits)
 
 
+def _config_problem(file: Path, err: Exception) -> str:
+    """What is wrong with a model's ``config.json`` that transformers refused (``err``), in words."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return f"cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})"
+    if not text.strip():
+        return "empty file (expected the model's JSON configuration)"
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        where = ""
+        if isinstance(e, json.JSONDecodeError):  # "Expecting value", "Unterminated string starting at"
+            what = e.msg[:1].lower() + e.msg[1:]
+            where = f": {what}{'' if what.endswith(' at') else ' at'} line {e.lineno} column {e.colno}"
+        return f"not valid JSON{where}"
+    if not isinstance(obj, dict):
+        return f"holds a JSON {type(obj).__name__}, expected an object"
+    kind = obj.get("model_type")
+    if kind is None:
+        return "no 'model_type' key (it names the architecture, e.g. \"bert\"); save the model with save_pretrained"
+    if not isinstance(kind, str) or kind not in transformers.CONFIG_MAPPING:
+        return (f"model_type {kind!r} is not an architecture transformers {transformers.__version__} knows "
+                "(a newer transformers, or a model with custom code)")
+    said = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    return f"rejected by transformers ({type(err).__name__}{': ' + said[:200] if said else ''})"
+
+
 def load_tokenizer(path: Path) -> Any:
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"model.path {path}: no tokenizer there (expected one of {', '.join(TOKENIZER_FILES)}); "
@@ -122,11 +150,11 @@ def build_finetune(cfg: FinetuneConfig, log: Callable[[str], None]) -> FinetuneS
     path = Path(cfg.model.path).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path {path}: no config.json there (expected a Hugging Face model folder)")
-    tokenizer = load_tokenizer(path)
-    try:
+    try:  # before the tokenizer, which reads config.json too and would blame itself
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as err:
-        raise ConfigError(f"model.path {path}/config.json: cannot be read ({type(err).__name__})") from None
+        raise ConfigError(f"model.path {path}/config.json: {_config_problem(path / 'config.json', err)}") from None
+    tokenizer = load_tokenizer(path)
     limit = model_limit(tokenizer, config)
     max_length = d.max_length or limit
     if max_length > limit:
