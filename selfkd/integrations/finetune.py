@@ -8,7 +8,9 @@ checkpoint). The run directory holds what ``selfkd train`` writes, in the same f
 * ``metrics.jsonl``: one object per epoch (``test_acc``, ``test_macro_f1``, ``test_ece``,
   ``test_nll``, ``train_loss``, seconds), written atomically after each epoch;
 * ``hf/checkpoint-N``: the Trainer's checkpoint of the last finished epoch (model, AdamW, scheduler,
-  RNG, sampler position, the method's state): ``--resume`` continues exactly from it;
+  RNG, sampler position, the method's state): ``--resume`` continues exactly from it. It is written
+  under ``hf/.selfkd-saving`` and renamed when complete, so a run killed while saving resumes from the
+  checkpoint before (or from its start when there was none);
 * on success ``summary.json`` (``last_acc``, ``best_acc``, ``macro_f1``, ``ece``, ``nll``, ... as
   ``selfkd report`` reads them) and ``model/`` (final weights and tokenizer, ``train.save_model``);
   the checkpoint is then deleted.
@@ -45,7 +47,7 @@ from ..engine.metrics import classification_metrics, macro_f1, reliability  # no
 from ..engine.trainer import CONFIG, METRICS, SUMMARY, select_device  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..methods import Method, build_method  # noqa: E402
-from .hf import SelfKDTrainer  # noqa: E402
+from .hf import SelfKDTrainer, drop_incomplete, last_checkpoint  # noqa: E402
 
 DATA = "data.json"
 HF_DIR = "hf"
@@ -284,7 +286,13 @@ class _Run:
 
     def run(self, resume: bool) -> dict[str, Any]:
         hf = self.dir / HF_DIR
-        last = transformers.trainer_utils.get_last_checkpoint(str(hf)) if resume and hf.is_dir() else None
+        last = None
+        if resume and hf.is_dir():
+            gone = drop_incomplete(str(hf))  # a save a kill interrupted: its files are of no use
+            if gone:
+                self.log(f"removed {', '.join(f'{HF_DIR}/{g}' for g in gone)}: a checkpoint the run was stopped while "
+                         "saving")
+            last = last_checkpoint(str(hf))
         if last is not None:
             done = json.loads((Path(last) / "trainer_state.json").read_text()).get("epoch", 0)
             self.history = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines() if line.strip()] \
@@ -293,7 +301,11 @@ class _Run:
             self.write_metrics()  # drop an epoch that never reached its checkpoint
             self.log(f"resumed {self.dir} at epoch {round(done)}/{self.s.cfg.train.epochs}")
         else:
-            ckpt.write_text(self.dir / CONFIG, save_finetune_yaml(self.s.cfg))
+            if resume:  # stopped before its first checkpoint was complete: the same run, from its start
+                self.log(f"resumed {self.dir}: no complete checkpoint yet; starting again at epoch 0/"
+                         f"{self.s.cfg.train.epochs}")
+            else:
+                ckpt.write_text(self.dir / CONFIG, save_finetune_yaml(self.s.cfg))
             ckpt.write_json(self.dir / DATA, {**describe(self.s.bundle), "max_length": self.s.max_length,
                                               "truncated": self.s.truncated})
             self.write_metrics()
