@@ -272,3 +272,34 @@ def test_killed_while_saving_resumes_bit_identical(parts, uninterrupted, tmp_pat
     assert _metrics(run) == _metrics(uninterrupted)
     assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "summary.json",
                                                            "model"}
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("name", ["rng_state.pth", "optimizer.pt", "scheduler.pt"])
+def test_malicious_trainer_file_in_a_checkpoint_is_one_line(parts, tmp_path, monkeypatch, capsys, name):
+    """The Trainer refuses it (weights_only); the refusal names the file in one line, not a traceback."""
+    from selfkd.integrations import finetune
+
+    begin = finetune._Epochs.on_epoch_begin
+
+    def stop_in_epoch_2(self, args, state, control, **kw):
+        if state.epoch >= 1:
+            raise KeyboardInterrupt
+        return begin(self, args, state, control, **kw)
+
+    monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", stop_in_epoch_2)
+    assert cli(parts, tmp_path / "cut", epochs=2) == 130
+    monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", begin)
+    (folder,) = (tmp_path / "cut" / "hf").glob("checkpoint-*")
+    torch.save({"x": _Payload()}, folder / name)
+    capsys.readouterr()
+    assert main(["finetune", "--resume", str(tmp_path / "cut")]) == 2
+    err = capsys.readouterr().err
+    assert re.match(f"selfkd: error: resume_from_checkpoint: checkpoint {re.escape(str(folder / name))}: "
+                    "(refused to load global|not a readable checkpoint \\(UnpicklingError)", err.splitlines()[-1]), err
+    assert "Traceback" not in err and "pwned" not in err

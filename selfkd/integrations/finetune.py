@@ -294,7 +294,11 @@ class _Run:
                          "saving")
             last = last_checkpoint(str(hf))
         if last is not None:
-            done = json.loads((Path(last) / "trainer_state.json").read_text()).get("epoch", 0)
+            try:
+                done = json.loads((Path(last) / "trainer_state.json").read_text())["epoch"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"--resume {self.dir}: {last}/trainer_state.json cannot be read "
+                                  f"({type(err).__name__}); it holds the epoch the run stopped at") from None
             self.history = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines() if line.strip()] \
                 if (self.dir / METRICS).is_file() else []
             self.history = [h for h in self.history if h["epoch"] <= round(done)]

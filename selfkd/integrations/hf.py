@@ -101,6 +101,31 @@ def last_checkpoint(output_dir: str) -> str | None:
     return next((path for _, path in reversed(_checkpoints(output_dir)) if _complete(path)), None)
 
 
+_TRAINER_FILES = re.compile(r"(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)")
+
+
+def _unloadable(folder: str) -> str | None:
+    """The first of the Trainer's pickled files in a checkpoint that ``weights_only`` loading refuses, in
+    one line (None: they all load). Asked only after a resume failed, to name the file."""
+    from ..engine import checkpoint as ckpt
+
+    try:
+        from transformers.trainer_pt_utils import safe_globals  # numpy's RNG state, as the Trainer admits it
+    except ImportError:  # pragma: no cover - older transformers
+        safe_globals = contextlib.nullcontext
+    try:
+        names = sorted(n for n in os.listdir(folder) if _TRAINER_FILES.fullmatch(n))
+    except OSError:
+        return None
+    for n in names:
+        try:
+            with safe_globals():
+                ckpt.load(os.path.join(folder, n))
+        except Exception as err:
+            return str(err)
+    return None
+
+
 def drop_incomplete(output_dir: str) -> list[str]:
     """Delete what killed saves left in ``output_dir``: :data:`SAVING` and incomplete ``checkpoint-N``
     folders. Returns their names."""
@@ -356,7 +381,13 @@ class SelfKDTrainer(transformers.Trainer):
             shutil.rmtree(os.path.join(self.args.output_dir, SAVING), ignore_errors=True)
         if resume_from_checkpoint:
             self._load_method_state(str(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except Exception:
+            bad = _unloadable(str(resume_from_checkpoint)) if resume_from_checkpoint else None
+            if bad is None:
+                raise
+            raise ConfigError(f"resume_from_checkpoint: {bad}") from None
 
     def _load_method_state(self, folder: str) -> None:
         from ..engine import checkpoint as ckpt
