@@ -35,6 +35,7 @@ from ..models import build_model
 from . import checkpoint as ckpt
 from . import rundir
 from .config import Config, MethodCfg, config_diff, config_hash, save_yaml
+from . import logs
 from .logs import CSV, RunLogs, write_csv
 from .logs import check as check_logs
 from .metrics import classification_metrics, reliability
@@ -731,6 +732,7 @@ def train_run(cfg: Config, run_dir: str | Path, *, resume: bool = False, progres
         rundir.check_writable(run, "--resume" if resume else "--out")
         if not resume:
             rundir.check_new(run)
+        logs.check_dir(run, cfg.train.log)  # a resumed run's RUN/tb: before any data is loaded
 
     _on_main(checks)
     teacher: Trainer | None = None
