@@ -32,10 +32,10 @@ def same_state(a, b):
 
 
 def new_rows(seen, method):
-    """Each step's new samples (DLB: after the repeated rows), a [steps, 16] tensor."""
+    """Each step's new samples (DLB: after the repeated rows; CS-KD: the anchors), a [steps, 16] tensor."""
     out, r = [], 0
     for b in seen:
-        out.append(b[r:])
+        out.append(b[: len(b) // 2] if method == "cskd" else b[r:])
         r = len(b) - r if method == "dlb" else 0
     return torch.tensor(out)
 
@@ -64,7 +64,7 @@ def check_dlb_batches(seen, batch_size):
         prev = b[r:]
 
 
-@pytest.mark.parametrize("method", ["dlb", "pskd"])
+@pytest.mark.parametrize("method", ["dlb", "pskd", "cskd"])
 def test_fit_and_resume_equals_uninterrupted(tmp_path, method):
     res = lightning_fit.run(method, tmp_path, epochs=2, n=96)
     same_state({k: v for k, v in res["full"].items()}, res["resumed"])
@@ -79,7 +79,7 @@ def test_fit_and_resume_equals_uninterrupted(tmp_path, method):
     assert epoch_orders(res["full_seen"], method, 2) == [randperm(96, lightning_fit.SEED + e) for e in (0, 1)]
     if method == "dlb":
         check_dlb_batches(res["full_seen"], 16)
-    else:  # PS-KD's memory holds a prediction of every sample after the first epoch
+    elif method == "pskd":  # PS-KD's memory holds a prediction of every sample after the first epoch
         assert torch.all(res["full_state"]["memory"].float().sum(1) > 0.99)
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset  # noqa: E402
 
 import selfkd  # noqa: E402
 from selfkd.integrations.lightning import SelfKD  # noqa: E402
+from selfkd.methods import Batch  # noqa: E402
 
 SEED, LOADER_SEED, BATCH = 7, 5, 16
 
@@ -41,13 +42,14 @@ class Net(L.LightningModule):
         self.seen = []
 
     def train_dataloader(self):
-        if self.loader_seed is None:
-            return self.kd.loader(self.data, batch_size=self.batch_size)
-        return self.kd.loader(self.data, batch_size=self.batch_size, seed=self.loader_seed)
+        seed = {} if self.loader_seed is None else {"seed": self.loader_seed}
+        return self.kd.loader(self.data, batch_size=self.batch_size, labels=self.data.tensors[1], **seed)
 
     def training_step(self, batch, i):
         x, y, index = batch
         self.seen.append(index.tolist())
+        if not self.kd.method.runs_on_logits:  # CS-KD: forward passes of its own
+            return self.kd.method.train_step(self.body, Batch(x, y, index, y_host=y)).loss
         return self.kd.loss(self.body(x), y, index)
 
     def configure_optimizers(self):
