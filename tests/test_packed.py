@@ -75,6 +75,7 @@ def test_workers_read_per_rank_shards_from_the_maps(tmp_path):
     pack(tree(tmp_path / "t"), tmp_path / "p", shard_images=4)
     ds = load_packed(tmp_path / "p").train
     ds.batch([0])  # maps opened here are not pickled: workers open their own
+    assert all(isinstance(m, np.memmap) and m.mode == "r" for m in ds._maps)  # shards mapped, not read into memory
     assert pickle.loads(pickle.dumps(ds))._maps is None
     seen = []
     for r in range(2):

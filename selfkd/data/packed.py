@@ -49,8 +49,11 @@ SPLITS = ("train", "test")
 
 
 def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _save(path: Path, a: np.ndarray) -> dict[str, Any]:
