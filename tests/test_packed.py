@@ -144,6 +144,7 @@ def test_pack_cli_refuses_a_folder_with_files_and_leaves_nothing_half_written(tm
     (out / "notes.txt").unlink()
     res = cli(str(root), "--out", str(out))  # an empty folder is fine
     assert res.returncode == 0 and "4 train / 4 test images" in res.stdout, res.stderr
+    assert out.stat().st_mode & 0o777 == (tmp_path / "t").stat().st_mode & 0o777  # not mkdtemp's private 0700
     with pytest.raises(DataError, match="folder holds other files"):
         pack(root, out)
 

@@ -113,6 +113,9 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, image_size: int | None 
     out_p.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_p.parent, prefix=f".{out_p.name}.part-"))
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private (0700); the pack gets a folder's usual mode
         hist = np.zeros((3, 256), dtype=np.int64)
         splits: dict[str, Any] = {}
         for name, items in (("train", train), ("test", evals)):
