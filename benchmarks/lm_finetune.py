@@ -98,9 +98,9 @@ BUDGETS = {
     "smoke": {"arms": CORE, "seeds": [0, 1], "epochs": 1, "batch_size": 8, "lrs": [1e-3, 3e-3], "bbc_train": None,
               "bbc_test": None, "bbc_length": 32, "tweets_train": 60, "tweets_test": 30, "tweets_length": 32},
 }
-# Documents per second of MiniLM-L6 on 2 threads of this project's CPU at 64 tokens: training (forward +
-# backward) 20.5, measured idle for the first version of this study; evaluation (forward only) is
-# MEASURED UNDER LOAD (see benchmarks/README.md), so the estimate is conservative.
+# Documents per second of MiniLM-L6 on 2 idle threads of this project's CPU at 64 tokens: training
+# (forward + backward) 20.5, measured for the first version of this study; evaluation (forward only) is
+# not measured idle: 60 assumes a forward pass costs a third of forward + backward.
 RATES = {"train": 20.5, "eval": 60.0}
 
 
@@ -395,9 +395,10 @@ def report(a: argparse.Namespace, tuning: dict, results: dict, preds: dict, argv
             acc, nll, seeds = got
             lines.append(f"| `{arm}` | `{base}` | {len(seeds)} | {shared[base]} | {acc.text()} | {nll.text(4)} | "
                          f"{verdict(acc, shared[base], base)} |")
-        lines += ["", f"`dlb` − `dlb-repeat` is what the distillation term adds over DLB's repeated batches; "
-                  "`ce2x` has DLB's forward and backward passes. With k arms compared with one baseline, one "
-                  "interval in k excluding zero is what chance gives at k ≈ 20; read each row as one of k.", ""]
+        lines += ["", "`dlb` − `dlb-repeat` is what the distillation term adds over DLB's repeated batches; "
+                  "`ce2x` has DLB's forward and backward passes. Each interval is 95 % on its own: of k "
+                  "comparisons with one baseline about k/20 exclude zero by chance alone, so a lone interval "
+                  "that excludes zero is one of k (the 'arms vs this baseline' column).", ""]
     return "\n".join(lines) + "\n"
 
 
