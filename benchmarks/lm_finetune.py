@@ -245,13 +245,18 @@ def rescore(cfg, run: Path, summary: dict) -> dict:
     setup = build_finetune(cfg, log=lambda m: None)
     model = setup.model
     model.load_state_dict(load_file(str(run / "model" / "model.safetensors")))
-    model.eval()
+    dev = setup.device
+    model.to(dev).eval()
+    # as the run evaluated itself (selfkd.integrations.finetune): same batches, bf16 autocast where it used it
+    bf16 = cfg.train.bf16 == "on" or (cfg.train.bf16 == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
     collate = transformers.DataCollatorWithPadding(setup.tokenizer)
     bs, out = cfg.train.eval_batch_size, []
     with torch.no_grad():
         for i in range(0, len(setup.test), bs):
             batch = collate([{k: v for k, v in r.items() if k != "labels"} for r in setup.test[i: i + bs]])
-            out.append(model(**batch).logits.float())
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                z = model(**{k: v.to(dev) for k, v in batch.items()}).logits
+            out.append(z.float().cpu())
     z, y = torch.cat(out), setup.bundle.test.labels
     nll = torch.nn.functional.cross_entropy(z, y, reduction="none")
     pred = z.argmax(1)
