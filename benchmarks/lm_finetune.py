@@ -62,7 +62,6 @@ import csv
 import importlib.util
 import io
 import json
-import math
 import shutil
 import statistics
 import subprocess
