@@ -16,7 +16,7 @@ from selfkd.engine.trainer import TIMING_KEYS, train_run
 from selfkd.errors import ConfigError, DataError, TrainingError
 from selfkd.methods import Batch, Method, available_methods, build_method, method_class
 from selfkd.methods.byot import byot_loss
-from selfkd.methods.losses import mixed_cross_entropy
+from selfkd.methods.losses import cross_entropy
 
 # ==================================================================================================
 # plain-math helpers (independent of the implementation)
@@ -143,7 +143,7 @@ def test_mix_blocks_rows_and_cross_entropy_by_hand():
     logits, y, _ = fixed()
     expected = mean([0.6 * ce(Z[0], 0) + 0.4 * ce(Z[0], 2), 0.6 * ce(Z[1], 2) + 0.4 * ce(Z[1], 0),
                      0.3 * ce(Z[2], 3) + 0.7 * ce(Z[2], 1), 0.3 * ce(Z[3], 1) + 0.7 * ce(Z[3], 3)])
-    assert mixed_cross_entropy(logits, y, blocks).item() == pytest.approx(expected, rel=1e-6)
+    assert cross_entropy(logits, y, mix=blocks).item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(DataError):
         mix_rows(blocks, 5)
 
@@ -603,7 +603,7 @@ MIXING = [m for m in available_methods() if not m.startswith("test-") and method
 
 def cfg_for(method, mix, epochs=1):
     params = {"interval": 5} if method.startswith("mrkd") else {}
-    staged = getattr(method_class(method), "needs_stages", False)
+    staged = method_class(method).needs_stages
     return build_config({
         "data": {"name": "digits", "subset": 200}, "model": {"name": "resnet8" if staged else "cnn_small"},
         "augment": {"mix": mix}, "method": {"name": method, **params}, "optim": {"batch_size": 32},

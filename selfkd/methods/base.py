@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, Sampler
 
 from ..data.mixing import Mix, MixBlocks, Mixer
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError, integer
 
 
 class Params(BaseModel):
@@ -89,6 +89,8 @@ class Method:
     own_forward: ClassVar[bool] = False
     #: a CE teacher of the same config is trained first (``RUN/teacher``) unless ``teacher`` is given
     needs_teacher: ClassVar[bool] = False
+    #: the model must expose ``features(x)`` and ``stage_channels`` (multi-exit methods; not ``cnn_small``)
+    needs_stages: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         try:
@@ -183,8 +185,18 @@ class Method:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ConfigError(f"method '{self.name}' has no state but the checkpoint holds {sorted(state)}")
+        self.check_state(state, ())
+
+    def check_state(self, state: dict[str, Any], known: Iterable[str], required: Iterable[str] = ()) -> None:
+        """ConfigError unless every key of ``state`` (a checkpoint's method state) is ``known`` and every
+        ``required`` one is there: what each ``load_state_dict`` checks first."""
+        known = sorted(known)
+        unknown, missing = sorted(set(state) - set(known)), sorted(set(required) - set(state))
+        if unknown and not known:
+            raise ConfigError(f"method '{self.name}' has no state but the checkpoint holds {unknown}")
+        if unknown or missing:
+            what = f"unknown keys {unknown}" if unknown else f"missing keys {missing}"
+            raise ConfigError(f"method '{self.name}' state: {what}; expected keys {known}")
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.hp.model_dump().items())
@@ -203,10 +215,8 @@ class PlannedBatchSampler(Sampler[list[int]]):
     owner = "method"  # names the method in the batch_size error
 
     def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool):
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(f"{self.owner} batch_size must be a positive integer (got {batch_size!r})")
         self.sampler = sampler
-        self.batch_size = batch_size
+        self.batch_size = integer(batch_size, f"{self.owner} batch_size", 1)
         self.drop_last = drop_last
 
     def __len__(self) -> int:

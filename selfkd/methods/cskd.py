@@ -27,7 +27,7 @@ from ..errors import ConfigError, TrainingError
 from .base import (Batch, Method, Params, PlannedBatchSampler, StepOutput, as_index_tensor, batch_count, host_equal,
                    host_range)
 from .losses import cross_entropy, kd_kl
-from .registry import register
+from .registry import register_method
 
 
 class _ClassIndex:
@@ -111,7 +111,7 @@ class CSKDParams(Params):
     seed: int = Field(0, ge=0, lt=2**63, description="seed of the generator that draws the partners")
 
 
-@register
+@register_method
 class CSKD(Method):
     """Class-wise self-knowledge distillation (Yun et al., CVPR 2020).
 
@@ -290,13 +290,8 @@ class CSKD(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        known = {"steps", "generator", "position", "order", "partners"}
-        unknown = set(state) - known
-        if unknown:
-            raise ConfigError(f"CS-KD state: unknown keys {sorted(unknown)}")
-        missing = {"steps", "generator", "position"} - set(state)
-        if missing or (("order" in state) != ("partners" in state)):
-            raise ConfigError(f"CS-KD state: missing keys {sorted(missing or {'order', 'partners'})}")
+        required = ("steps", "generator", "position", *(("order", "partners") if {"order", "partners"} & set(state) else ()))
+        self.check_state(state, ("steps", "generator", "position", "order", "partners"), required)
         self.steps = int(state["steps"])
         self._gen.set_state(state["generator"].to("cpu", torch.uint8))
         self._position = int(state["position"])

@@ -28,7 +28,7 @@ from ..data.mixing import Mix, MixBlocks, remix
 from ..errors import TrainingError
 from .base import Batch, Method, Params, StepOutput, host_equal
 from .losses import cross_entropy, kd_kl
-from .registry import register
+from .registry import register_method
 
 
 class DDGSDParams(Params):
@@ -44,7 +44,7 @@ class DDGSDParams(Params):
     )
 
 
-@register
+@register_method
 class DDGSD(Method):
     """Data-distortion guided self-distillation (Xu & Liu, AAAI 2019), without the MMD term.
 

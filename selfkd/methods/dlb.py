@@ -44,7 +44,7 @@ from . import dlb_mixing, dlb_schedules
 from .base import Batch, Method, Params, PlannedBatchSampler, StepOutput
 from .dlb_cache import LastBatch, Layout, check_batch
 from .losses import cross_entropy, kd_kl
-from .registry import register
+from .registry import register_method
 
 __all__ = ["DLB", "DLBBatchSampler", "DLBParams", "Layout"]
 
@@ -103,7 +103,7 @@ class DLBParams(Params):
         return v
 
 
-@register
+@register_method
 class DLB(Method):
     """Self-Distillation from the Last Mini-Batch (Shen et al., CVPR 2022).
 

@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from .. import distributed
 from ..data.mixing import Mix, MixBlocks, mix_rows
 from ..errors import ConfigError, TrainingError
+from ..nn_utils import unwrap
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
-from .registry import register
+from .registry import register_method
 
 
 def knowledge_adjustment(teacher: Tensor, target: Tensor) -> Tensor:
@@ -76,7 +77,7 @@ class MrKDParams(Params):
     )
 
 
-@register
+@register_method
 class MrKD(Method):
     """Memory-replay KD: the model's own past copies on the training trajectory are the teacher.
 
@@ -173,8 +174,7 @@ class MrKD(Method):
 
     # -- training ----------------------------------------------------------------------------
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
-        base = getattr(model, "_orig_mod", model)  # torch.compile wrapper: copy the eager module
-        base = getattr(base, "module", base) if isinstance(base, nn.parallel.DistributedDataParallel) else base
+        base = unwrap(model)  # the snapshots copy the eager module, not its DDP / compile wrappers
         self._materialize(base, batch.x.device)
         teacher = fcn_ce = None
         if self._snapshots:
@@ -293,10 +293,7 @@ class MrKD(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        known = {"steps", "snapshots", "fcn", "fcn_optimizer"}
-        unknown = set(state) - known
-        if unknown or not {"steps", "snapshots"} <= set(state):
-            raise ConfigError(f"{self.name} state: expected keys {sorted(known)}, got {sorted(state)}")
+        self.check_state(state, ("steps", "snapshots", "fcn", "fcn_optimizer"), required=("steps", "snapshots"))
         snaps = list(state["snapshots"])
         if len(snaps) > self.hp.copies:
             raise ConfigError(

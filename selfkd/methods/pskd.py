@@ -20,7 +20,6 @@ distribution) and ours is ``onehot``.
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Literal
 
 import torch
@@ -30,10 +29,10 @@ from torch import Tensor
 
 from .. import distributed
 from ..data.mixing import Mix, MixBlocks, mix_rows
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError, integer
 from .base import Method, Params, StepOutput, host_range
 from .losses import cross_entropy, one_hot, soft_cross_entropy
-from .registry import register
+from .registry import register_method
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -55,7 +54,7 @@ class PSKDParams(Params):
     )
 
 
-@register
+@register_method
 class PSKD(Method):
     """Progressive self-knowledge distillation (Kim et al., ICCV 2021).
 
@@ -130,15 +129,8 @@ class PSKD(Method):
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, *, num_samples: int, num_classes: int, epochs: int) -> None:
-        sizes = []
-        for key, value in (("num_samples", num_samples), ("num_classes", num_classes), ("epochs", epochs)):
-            try:
-                v = operator.index(value)
-            except TypeError:
-                v = None
-            if isinstance(value, bool) or v is None or v < 1:
-                raise ConfigError(f"PS-KD setup: {key} must be a positive integer (got {value!r})")
-            sizes.append(v)
+        sizes = [integer(value, f"PS-KD setup: {key}", 1)
+                 for key, value in (("num_samples", num_samples), ("num_classes", num_classes), ("epochs", epochs))]
         self._memory = torch.zeros(sizes[0], sizes[1], dtype=self.dtype)
         self.epochs = sizes[2]
         self.epoch = 0
@@ -255,10 +247,7 @@ class PSKD(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        known = {"steps", "epoch", "epochs", "memory", "unsynced"}
-        unknown = set(state) - known
-        if unknown:
-            raise ConfigError(f"PS-KD state: unknown keys {sorted(unknown)}")
+        self.check_state(state, ("steps", "epoch", "epochs", "memory", "unsynced"))
         mem = state.get("memory")
         if mem is not None:
             if mem.dim() != 2:

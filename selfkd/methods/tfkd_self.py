@@ -19,7 +19,7 @@ from ..data.mixing import Mix, MixBlocks
 from ..errors import ConfigError, TrainingError
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
-from .registry import register
+from .registry import register_method
 
 CHECKPOINT = "checkpoint.pt"  # the name the reference trainer gives its last checkpoint
 
@@ -70,7 +70,7 @@ class TfKDSelfParams(Params):
     temperature: float = Field(6.0, gt=0, description="softmax temperature T of teacher and student")
 
 
-@register
+@register_method
 class TfKDSelf(Method):
     """Tf-KD_self (Yuan et al., CVPR 2020): distill from a CE-trained copy of the same architecture.
 
@@ -197,8 +197,6 @@ class TfKDSelf(Method):
         return {} if fp is None else {"teacher_sha256": fp}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"teacher_sha256"}
-        if unknown:
-            raise ConfigError(f"tfkd-self state: unknown keys {sorted(unknown)}")
+        self.check_state(state, ("teacher_sha256",))
         self._expected = state.get("teacher_sha256")
         self._check_fingerprint()

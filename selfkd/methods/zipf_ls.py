@@ -17,7 +17,7 @@ from ..data.mixing import Mix, MixBlocks, mix_rows
 from ..errors import ConfigError, TrainingError
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy
-from .registry import register
+from .registry import register_method
 
 
 def min_rank(scores: Tensor) -> Tensor:
@@ -92,7 +92,7 @@ class ZipfLSParams(Params):
     )
 
 
-@register
+@register_method
 class ZipfLS(Method):
     """Zipf's label smoothing: a self-generated, rank-based soft label for the non-target classes.
 
