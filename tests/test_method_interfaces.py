@@ -109,7 +109,7 @@ def test_dlb_sampler_uses_only_plan_epoch():
     seen = []
     for _ in range(2):
         for idx in sampler:
-            layout = dlb._track.peek()
+            layout = dlb.layouts.next()
             seen.append((idx, layout.repeat))
             assert idx == layout.indices() == layout.repeat_index.tolist() + layout.new_index.tolist()
             dlb.loss(torch.zeros(len(idx), 3), torch.tensor(idx) % 3, index=torch.tensor(idx))
@@ -221,7 +221,7 @@ def test_capabilities_are_declared_on_every_method_not_found_by_getattr():
     from selfkd.methods.base import Method
     from selfkd.methods.registry import available_methods, method_class
 
-    caps = ("supports_mix", "own_forward", "needs_teacher")
+    caps = ("supports_mix", "own_forward", "needs_teacher", "needs_stages")
     for name in available_methods():
         cls = method_class(name)
         assert issubclass(cls, Method)

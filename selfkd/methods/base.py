@@ -228,6 +228,50 @@ class PlannedBatchSampler(Sampler[list[int]]):
             self.sampler.set_epoch(epoch)
 
 
+class EpochPlan:
+    """The sample order of a method's current epoch and how many of its batches the loss consumed: drawn
+    once per epoch from the wrapped sampler, saved with the method, so a resumed run continues it exactly
+    (DLB's and CS-KD's samplers)."""
+
+    def __init__(self) -> None:
+        self.order: Tensor | None = None  # the current epoch's sample order
+        self.position = 0  # batches of ``order`` consumed
+        self.epoch = -1  # passes started over the data
+        self.resume = False  # continue ``order`` at ``position`` on the next :meth:`begin`
+
+    def resuming(self, batch_size: int, drop_last: bool) -> bool:
+        """Whether the next :meth:`begin` continues the loaded epoch (else it draws a new order)."""
+        return (self.resume and self.order is not None
+                and self.position < batch_count(len(self.order), batch_size, drop_last))
+
+    def begin(self, sampler: Iterable[int], batch_size: int, drop_last: bool) -> tuple[Tensor, int]:
+        """``(order, first batch)`` of the epoch a batch sampler starts: the rest of a resumed one, else a
+        new pass over ``sampler``."""
+        if self.resuming(batch_size, drop_last):
+            start = self.position
+        else:
+            self.order, self.position, start = as_index_tensor(sampler), 0, 0
+            self.epoch += 1
+        self.resume = False
+        return self.order, start  # type: ignore[return-value]
+
+    def resumes_at(self) -> int | None:
+        return self.position if self.resume and self.order is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"position": self.position}
+        if self.order is not None:
+            state["order"] = self.order.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """``position`` and, when saved, ``order``; the next :meth:`begin` continues that epoch."""
+        self.position = int(state["position"])
+        order = state.get("order")
+        self.order = None if order is None else order.to("cpu", torch.int64)
+        self.resume = self.order is not None
+
+
 def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
     """Batches of ``batch_size`` in an epoch of ``n`` samples (a short last one unless ``drop_last``)."""
     return n // batch_size if drop_last else -(-n // batch_size)

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from ..data.mixing import Mix, MixBlocks, Mixer, remix
-from ..errors import ConfigError, TrainingError
-from .base import (Batch, Method, Params, PlannedBatchSampler, StepOutput, as_index_tensor, batch_count, host_equal,
+from ..errors import TrainingError
+from .base import (Batch, EpochPlan, Method, Params, PlannedBatchSampler, StepOutput, batch_count, host_equal,
                    host_range)
 from .losses import cross_entropy, kd_kl
 from .registry import register_method
@@ -164,10 +164,8 @@ class CSKD(Method):
         self._gen = torch.Generator().manual_seed(self.hp.seed)
         self._classes: _ClassIndex | None = None  # the training labels by class, from set_train_labels
         self._labels: Tensor | None = None  # the training labels (CPU int64)
-        self._order: Tensor | None = None  # the current epoch's anchor order
-        self._partners: Tensor | None = None  # the partner of each anchor in ``_order``
-        self._position = 0  # batches of ``_order`` consumed by the loss
-        self._resume = False  # continue ``_order`` at ``_position`` on the next __iter__
+        self.plan = EpochPlan()  # the epoch's anchor order and the batches of it consumed
+        self._partners: Tensor | None = None  # the partner of each anchor in ``plan.order``
         self.steps = 0
 
     @property
@@ -191,19 +189,14 @@ class CSKD(Method):
         """``(anchor order, partners, first batch)`` of the epoch a batch sampler starts: the rest of a
         resumed epoch (after :meth:`load_state_dict`), else ``sampler``'s order with one partner per
         anchor drawn now from this method's generator (needs :meth:`set_train_labels`)."""
-        saved = 0 if self._order is None else batch_count(len(self._order), batch_size, drop_last)
-        if self._resume and self._position < saved:
-            order, partners, start = self._order, self._partners, self._position
-        else:
-            if self._classes is None:
-                raise TrainingError("CS-KD: no training labels to pair samples of the same class: call "
-                                    "cskd.set_train_labels(labels) or cskd.batch_sampler(..., labels=train_labels)")
-            order = as_index_tensor(sampler)
-            partners = self._classes.partners(order, self._gen, self.hp.partner)
-            start = 0
-            self._order, self._partners, self._position = order, partners, 0
-        self._resume = False
-        return order, partners, start
+        new = not self.plan.resuming(batch_size, drop_last)
+        if new and self._classes is None:
+            raise TrainingError("CS-KD: no training labels to pair samples of the same class: call "
+                                "cskd.set_train_labels(labels) or cskd.batch_sampler(..., labels=train_labels)")
+        order, start = self.plan.begin(sampler, batch_size, drop_last)
+        if new:
+            self._partners = self._classes.partners(order, self._gen, self.hp.partner)
+        return order, self._partners, start
 
     # -- training ----------------------------------------------------------------------------
     def _check_pairs(self, rows: int, target: Tensor, index: Tensor | None, host: Tensor | None = None) -> int:
@@ -275,17 +268,16 @@ class CSKD(Method):
         ce = cross_entropy(z_anchor, y, mix=mix)
         kd = kd_kl(z_anchor, z_partner, self.hp.temperature)
         loss = ce + self.hp.lam * kd
-        if self._order is not None:
-            self._position += 1
+        if self.plan.order is not None:
+            self.plan.position += 1
         self.steps += 1
         return StepOutput(loss, {"ce": ce.detach(), "kd": kd.detach()}, z_anchor, y)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The partner generator, and the sampler's position (epoch order, partners, consumed batches)."""
-        state: dict[str, Any] = {"steps": self.steps, "generator": self._gen.get_state(), "position": self._position}
-        if self._order is not None:
-            state["order"] = self._order.clone()
+        state: dict[str, Any] = {"steps": self.steps, "generator": self._gen.get_state(), **self.plan.state_dict()}
+        if self.plan.order is not None:
             state["partners"] = self._partners.clone()
         return state
 
@@ -294,8 +286,5 @@ class CSKD(Method):
         self.check_state(state, ("steps", "generator", "position", "order", "partners"), required)
         self.steps = int(state["steps"])
         self._gen.set_state(state["generator"].to("cpu", torch.uint8))
-        self._position = int(state["position"])
-        order = state.get("order")
-        self._order = None if order is None else order.to("cpu", torch.int64)
-        self._partners = None if order is None else state["partners"].to("cpu", torch.int64)
-        self._resume = self._order is not None
+        self.plan.load_state_dict(state)
+        self._partners = None if self.plan.order is None else state["partners"].to("cpu", torch.int64)

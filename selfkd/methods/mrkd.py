@@ -146,6 +146,21 @@ class MrKD(Method):
         self._fcn_opt: torch.optim.Optimizer | None = None
 
     @property
+    def snapshots(self) -> list[nn.Module]:
+        """The frozen snapshots, oldest first (empty until the first one is taken or a loaded one is rebuilt)."""
+        return self._snapshots
+
+    @property
+    def fcn(self) -> nn.Linear | None:
+        """``ensemble="fcn"``: the ensembling layer (None until built)."""
+        return self._fcn
+
+    @property
+    def fcn_optimizer(self) -> torch.optim.Optimizer | None:
+        """``ensemble="fcn"``: the layer's own SGD optimiser."""
+        return self._fcn_opt
+
+    @property
     def forwards_per_sample(self) -> float:
         return 1.0 + self.hp.copies
 

@@ -117,6 +117,11 @@ class PSKD(Method):
         self.steps = 0
 
     @property
+    def memory(self) -> Tensor | None:
+        """The N x K memory of last-epoch predictions (None before :meth:`setup`)."""
+        return self._memory
+
+    @property
     def dtype(self) -> torch.dtype:
         return _DTYPES[self.hp.memory_dtype]
 

@@ -146,6 +146,11 @@ class ZipfLS(Method):
         self._fc: nn.Linear | None = None
         self._hook: Any = None
 
+    @property
+    def feature_map(self) -> Tensor | None:
+        """``rank="dense"``: the map the model pooled in its last forward, until the loss consumes it."""
+        return self._fmap
+
     # -- dense ranking -----------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """``rank="dense"``: tap the input of ``model.pool`` (forward pre-hook); the model is unchanged."""
