@@ -19,7 +19,7 @@ Arms (same data, model, optimiser, schedule, batch of ``--batch-size`` new docum
 ``ce``; ``ce2x`` (CE for twice the epochs: DLB forwards every document twice per epoch, so this is
 the equal-compute baseline); ``ls`` (label smoothing 0.1); ``dlb`` (T=3, α=1, constant); and
 ``dlb-confidence``, ``dlb-entropy``, ``dlb-margin`` (``DLB(schedule=...)``, see
-``selfkd.methods.dlb_schedules``). AdamW lr ``--lr``, weight decay 0.01, linear decay with 10%
+``selfkd.methods.dlb.schedules``). AdamW lr ``--lr``, weight decay 0.01, linear decay with 10%
 warm-up, gradient clipping 1.0, ``--epochs`` epochs, seeds ``--seeds``.
 
 Runs go to ``--runs`` (one directory each, as ``selfkd finetune`` writes them; finished runs are

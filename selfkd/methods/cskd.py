@@ -124,33 +124,13 @@ class CSKD(Method):
     * ``batch_size`` counts the *anchors*, as the official ``--batch-size`` does: a step loads
       ``2·batch_size`` images. Every sample is forwarded twice per epoch on average, once without
       backward (``forwards_per_sample`` = 2).
-    * ``partner="other"`` (default) draws a partner uniformly among the *other* samples of the
-      anchor's class, as the paper says; ``"any"`` draws among all of them, the anchor included, as
-      the official ``random.choice(classwise_indices[y])`` does (the same up to 1/class-size). A class
-      with a single sample pairs it with itself (its partner row is then the same image under another
-      augmentation), in both modes.
-    * Partners are drawn from a ``torch.Generator`` the method owns (``seed``), once per epoch: one
-      uniform number per data-set index, so a sample's partner in an epoch does not depend on the
-      epoch order's position or sharding; the generator, the order, the partners and the position in
-      the epoch are in ``state_dict``, so a resumed run draws identically, mid-epoch included.
-    * **Distributed** (DDP): per rank. Each rank pairs the anchors of its own ``DistributedSampler``
-      shard; every rank holds the same generator and draws the same N numbers per epoch, so the
-      partners are exactly those one process would give the same anchors, and the ranks' union
-      batch equals a one-process batch of all their anchors and partners. The batch-layout checks
-      run on the CPU indices (no device synchronisation).
-
-    * **Mixed samples** (mixup/CutMix, :meth:`mix`): the anchors are mixed among the anchors (one
-      permutation, lam, CutMix box); the partners get the very same mixing within the partner half
-      (:func:`~selfkd.data.mixing.remix`), so partner row i mixes a sample of class ``y_i`` with a
-      sample of class ``y_index[i]`` in the same proportion as anchor row i: the class-wise target
-      stays class-consistent and the KL is unchanged. CE on the anchors is mixed,
-      ``lam·CE(z_a, y) + (1−lam)·CE(z_a, y[index])``. ``batch.mix`` is a
-      :class:`~selfkd.data.mixing.MixBlocks` with the same Mix on both halves.
 
     Use the sampler from :meth:`batch_sampler` (it needs ``labels``). The loss checks that the batch
     has an even row count and that the partners carry their anchors' labels. In a plain loop,
     ``cskd(model(x), y)`` on the whole ``[anchors | partners]`` batch also works (one joint forward;
     the partner rows are detached, so they get no gradient).
+
+    More (cost, state, mixing, distributed): ``docs/methods.md``, section ``cskd``.
     """
 
     name = "cskd"

@@ -91,44 +91,13 @@ class MrKD(Method):
       updates old (the oldest of M up to ``M·interval``), never the current weights. Steps 0 to
       ``interval`` have no teacher and their loss is CE only (``kd`` part 0): no random-init model is
       ever a teacher.
-    * **Teacher.** Every snapshot is forwarded under ``torch.no_grad()`` on the same augmented batch
-      as the student, in eval mode with its own BatchNorm running statistics (``teacher_mode="eval"``;
-      ``"train"`` normalises with the batch statistics instead). ``z_b`` is the one snapshot's logits
-      (``copies=1``, the arXiv version), or over several: ``ensemble="mean"`` the mean of their logits;
-      ``ensemble="fcn"`` (Sensors version) ``z_b = W·[z_1 | … | z_M] + b``, one linear layer over the
-      snapshots' logits concatenated oldest to newest. Until the pool is full, the oldest snapshot's
-      logits fill the missing leading slots. The layer starts as the mean (``W = [I/M … I/M]``, ``b = 0``),
-      so it needs no random draw, and is trained at each step by CE against the labels with its own SGD
-      (``fcn_lr``, ``fcn_momentum``), in float32, on detached inputs; the student distills towards the
-      layer's output computed before that update, detached. The layer is method state, not part of
-      the model: the trainer's optimiser never sees it.
-    * **KA** (``knowledge_adjustment``, Sensors version, rule of Wen et al. 1911.07471 as we read it):
-      where the teacher's argmax is not ``y``, the logits of ``y`` and of the argmax are swapped;
-      applied to the final teacher logits, after the ensemble.
     * **Defaults** (our choices): T=3 and α=1, as ``dlb`` (the same loss
       form with a past model as the teacher, so a comparison isolates the teacher); ``copies=1``,
       ``ensemble="mean"``, no KA (the arXiv version); ``interval=200`` steps (about half a CIFAR epoch
       at batch 128), a step count so that runs do not depend on the epoch length. The journal setup is
       ``copies=M, ensemble="fcn", knowledge_adjustment=true``.
-    * **Cost.** ``1 + copies`` forwards per sample once the pool is full (fewer before); memory for
-      ``copies`` models (weights and buffers) plus, with fcn, ``M·K² + K`` weights and their momentum.
-    * **State** (``state_dict``): the step counter, each snapshot's weights and buffers (plain
-      state_dicts, oldest first) and, with fcn, the layer and its optimiser. The snapshots are rebuilt
-      from the live model's architecture at the next :meth:`train_step`, so a plain loop needs no
-      template: ``out = mrkd.train_step(model, Batch(x, y)); out.loss.backward()``. ``mrkd(logits, y)``
-      cannot work (the teacher needs the model) and raises TrainingError.
-    * Parts: ``ce``, ``kd`` (``T²·KL``; 0 without a teacher), with fcn also ``fcn_ce`` (the layer's CE).
-    * **Mixed samples** (mixup/CutMix): the snapshots forward the same mixed input as the student;
-      CE becomes ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``, and so does the fcn layer's CE on its
-      ensemble. KA needs one label: rows with a single label (lam 1, lam 0: ``y[index]``, or both labels
-      equal) are adjusted as usual; rows mixing two different labels are left unadjusted
-      (``ka_mixed="skip"``, default: KA would pull the teacher onto one class of a two-class image) or
-      adjusted towards the label with the larger share (``"dominant"``, ``y`` if lam ≥ 0.5).
-    * **Distributed** (DDP): snapshots are replicated. They are copies of the model (the module
-      inside the DDP wrapper), whose weights DDP keeps equal on every rank, taken at the same step
-      on every rank; each rank forwards them on its own shard. The fcn layer is trained on every
-      rank with its gradients averaged across ranks (one all-reduce per step), so its weights stay
-      equal on every rank, the same as one process training it on the union batch.
+
+    More (cost, state, mixing, distributed): ``docs/methods.md``, section ``mrkd``.
     """
 
     name = "mrkd"
