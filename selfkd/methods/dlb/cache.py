@@ -1,7 +1,7 @@
 """DLB's hand-over from its batch sampler to its loss (:class:`Layouts`) and its cache of the last step's logits.
 
-:func:`plan` lays out one epoch of batches ``[repeated | new]`` (a :class:`Layout` per batch, put in
-:class:`Layouts` as the sampler yields it); the loss consumes the layouts in order (:meth:`Layouts.next`),
+:func:`plan_layouts` lays out one epoch of batches ``[repeated | new]`` (a :class:`Layout` per batch,
+put in :class:`Layouts` as the sampler yields it); the loss consumes the layouts in order (:meth:`Layouts.next`),
 takes the repeated rows' teacher from the cache (:meth:`LastBatch.teacher`) and makes its new rows' logits the
 next step's teacher (:meth:`LastBatch.commit`). Only the last step's logits, labels and Mix are kept; they,
 the epoch order and the position are method state.
@@ -148,7 +148,7 @@ class LastBatch:
         self.mix = None if last is None else mix_from_state(last)
 
 
-def plan(epoch: EpochPlan, last: LastBatch, layouts: Layouts, sampler: Iterable[int], batch_size: int,
+def plan_layouts(epoch: EpochPlan, last: LastBatch, layouts: Layouts, sampler: Iterable[int], batch_size: int,
          drop_last: bool, repeat_count: Callable[[int], int], carry_over: bool) -> Iterator[Layout]:
     """One epoch of layouts: the rest of a resumed epoch, else a new pass over ``sampler``'s order (drawn
     once, kept for an exact resume). Each layout is put in ``layouts`` as it is yielded."""

@@ -14,7 +14,7 @@ from ..base import Batch, EpochPlan, Method, PlannedBatchSampler, StepOutput
 from ..losses import cross_entropy, kd_kl
 from ..registry import register_method
 from . import mixing, schedules
-from .cache import KEYS, LastBatch, Layout, Layouts, check_batch, plan
+from .cache import KEYS, LastBatch, Layout, Layouts, check_batch, plan_layouts
 from .params import DLBParams
 
 
@@ -98,7 +98,7 @@ class DLB(Method):
     def plan_epoch(self, sampler: Iterable[int], batch_size: int, drop_last: bool) -> Iterator[Layout]:
         """One epoch of batch layouts (the rest of a resumed one, else a new pass over ``sampler``), each
         put in :attr:`layouts` for :meth:`loss` as it is yielded: what :class:`DLBBatchSampler` turns into indices."""
-        return plan(self.plan, self.last, self.layouts, sampler, batch_size, drop_last, self.repeat_count,
+        return plan_layouts(self.plan, self.last, self.layouts, sampler, batch_size, drop_last, self.repeat_count,
                     self.hp.carry_over)
 
     def mix(self, batch: Batch, mixer: Mixer, generator: torch.Generator) -> Batch:
