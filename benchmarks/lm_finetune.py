@@ -20,7 +20,7 @@ Arms (same data, model, optimiser, schedule, batch of ``--batch-size`` new docum
 this is the equal-compute baseline); ``dlb`` (T=3); ``dlb-repeat`` (the ``dlb-repeat`` preset: DLB's
 batches with alpha=0, CE on every row, so ``dlb`` minus it is what distillation adds over repeating);
 ``ls`` (label smoothing); and, where the budget has them, ``dlb-confidence``, ``dlb-entropy``,
-``dlb-margin`` (``DLB(schedule=...)``). AdamW, weight decay 0.01, linear decay with 10% warm-up,
+``dlb-margin`` (``DLB(schedule=...)``, see ``selfkd.methods.dlb.schedules``). AdamW, weight decay 0.01, linear decay with 10% warm-up,
 gradient clipping 1.0.
 
 Protocol (nothing is chosen on the test split):
