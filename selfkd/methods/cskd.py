@@ -254,7 +254,7 @@ class CSKD(Method):
         return StepOutput(loss, {"ce": ce.detach(), "kd": kd.detach()}, z_anchor, y)
 
     def resumes_at(self) -> int | None:
-        return self._position if self._resume and self._order is not None else None
+        return self.plan.resumes_at()
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
