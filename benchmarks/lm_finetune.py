@@ -101,8 +101,8 @@ def data_cfg(a: argparse.Namespace, task: str) -> dict:
 
 
 def run_one(a: argparse.Namespace, task: str, arm: str, seed: int) -> dict:
-    from selfkd.engine.finetune_config import build_finetune_config
-    from selfkd.engine.trainer import CONFIG, SUMMARY
+    from selfkd.integrations.finetune_config import build_finetune_config
+    from selfkd.engine.rundir import CONFIG, SUMMARY
     from selfkd.integrations.finetune import finetune_run
 
     run = a.runs / task / f"{arm}-s{seed}"

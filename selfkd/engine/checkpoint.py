@@ -3,34 +3,20 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
 from ..errors import SelfKDError
 
 
 def _atomic(path: Path, write) -> None:
-    """Write through ``.NAME.XXXXXXXX.tmp`` beside ``path`` and rename it into place (see
-    :func:`selfkd.engine.rundir.remove_leftovers` for what a kill can leave behind)."""
+    """:func:`selfkd.atomic.atomic_write`, with a failed write's OSError as one line naming ``path``
+    (see :func:`selfkd.engine.rundir.remove_leftovers` for what a kill can leave behind)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise _write_error(path, err) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)  # mkstemp makes 0600 files; give results the usual permissions
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        atomic_write(path, write)
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
         cause = _os_cause(err)  # torch.save wraps a full disk in a RuntimeError of its zip writer
         if cause is not None:
             raise _write_error(path, cause) from None

@@ -25,8 +25,9 @@ import torch
 
 from ..errors import ConfigError
 from . import checkpoint as ckpt
+from . import rundir
 
-CSV = "metrics.csv"
+CSV = rundir.METRICS_CSV
 TB = "tb"
 
 

@@ -35,7 +35,7 @@ import yaml
 from ..errors import ConfigError
 from ..engine import checkpoint as ckpt
 from ..engine.config import flatten
-from ..engine.trainer import CHECKPOINT, CONFIG, METRICS, SUMMARY
+from ..engine.rundir import CHECKPOINT, CONFIG, METRICS, SUMMARY
 from .sweep import FAILED, RUNS
 
 IGNORED = ("train.seed", "train.log_every", "train.eval_batch_size", "data.num_workers", "data.cache_dir",

@@ -74,7 +74,7 @@ from ..errors import ConfigError, SelfKDError
 from ..engine import checkpoint as ckpt
 from ..engine import rundir
 from ..engine.config import Config, MethodCfg, build_config, flatten, load_preset, load_yaml, save_yaml
-from ..engine.trainer import CHECKPOINT, CONFIG, SUMMARY
+from ..engine.rundir import CHECKPOINT, CONFIG, SUMMARY
 
 FAILED = "failed.json"
 LOCK = rundir.LOCK
@@ -586,7 +586,7 @@ def run_sweep(path: str, *, only_plan: bool = False, progress: bool | None = Non
 def _train_one(sweep: Sweep, r: Run, k: int, counts: dict[str, int], bar: Any, say: Callable[[str], None],
                threads: int | None = None) -> None:
     """Train (or resume) one run whose claim this process holds; record its status."""
-    from ..engine.trainer import train_run
+    from ..engine.stages import train_run
 
     tag = f"[{k}/{len(sweep.runs)}] {r.name}"
     if _status(r.dir) == "finished":  # another process finished it after this one planned
