@@ -30,6 +30,10 @@ class NoBar:
     def close(self) -> None:
         pass
 
+    @staticmethod
+    def write(msg: str, file: Any = None) -> None:
+        print(msg, file=file or sys.stderr, flush=True)
+
 
 def progress_bar(total: int | None, desc: str, unit: str = "it", *, enabled: bool | None = None,
                  unit_scale: bool = False, initial: int = 0, leave: bool = False) -> Any:

@@ -35,8 +35,8 @@ import yaml
 from ..errors import ConfigError
 from ..engine import checkpoint as ckpt
 from ..engine.config import flatten
-from ..engine.rundir import CHECKPOINT, CONFIG, METRICS, SUMMARY
-from .sweep import FAILED, RUNS
+from ..engine.rundir import CHECKPOINT, CONFIG, FAILED, METRICS, SUMMARY
+from .sweep import RUNS
 
 IGNORED = ("train.seed", "train.log_every", "train.eval_batch_size", "data.num_workers", "data.cache_dir",
            "data.download")

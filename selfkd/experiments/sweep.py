@@ -74,9 +74,9 @@ from ..errors import ConfigError, SelfKDError
 from ..engine import checkpoint as ckpt
 from ..engine import rundir
 from ..engine.config import Config, MethodCfg, build_config, flatten, load_preset, load_yaml, save_yaml
-from ..engine.rundir import CHECKPOINT, CONFIG, SUMMARY
+from ..engine.rundir import CHECKPOINT, CONFIG, FAILED, SUMMARY
+from ..progress_bar import progress_bar
 
-FAILED = "failed.json"
 LOCK = rundir.LOCK
 PATH_KEYS = ("data.dir", "data.cache_dir", "method.teacher")  # relative values: to the sweep file's folder
 RUNS = "runs.json"
@@ -542,9 +542,7 @@ def run_sweep(path: str, *, only_plan: bool = False, progress: bool | None = Non
     say(f"sweep {sweep.out}: {total} run{'s' if total != 1 else ''}, {done_before} already finished, "
         f"{sum(r.status == 'unfinished' for r in sweep.runs)} to resume")
     if use_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=done_before, desc="sweep", unit="run", dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(total, "sweep", unit="run", enabled=True, initial=done_before, leave=True)
     current: Run | None = None
     try:
         for k, r in enumerate(sweep.runs, start=1):
