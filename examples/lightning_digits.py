@@ -36,6 +36,7 @@ if __name__ == "__main__":
     d = load_digits()
     x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
     train = TensorDataset(x[:1500], y[:1500])
+    L.seed_everything(0)  # the weights and the data order (the same in one process and under --ddp)
     kd = SelfKD(selfkd.DLB(temperature=3.0, alpha=1.0), num_classes=10)
     net = Net(kd, train)
     ddp = "--ddp" in sys.argv

@@ -53,6 +53,11 @@ def pick_backend(backend: str, device: torch.device) -> str:
 def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0) -> torch.device:
     """Join the process group torchrun describes; returns this rank's device (``cuda:LOCAL_RANK``)."""
     rank, local, world = env_ranks()
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(f"RANK={os.environ.get('RANK')} and WORLD_SIZE={os.environ.get('WORLD_SIZE')} are set but "
+                          f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the ranks with "
+                          "torchrun or selfkd train --nproc N, or unset RANK and WORLD_SIZE for one process")
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA devices are visible")

@@ -30,7 +30,8 @@ def require(module: str, extra: str) -> Any:
 
 
 def import_modules(names: Iterable[str], where: str = "--import") -> None:
-    """Import each module; one line naming it if it is missing or raises."""
+    """Import each module; one line naming it if it is missing, raises, or calls ``sys.exit`` (a
+    KeyboardInterrupt passes through: it is the user's Ctrl-C)."""
     for name in names:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{where}: expected a module name like my_pkg.my_module (got {name!r})")
@@ -41,6 +42,14 @@ def import_modules(names: Iterable[str], where: str = "--import") -> None:
         except Exception as err:  # the user's module raised while importing
             first = str(err).splitlines()[0] if str(err) else ""
             raise ConfigError(f"{where} {name}: importing it raised {type(err).__name__}: {first}") from None
+        except SystemExit as err:  # sys.exit() at import would end selfkd as if it had run (exit 0, nothing trained)
+            raise ConfigError(f"{where} {name}: the module called sys.exit({err.code!r}) while being imported; "
+                              "a plugin module must only define and register") from None
+        except KeyboardInterrupt:  # Ctrl-C during a slow import: selfkd's usual 'interrupted'
+            raise
+        except BaseException as err:  # GeneratorExit or a BaseException subclass of the module's own
+            raise ConfigError(f"{where} {name}: importing it raised {type(err).__name__} "
+                              "(a BaseException that is not an Exception)") from None
 
 
 def entry_points(group: str) -> list[Any]:

@@ -171,3 +171,135 @@ def test_lora_trains_adapters_only_and_dlb_caches_the_adapted_logits(parts, tmp_
     state = s.method.state_dict()
     assert torch.equal(state["cache_logits"], calls[-1][0][-2:].float())
     assert calls[0][2] is None and len(calls[-1][0]) == 6  # first step: nothing cached; last: 4 repeated + 2 new  # last step: 2 new documents
+
+
+@pytest.mark.parametrize("case,match", [
+    ("truncated", r"config.json: not valid JSON: unterminated string starting at line 1 column \d+$"),
+    ("empty", r"config.json: empty file"),
+    ("list", r"config.json: holds a JSON list, expected an object"),
+    ("no_type", r"config.json: no 'model_type' key"),
+    ("unknown_type", r"config.json: model_type 'nopebert' is not an architecture transformers [0-9.]+ knows"),
+    ("bad_value", r"config.json: rejected by transformers \(\w+: .*hidden_size.* expected int, got str"),
+])
+def test_broken_model_config_says_what_is_wrong(parts, tmp_path, capsys, case, match):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(parts["model"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    text = {"truncated": json.dumps(cfg)[:40], "empty": "", "list": "[1, 2]",
+            "no_type": json.dumps({k: v for k, v in cfg.items() if k != "model_type"}),
+            "unknown_type": json.dumps({**cfg, "model_type": "nopebert"}),
+            "bad_value": json.dumps({**cfg, "hidden_size": "big"})}[case]
+    (model / "config.json").write_text(text)
+    out = tmp_path / "run"
+    assert cli({**parts, "model": model}, out, epochs=1) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"selfkd: error: model.path {model}"), err
+    assert re.search(match, err), err
+    assert not out.exists()
+
+
+KILL_ARGS = ["--method", "dlb", "--epochs", "2", "--batch-size", "4", "--lr", "2e-3", "--set", "data.max_length=24",
+             "--set", "train.log_every=50", "--set", "train.seed=3", "--threads", "1"]
+
+
+def finetune_process(parts, *args, kill_at=None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env.pop("SELFKD_KILL_AT", None)
+    plugin = []
+    if kill_at:
+        env["SELFKD_KILL_AT"] = kill_at
+        plugin = ["--import", "killsave"]  # tests/killsave.py: SIGKILL at that point of a save
+    if args[0] != "--resume":
+        args = ("--data", str(parts["data"]), "--model", str(parts["model"]), *KILL_ARGS, *args)
+    return subprocess.run([sys.executable, "-m", "selfkd", *plugin, "finetune", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(parts, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    res = finetune_process(parts, "--out", str(run))
+    assert res.returncode == 0, res.stderr
+    return run
+
+
+def _metrics(run):
+    drop = ("train_seconds", "epoch_seconds")
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# (kill point, where the resume starts, whether a folder is removed). 18 documents, batch 4: epoch 1 ends at
+# step 5, epoch 2 at step 10; each epoch's end saves hf/checkpoint-STEP, then the final model/ is written.
+@pytest.mark.parametrize("kill_at,resumed,removed", [
+    ("weights:1", "no complete checkpoint yet; starting again at epoch 0/2", "hf/.selfkd-saving"),
+    ("trainer_state:2/legacy", "at epoch 1/2", "hf/checkpoint-10"),
+    ("method:2", "at epoch 1/2", "hf/.selfkd-saving"),
+    ("rotate:2", "at epoch 2/2", None),
+    ("weights:3", "at epoch 2/2", None),
+], ids=["first-save-weights-half-written", "old-layout-no-method-state", "before-rename", "before-rotation",
+        "final-model-half-written"])
+def test_killed_while_saving_resumes_bit_identical(parts, uninterrupted, tmp_path, kill_at, resumed, removed):
+    """SIGKILL at points inside a checkpoint save (tests/killsave.py), then --resume: the same weights and
+    metrics as the uninterrupted run. ``/legacy``: the killed save's folder is moved to its final name, as
+    selfkd wrote checkpoints before they were staged (a folder without the method state)."""
+    point, _, legacy = kill_at.partition("/")
+    run = tmp_path / "run"
+    res = finetune_process(parts, "--out", str(run), kill_at=point)
+    assert res.returncode == -9, (res.returncode, res.stderr)  # killed, not finished
+    assert not (run / "summary.json").exists()
+    stage = run / "hf" / ".selfkd-saving"
+    if legacy:
+        (stage / "checkpoint-10").rename(run / "hf" / "checkpoint-10")
+        assert not (run / "hf" / "checkpoint-10" / "selfkd_method.pt").exists()
+    res = finetune_process(parts, "--resume", str(run))
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and f"resumed {run}" in res.stderr and resumed in res.stderr, res.stderr
+    if removed:
+        assert f"removed {removed}: a checkpoint the run was stopped while saving" in res.stderr, res.stderr
+    else:
+        assert "removed" not in res.stderr
+    a, b = weights(uninterrupted), weights(run)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics(run) == _metrics(uninterrupted)
+    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "summary.json",
+                                                           "model"}
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("name", ["rng_state.pth", "optimizer.pt", "scheduler.pt"])
+def test_malicious_trainer_file_in_a_checkpoint_is_one_line(parts, tmp_path, monkeypatch, capsys, name):
+    """The Trainer refuses it (weights_only); the refusal names the file in one line, not a traceback."""
+    from selfkd.integrations import finetune
+
+    begin = finetune._Epochs.on_epoch_begin
+
+    def stop_in_epoch_2(self, args, state, control, **kw):
+        if state.epoch >= 1:
+            raise KeyboardInterrupt
+        return begin(self, args, state, control, **kw)
+
+    monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", stop_in_epoch_2)
+    assert cli(parts, tmp_path / "cut", epochs=2) == 130
+    monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", begin)
+    (folder,) = (tmp_path / "cut" / "hf").glob("checkpoint-*")
+    torch.save({"x": _Payload()}, folder / name)
+    capsys.readouterr()
+    assert main(["finetune", "--resume", str(tmp_path / "cut")]) == 2
+    err = capsys.readouterr().err
+    assert re.match(f"selfkd: error: resume_from_checkpoint: checkpoint {re.escape(str(folder / name))}: "
+                    "(refused to load global|not a readable checkpoint \\(UnpicklingError)", err.splitlines()[-1]), err
+    assert "Traceback" not in err and "pwned" not in err

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -86,6 +87,77 @@ def test_any_set_and_yaml_gives_a_run_or_one_line(items, config):
             return
         assert len(lines) == 1 and lines[0].startswith("selfkd: error: "), (argv, text)
         assert not out.exists(), (argv, text)
+        assert not (root / "pwned").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# `selfkd finetune`: its options and `--set` on finetune configs, on the tiny BERT of tests/tinylm.py
+def _finetune_keys() -> list[str]:
+    from selfkd.integrations.finetune_config import FinetuneConfig
+
+    return sorted(flatten(FinetuneConfig.model_validate({"data": {"path": "x"}, "model": {"path": "y"}}).to_dict()))
+
+
+FT_BUDGET = ["train.epochs=1", "data.max_length=16", "data.subset=null", "data.test_subset=null", "train.device=cpu",
+             "train.save_model=false", "train.bf16=off"]
+ft_keys = st.one_of(st.sampled_from(_finetune_keys() + ["method.temperature", "method.schedule", "model.lora.r",
+                                                        "model.lora.target_modules", "data.nope", "optim"]),
+                    st.text(max_size=12))
+ft_items = st.one_of(st.builds(lambda k, v: f"{k}={_yaml_value(v)}", ft_keys, values), st.text(max_size=16))
+ft_options = st.fixed_dictionaries({}, optional={
+    "--epochs": st.integers(min_value=-2, max_value=1).map(str),
+    "--seed": st.one_of(st.integers(min_value=-5, max_value=2**70).map(str), st.text(max_size=4)),
+    "--batch-size": st.one_of(st.integers(min_value=-2, max_value=40).map(str), st.sampled_from(["x", "1.5", ""])),
+    "--lr": st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(str), st.sampled_from(["-1", "x", "0"])),
+    "--method": st.sampled_from(["ce", "dlb", "ls", "pskd", "cskd", "byot", "nope", ""]),
+    "--device": st.sampled_from(["cpu", "auto", "gpu"]),
+    "--threads": st.sampled_from(["0", "-1", "1", "x"]),
+})
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    pytest.importorskip("transformers")
+    import tinylm
+
+    root = tmp_path_factory.mktemp("fuzz-lm")
+    return tinylm.make_model(root / "model"), tinylm.make_corpus(root / "corpus", per_class=4)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(options=ft_options, items=st.lists(ft_items, max_size=3), config=configs)
+@example(options={"--method": "dlb", "--batch-size": "4"}, items=["method.schedule=entropy"], config=None)
+def test_any_finetune_option_and_set_gives_a_run_or_one_line(lm, options, items, config):
+    model, corpus = lm
+    root = Path(tempfile.mkdtemp(prefix="selfkd-fuzz-ft-"))
+    try:
+        out = root / "run"
+        argv = ["finetune", "--data", str(corpus), "--model", str(model), "--out", str(out)]
+        for flag, value in options.items():
+            argv += [f"{flag}={value}"]
+        if config is not None:
+            (root / "c.yaml").write_text(config)
+            argv += ["--config", str(root / "c.yaml")]
+        for item in [*items, *FT_BUDGET]:
+            argv += ["--set", item]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main(argv)
+            except SystemExit as exit:  # argparse's own errors
+                code = exit.code
+        text = err.getvalue()
+        assert "Traceback" not in text, (argv, text)
+        if code == 0:
+            assert (out / "summary.json").is_file(), text
+            return
+        assert code == 2, (code, argv, text)
+        lines = text.splitlines()
+        assert lines and lines[-1].startswith("selfkd: error: "), (argv, text)
+        if not (out / "config.yaml").exists():  # refused before the run: one line, nothing written
+            assert len(lines) == 1 and not out.exists(), (argv, text)
         assert not (root / "pwned").exists()
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -206,3 +206,23 @@ def test_readme_example_method_runs_in_the_trainer(tmp_path, monkeypatch):
         assert out.loss.item() == pytest.approx(ce - 0.3 * entropy, rel=1e-5)
     finally:
         sys.modules.pop("confidence_penalty", None)
+
+
+def test_checkpoints_are_renamed_into_place_and_resume_skips_incomplete_ones(tmp_path):
+    """Each checkpoint is staged and renamed once complete; resume_from_checkpoint=True takes the newest
+    complete one (a folder a killed save of an older selfkd left, without trainer or method state, is passed over)."""
+    from selfkd.integrations.hf import SAVING, last_checkpoint
+
+    full = trainer(tmp_path, selfkd.DLB(), name="full", num_train_epochs=2)  # 8 steps: checkpoints 5 and 8
+    full.train()
+    out = tmp_path / "full"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-5", "checkpoint-8"]  # no staging folder left
+    assert not (out / SAVING).exists()
+    (out / "checkpoint-8" / STATE).unlink()  # as a kill after the Trainer's files, before the method's, left it
+    (out / "checkpoint-9").mkdir()
+    (out / "checkpoint-9" / "config.json").write_text("{}")
+    assert last_checkpoint(str(out)) == str(out / "checkpoint-5")
+    again = trainer(tmp_path, selfkd.DLB(), name="full", num_train_epochs=2)
+    again.train(resume_from_checkpoint=True)
+    a, b = weights(full.model), weights(again.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)

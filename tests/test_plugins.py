@@ -119,6 +119,25 @@ def test_cli_import_errors_are_one_line(tmp_path, capsys):
                                                 "boom at import")
 
 
+@pytest.mark.parametrize("body,said", [
+    ("import sys\nsys.exit(0)\n", "the module called sys.exit(0) while being imported"),
+    ("raise SystemExit('bye')\n", "the module called sys.exit('bye') while being imported"),
+    ("class Stop(BaseException):\n    pass\nraise Stop()\n", "importing it raised Stop (a BaseException"),
+], ids=["exit0", "systemexit", "baseexception"])
+def test_cli_import_of_a_module_that_exits_is_one_line(tmp_path, body, said):
+    """A plugin that ends the process at import must not pass for a finished command (exit 0)."""
+    import os
+    import subprocess
+
+    (tmp_path / "exiting_mod.py").write_text(body)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "selfkd", "--import", "exiting_mod", "models"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert res.stdout == "" and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("selfkd: error: --import exiting_mod: " + said), res.stderr
+
+
 def test_readme_adding_a_method_example_is_the_file_and_trains(tmp_path, capsys):
     readme = (ROOT / "README.md").read_text()
     assert EXAMPLE.read_text().strip() in readme  # the README shows this very file

@@ -411,26 +411,47 @@ def test_permission_errors_are_one_line(tmp_path):
     before = snapshot(ro_run)
     for p in [*ro_run.iterdir(), ro_run]:
         os.chmod(p, 0o555 if p.is_dir() else 0o444)
+    tb_run = tmp_path / "tb_run"  # only its TensorBoard folder is read-only
+    interrupted(tb_run, cfg=tiny_cfg(train={"log": "tensorboard"}))
+    tb_before = snapshot(tb_run)
+    os.chmod(tb_run / "tb", 0o555)
     cases = {
         "out": ["train", *TINY, "--out", str(locked / "run")],
         "config": ["train", *TINY, "--config", str(secret), "--out", str(tmp_path / "w1")],
         "data": ["train", "--data", "cifar10", "--data-dir", str(data), "--model", "resnet8", "--out", str(tmp_path / "w2")],
         "resume": ["train", "--resume", str(ro_run), "--no-progress"],
+        "tb": ["train", "--resume", str(tb_run), "--no-progress"],
     }
     try:
         res = subprocess.run([*DROP, sys.executable, "-c", NOBODY_SCRIPT, json.dumps(cases)], capture_output=True,
                              text=True, timeout=240)
     finally:
         os.chmod(data, 0o755)
+        os.chmod(tb_run / "tb", 0o755)
         for p in [ro_run, *ro_run.iterdir()]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     needles = {"out": [str(locked), "cannot write", "permission denied"], "config": [str(secret), "permission denied"],
-               "data": [str(data), "permission denied"], "resume": ["--resume", "permission denied"]}
+               "data": [str(data), "permission denied"], "resume": ["--resume", "permission denied"],
+               "tb": [f"TensorBoard folder {tb_run / 'tb'}: cannot write in", "permission denied",
+                      "train.log=tensorboard writes event files there"]}
     for name, (code, err) in got.items():
         one_line_error(code, err, *needles[name])
     assert snapshot(ro_run) == before and not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()
+    assert snapshot(tb_run) == tb_before  # refused before the resume wrote anything
+
+
+def test_tensorboard_folder_that_is_a_file_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    interrupted(run, cfg=tiny_cfg(train={"log": "tensorboard"}))
+    shutil.rmtree(run / "tb")
+    (run / "tb").write_text("mine")
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--no-progress")
+    one_line_error(code, err, f"TensorBoard folder {run / 'tb'}: {run / 'tb'} is a file, not a folder",
+                   "train.log=tensorboard writes event files there")
+    assert snapshot(run) == before
 
 
 def test_error_texts_only_name_existing_flags():

@@ -111,3 +111,65 @@ def test_auto_streams_above_the_size(tmp_path):
     assert isinstance(load_dataset("imagefolder", root=root, stream="auto", stream_above_mb=0.001).train, StreamDataset)
     assert not isinstance(load_dataset("imagefolder", root=root, stream="auto", cache_dir=tmp_path / "c").train,
                           StreamDataset)
+
+
+def _cuts(shard: Path) -> dict[str, int]:
+    """Byte counts to cut ``shard`` to: every way a tar can end early."""
+    with tarfile.open(shard) as tar:
+        second = tar.getmembers()[1]
+    end = second.offset_data + -(-second.size // 512) * 512  # where the third header starts
+    return {"60%": int(shard.stat().st_size * 0.6), "inside a header": second.offset + 100,
+            "inside member data": second.offset_data + 10, "at a member boundary": end}
+
+
+def test_a_shard_that_ends_early_is_one_line_naming_it(tmp_path):
+    s = shards(tree(tmp_path / "t", n=3), tmp_path / "s")
+    shard = s / "train" / "train-000.tar"
+    whole = shard.read_bytes()
+    assert len(load_stream(s).train) == 6
+    for how, n in _cuts(shard).items():
+        shard.write_bytes(whole[:n])
+        with pytest.raises(DataError, match=rf"^{shard}: (truncated|corrupt)") as e:
+            load_stream(s)
+        assert "\n" not in str(e.value), how
+    shard.write_bytes(whole[:_cuts(shard)["at a member boundary"]] + b"\x07" * 512)  # garbage, not a header
+    with pytest.raises(DataError, match=rf"^{shard}: corrupt tar header at byte"):
+        load_stream(s)
+
+
+def test_the_in_memory_reader_refuses_a_tar_cut_at_a_member_boundary(tmp_path):
+    root = tree(tmp_path / "t", n=3)
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root, arcname="t")
+    whole = archive.read_bytes()
+    with tarfile.open(archive) as tar:
+        last = tar.getmembers()[-1]
+    archive.write_bytes(whole[: last.offset])  # the last image's header and data gone
+    with pytest.raises(DataError, match=rf"^{archive}: truncated tar \(it ends after member"):
+        load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "symlink", "hardlink"])
+def test_unsafe_members_are_refused_by_both_readers_alike(tmp_path, kind):
+    root = tree(tmp_path / "t", n=2)
+    s = shards(root, tmp_path / "s")
+    info = tarfile.TarInfo({"dotdot": "../cat/evil.png", "symlink": "cat/link.png", "hardlink": "cat/hard.png"}[kind])
+    if kind == "symlink":
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    elif kind == "hardlink":
+        info.type, info.linkname = tarfile.LNKTYPE, "cat/000.png"
+    data = png(7) if kind == "dotdot" else b""
+    info.size = len(data)
+    shard = s / "train" / "train-000.tar"
+    with tarfile.open(shard, "a") as tar:
+        tar.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root, arcname="t")
+        tar.addfile(info, io.BytesIO(data))
+    why = {"dotdot": r"path with '\.\.'", "symlink": "links are not allowed", "hardlink": "links are not allowed"}[kind]
+    with pytest.raises(DataError, match=rf"^{shard}: refusing archive member '{info.name}' \({why}\)"):
+        load_stream(s)
+    with pytest.raises(DataError, match=rf"^{archive}: refusing archive member '{info.name}' \({why}\)"):
+        load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "cache")

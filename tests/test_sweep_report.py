@@ -1,6 +1,7 @@
 """`selfkd sweep` (grids of runs: plan, skip, resume, failures, validation) and `selfkd report` (tables, plots)."""
 import contextlib
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -427,3 +428,40 @@ def test_report_plots_accuracy_against_compute_when_budgets_differ(grid, tmp_pat
     only_ce = tmp_path / "ce"
     md = build_report([str(p) for p in (grid[0] / "runs").glob("method.name=ce/*")], out=str(only_ce))
     assert not (only_ce / "acc_vs_compute.png").exists() and "acc_vs_compute" not in md  # one budget: no plot
+
+
+def test_report_says_a_truncated_summary_is_unreadable(grid, tmp_path, capsys):
+    """A summary.json cut short (a copy, a full disk) is not an unfinished run: the report and stderr say so."""
+    folder, _ = copy_grid(grid, tmp_path)
+    runs = folder / "runs"
+    cut = runs / "method.name=dlb/train.seed=1" / "summary.json"
+    cut.write_text(cut.read_text()[:40])
+    listed = runs / "method.name=ce/train.seed=0" / "summary.json"
+    listed.write_text("[1, 2]\n")
+    from selfkd.cli import main
+
+    assert main(["report", str(runs), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(e.startswith("selfkd: warning: ") for e in err), err
+    assert re.search(f"{re.escape(str(cut.parent))}: summary.json is not valid JSON at line [0-9]+ column [0-9]+ "
+                     r"\(truncated or damaged\); the run is listed as unreadable", err[1]), err
+    assert f"{listed.parent}: summary.json holds a JSON list, not an object" in err[0]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "unreadable: summary.json is not valid JSON at line" in md and "unfinished" not in md
+    row = next(line for line in md.splitlines() if line.startswith("| method=dlb |"))
+    assert "| 1/2 |" in row and "1 unreadable: summary.json is not valid JSON" in row
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert sorted(r["status"] for g in data["groups"] for r in g["runs"]) == ["finished", "finished", "unreadable",
+                                                                               "unreadable"]
+
+
+def test_report_out_that_is_a_file_says_so(grid, tmp_path, capsys):
+    from selfkd.cli import main
+
+    (tmp_path / "rep").write_text("mine")
+    assert main(["report", str(grid[0] / "runs"), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"selfkd: error: --out {tmp_path / 'rep'}: {tmp_path / 'rep'} is a file, not a folder\n"
+    assert (tmp_path / "rep").read_text() == "mine"
+    assert main(["report", str(grid[0] / "runs"), "--out", str(tmp_path / "rep" / "sub")]) == 2
+    assert f"{tmp_path / 'rep'} is a file, not a folder" in capsys.readouterr().err

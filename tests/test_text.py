@@ -103,6 +103,9 @@ def test_encoding_list_reads_mixed_files(tmp_path):
     ("fields", r"d.csv:line 2: 1 fields, the header has 2"),
     ("nodocs", r"b_news: class folder has no .txt documents"),
     ("jsonkey", r"d.jsonl:line 2: no column 'label'"),
+    ("nolabel", r"d.csv:line 3: the label is empty \(column 'label'\)"),
+    ("blanklabel", r"d.csv:line 2: the label is empty \(column 'label'\)"),
+    ("jsonnolabel", r"d.jsonl:line 2: the label is empty \(column 'label'\)"),
 ])
 def test_bad_input_one_line_naming_the_file(tmp_path, case, match):
     if case in ("empty", "nodocs"):
@@ -113,14 +116,16 @@ def test_bad_input_one_line_naming_the_file(tmp_path, case, match):
             for f in (root / "b_news").iterdir():
                 f.rename(f.with_suffix(".md"))
         path, kw = root, {}
-    elif case == "jsonkey":
+    elif case in ("jsonkey", "jsonnolabel"):
         path = tmp_path / "d.jsonl"
-        path.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
+        path.write_text('{"text": "a", "label": "x"}\n' + ('{"text": "b"}\n' if case == "jsonkey" else
+                                                            '{"text": "b", "label": ""}\n{"text": "c", "label": "y"}\n'))
         kw = {}
     else:
         path = tmp_path / "d.csv"
         body = {"label": "text,label\nhello,yes\nhi,maybe\n", "column": "body,label\nhello,yes\n",
-                "fields": "text,label\nhello\n"}[case]
+                "fields": "text,label\nhello\n", "nolabel": "text,label\nhello,yes\nhi,\nhey,no\nyo,no\n",
+                "blanklabel": "text,label\nhello, \nhi,yes\nhey,no\n"}[case]
         path.write_text(body)
         kw = {"classes": ["no", "yes"]} if case == "label" else {}
     with pytest.raises(DataError, match=match) as err:

@@ -451,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 reports; every rank exits non-zero
     try:
+        if getattr(args, "out", None):  # every --out: never write through (and so replace) a dangling link
+            from ..engine.rundir import check_no_dangling
+
+            check_no_dangling(Path(args.out))
         if args.imports:
             from ..plugins import import_modules
 

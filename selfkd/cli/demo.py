@@ -42,17 +42,35 @@ def _epoch_lines(tag: str, epochs: int):
     return log
 
 
-def run_demo(out: str | None, epochs: int, seed: int, progress: bool | None, threads: int | None = None) -> int:
-    root = Path(out) if out else Path(tempfile.mkdtemp(prefix="selfkd-demo-"))
-    if epochs < 1:
-        from ..errors import ConfigError
+def _run_name(method: str, noise: float) -> str:
+    return f"{method}-noise{int(noise * 100)}"
 
+
+def run_demo(out: str | None, epochs: int, seed: int, progress: bool | None, threads: int | None = None) -> int:
+    from ..engine import rundir
+    from ..errors import ConfigError
+
+    if epochs < 1:
         raise ConfigError(f"--epochs {epochs}: expected at least 1")
+    if out:  # four runs go into it: as `train --out`, only a new or empty folder
+        root = Path(out)
+        rundir.check_writable(root)
+        found = rundir.foreign_entries(root) if root.is_dir() else []
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"--out {root}: is a file, not a folder")
+        if found:
+            runs = {"config.yaml", "checkpoint.pt"} | {_run_name(m, n) for m, n in GRID}
+            what = "already holds a run" if runs & set(found) else "is not empty"
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise ConfigError(f"--out {root}: {what} ({shown}); the demo writes its four runs only into a new "
+                              "or empty folder")
+    else:
+        root = Path(tempfile.mkdtemp(prefix="selfkd-demo-"))
     print(f"selfkd demo: cnn_small on digits (1347 train / 450 test), {epochs} epochs each, seed {seed}; runs in {root}",
           flush=True)
     rows = []
     for method, noise in GRID:
-        run = root / f"{method}-noise{int(noise * 100)}"
+        run = root / _run_name(method, noise)
         t0 = time.perf_counter()
         summary = Trainer(build(demo_config(method, noise, epochs, seed)), run, progress=progress,
                           log=_epoch_lines(f"{method} noise {noise:.0%}", epochs), threads=threads).run()

@@ -40,6 +40,8 @@ def export_run(run_dir: str, fmt: str, out: str, weights: str = "best") -> dict[
     run, dest = Path(run_dir), Path(out)
     if not (run / CONFIG).is_file():
         raise ConfigError(f"export {run}: no {CONFIG} there (not a run directory)")
+    if dest.is_symlink() and not dest.exists():
+        raise ConfigError(f"export --out {dest}: a dangling symbolic link; remove it or choose another file")
     if dest.exists():
         raise ConfigError(f"export --out {dest}: already exists; choose another file")
     src = run / (BEST if weights == "best" else CHECKPOINT)
@@ -73,5 +75,5 @@ def export_run(run_dir: str, fmt: str, out: str, weights: str = "best") -> dict[
         buf = io.BytesIO()
         torch.jit.save(traced, buf, _extra_files={"selfkd.json": json.dumps(meta)})
         data = buf.getvalue()
-    ckpt.write_bytes(dest, data)
+    ckpt.write_new(dest, data)  # exclusive: a file another export wrote meanwhile is never replaced
     return meta

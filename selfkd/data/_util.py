@@ -55,6 +55,23 @@ def check_member(member: tarfile.TarInfo, archive: str) -> str:
     return "/".join(parts)
 
 
+def check_tar_end(tar: tarfile.TarFile, archive: str, last: str | None) -> None:
+    """After iterating every member: the archive must go on with its end-of-archive block (512 zero
+    bytes) where the next header would be. tarfile stops silently at a header cut short, at a missing
+    end and at garbage after a member; a tar so cut may have lost members, so each is a DataError."""
+    after = f"after member {last}" if last else "before its first member"
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(512)
+    if len(block) == 512 and block.count(0) == 512:
+        return
+    if len(block) == 512:
+        raise DataError(f"{archive}: corrupt tar header at byte {tar.offset} ({after})")
+    if block:
+        raise DataError(f"{archive}: truncated tar (it ends inside the header {after})")
+    raise DataError(f"{archive}: truncated tar (it ends {after} without the end-of-archive blocks; "
+                    "members may be missing)")
+
+
 def safe_extract(tar: tarfile.TarFile, dest: Path, archive: str) -> None:
     """Extract every member of ``tar`` below ``dest`` after checking each with :func:`check_member`
     (and tarfile's own ``filter="data"`` where this Python has it)."""

@@ -42,7 +42,7 @@ import torch
 from ..atomic import atomic_write
 from ..errors import ConfigError, DataError
 from ..progress_bar import progress_bar
-from ._util import channel_stats, check_image_size, check_member, resolve_cache_dir, warn
+from ._util import channel_stats, check_image_size, check_member, check_tar_end, resolve_cache_dir, warn
 from .dataset import ArrayDataset, DataBundle
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
@@ -171,8 +171,10 @@ def _read_archive(path: Path) -> _Tree:
     tree = _Tree(label, archive=True)
     try:
         with tarfile.open(path, "r:*") as tar:
+            last = None
             for m in tar:
                 rel = check_member(m, label)
+                last = m.name
                 if not rel or any(_skip(p) for p in rel.split("/")):
                     continue
                 if m.isdir():
@@ -184,6 +186,7 @@ def _read_archive(path: Path) -> _Tree:
                     tree.add_file(rel, f.read() if f is not None else b"")
                 else:
                     tree.add_file(rel, None)
+            check_tar_end(tar, label, last)  # cut short at a member boundary: members would be missing
     except DataError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:

@@ -20,7 +20,8 @@ With ``data.num_workers > 0`` each batch is decoded (and resized to ``S``) in a 
 crop, flip, policies and normalisation then run on the training device, as for in-memory data.
 
 Errors (DataError, one line): a split with no images or an empty shard, a shard that is not a tar or
-is truncated, an image that cannot be decoded (named by shard and member), images of another size
+ends early (a header or member cut short, no end-of-archive block), members with absolute paths,
+``..``, links or devices (refused as the in-memory reader refuses them), an image that cannot be decoded (named by shard and member), images of another size
 than the first when no ``image_size`` is given.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ._util import channel_stats
+from ._util import channel_stats, check_member, check_tar_end
 from .dataset import DataBundle
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -71,15 +72,21 @@ def _index_shard(path: Path) -> list[tuple[str, str, int, int]]:
     out = []
     try:
         with tarfile.open(path, "r:") as tar:
+            last = None
             for m in tar:
-                parts = m.name.strip("/").split("/")
+                rel = check_member(m, str(path))  # absolute, '..', links, devices: refused as in memory
+                if m.offset_data + m.size > size:
+                    raise DataError(f"{path}: truncated shard (member {m.name} ends past the end of the file)")
+                last = m.name
+                parts = rel.split("/")
                 if not m.isfile() or any(_hidden(p) for p in parts) or not _is_image(parts[-1]):
                     continue
                 if len(parts) < 2:
                     raise DataError(f"{path}: member {m.name} is not in a class folder; expected <class>/<image>")
-                if m.offset_data + m.size > size:
-                    raise DataError(f"{path}: truncated shard (member {m.name} ends past the end of the file)")
                 out.append((parts[0], m.name, m.offset_data, m.size))
+            check_tar_end(tar, str(path), last)
+    except DataError:
+        raise
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: corrupt or unreadable tar shard ({type(e).__name__}: {e})".replace("\n", " ")) from None
     if not out:

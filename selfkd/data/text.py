@@ -25,7 +25,7 @@ labels found, sorted.
 ``test_subset`` then keep fixed class-balanced subsets (``subset_seed``) of each side.
 
 **Bad input** raises :class:`~selfkd.errors.DataError`, one line naming the file (and line or row):
-an empty document (only white space), a label outside the declared classes, a file that cannot be
+an empty document or label (only white space), a label outside the declared classes, a file that cannot be
 read or decoded, a missing column or key, a class folder without documents.
 
 Nothing is tokenised here (that is the model's business), and nothing runs at import.
@@ -229,6 +229,9 @@ def load_text(
         train_rows, test_rows = read(p, text_column, label_column, encodings), None
     if not train_rows:
         raise DataError(f"{p}: no documents")
+    for _, label, w in train_rows + (test_rows or []):
+        if not label.strip():  # would become a class '' (or ' '), found only later as a class too small to split
+            raise DataError(f"{w}: the label is empty (column {label_column!r}); every document needs its class")
     found = sorted({label for _, label, _ in train_rows + (test_rows or [])})
     if classes is not None:
         if len(set(classes)) != len(classes) or len(classes) < 2:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, create_new
 from ..errors import SelfKDError
 
 
@@ -43,6 +43,19 @@ def _write_error(path: Path, err: OSError) -> SelfKDError:
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     _atomic(Path(path), lambda f: f.write(data))
+
+
+def write_new(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, which must not exist (:func:`selfkd.atomic.create_new`): of two writers
+    one wins and the other gets a SelfKDError; nothing is ever replaced."""
+    p = Path(path)
+    try:
+        create_new(p, lambda f: f.write(data))
+    except FileExistsError:
+        raise SelfKDError(f"cannot write {p}: it exists already (another process wrote it meanwhile); "
+                          "nothing was replaced") from None
+    except OSError as err:
+        raise _write_error(p, err) from None
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SelfKDError
 from . import checkpoint as ckpt
 from . import rundir
 
@@ -65,6 +65,17 @@ def check(mode: str) -> None:
                           "pip install selfkd[tensorboard]")
 
 
+def check_dir(run_dir: Path, mode: str) -> None:
+    """When ``mode`` writes event files: ``RUN/tb`` must be a folder this process can write (or one it can
+    create), checked now; otherwise the writer thread fails later with a traceback after training began."""
+    if not (mode == "tensorboard" or (mode == "auto" and _tensorboard_available())):
+        return
+    try:
+        rundir.check_writable(Path(run_dir) / TB, "TensorBoard folder")
+    except SelfKDError as err:
+        raise SelfKDError(f"{err}; train.log={mode} writes event files there (train.log=csv does not)") from None
+
+
 class RunLogs:
     """The trainer's extra sinks; ``step`` at log points, ``epoch`` after each finished epoch."""
 
@@ -73,6 +84,7 @@ class RunLogs:
         self.writer = None
         check(mode)
         if mode == "tensorboard" or (mode == "auto" and _tensorboard_available()):
+            check_dir(self.dir, mode)
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.dir / TB), purge_step=purge_step)

@@ -141,16 +141,28 @@ def check_new(run_dir: Path, flag: str = "--out") -> None:
     raise SelfKDError(f"{flag} {run_dir}: folder is not empty ({shown}); a run starts only in a new or empty folder")
 
 
+def check_no_dangling(path: Path, flag: str = "--out", shown: str | Path | None = None) -> None:
+    """``path``, or the missing folder it would be created in, must not be a dangling symbolic link:
+    writing there would replace the link (or fail half-way)."""
+    anc = Path(os.path.abspath(path))
+    while not anc.exists():
+        if anc.is_symlink():
+            raise SelfKDError(f"{flag} {shown if shown is not None else path}: {anc} is a dangling symbolic link "
+                              f"(to {os.readlink(anc)}); remove it or choose another path")
+        if anc == anc.parent:
+            return
+        anc = anc.parent
+
+
 def check_writable(path: Path, flag: str = "--out") -> None:
     """Fail now, before any data is loaded, if ``path`` (existing or to be created) cannot be written:
     a regular file on the way, no permission, or a read-only file system. Probes by creating and
     removing a temporary folder in the deepest existing ancestor, so root's permissions and read-only
     mounts are judged as the kernel judges them."""
     p = Path(os.path.abspath(path))
+    check_no_dangling(p, flag, path)
     anc = p
     while not anc.exists():
-        if anc.is_symlink():
-            raise SelfKDError(f"{flag} {path}: {anc} is a dangling symbolic link")
         anc = anc.parent
     if not anc.is_dir():
         raise SelfKDError(f"{flag} {path}: {anc} is a file, not a folder")

@@ -9,7 +9,7 @@ from typing import Any, Callable
 from .. import distributed
 from ..methods import method_class
 from . import checkpoint as ckpt
-from . import rundir
+from . import logs, rundir
 from .config import Config, MethodCfg
 from .rundir import CONFIG, SUMMARY
 from .setup import build
@@ -38,6 +38,7 @@ def train_run(cfg: Config, run_dir: str | Path, *, resume: bool = False, progres
         rundir.check_writable(run, "--resume" if resume else "--out")
         if not resume:
             rundir.check_new(run)
+        logs.check_dir(run, cfg.train.log)  # a resumed run's RUN/tb: before any data is loaded
 
     distributed.on_main(checks)
     teacher: Trainer | None = None

@@ -7,7 +7,8 @@ Runs are grouped by their config with ``train.seed`` and the keys that do not ch
 differ across the groups (``method=dlb, noise=symmetric 0.4``; a method's hyper-parameters only where
 they differ between groups of that method). Each group reports mean ± sample standard deviation (n-1)
 over its finished runs; failed, unfinished and not yet started runs are listed with their status and
-error, never dropped, and a ``runs.json`` written by ``selfkd sweep`` adds planned runs that have no
+error, never dropped (a run whose ``summary.json`` does not parse is *unreadable*, with a warning on
+stderr), and a ``runs.json`` written by ``selfkd sweep`` adds planned runs that have no
 directory yet.
 
 ``REPORT_DIR`` (default ``<first dir>/report``) gets ``report.md``, ``report.json`` (the same numbers,
@@ -25,15 +26,17 @@ import json
 import math
 import os
 import statistics
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from ..errors import ConfigError
 from ..engine import checkpoint as ckpt
+from ..engine import rundir
 from ..engine.config import flatten
 from ..engine.rundir import CHECKPOINT, CONFIG, FAILED, METRICS, SUMMARY
 from .sweep import RUNS
@@ -61,7 +64,7 @@ class RunInfo:
     path: Path
     name: str
     config: dict[str, Any] | None
-    status: str  # finished | failed | unfinished | pending | not started
+    status: str  # finished | failed | unfinished | unreadable | pending | not started
     summary: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
@@ -105,6 +108,18 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _unreadable(path: Path) -> str | None:
+    """Why a JSON object file that exists cannot be used (None: it can)."""
+    try:
+        obj = json.loads(path.read_text())
+    except OSError as err:
+        return f"{path.name} cannot be read ({err.strerror or type(err).__name__})"
+    except ValueError as err:
+        where = f" at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+        return f"{path.name} is not valid JSON{where} (truncated or damaged)"
+    return None if isinstance(obj, dict) else f"{path.name} holds a JSON {type(obj).__name__}, not an object"
+
+
 def _read_run(path: Path, name: str) -> RunInfo:
     config = None
     if (path / CONFIG).is_file():
@@ -120,13 +135,20 @@ def _read_run(path: Path, name: str) -> RunInfo:
             except ValueError:
                 break
     summary = _read_json(path / SUMMARY) if (path / SUMMARY).is_file() else None
-    if isinstance(summary, dict):
+    # a summary.json that exists but does not parse is not an unfinished run: say so, never guess
+    bad = _unreadable(path / SUMMARY) if (path / SUMMARY).exists() else None
+    if bad is None and isinstance(summary, dict):
         summary = {**summary, **_cost(path, summary)}
+    else:
+        summary = None
     failed = _read_json(path / FAILED) if (path / FAILED).is_file() else None
-    if summary is not None:
+    if bad is not None:
+        status, error = "unreadable", bad
+    elif summary is not None:
         status, error = "finished", None
-    elif failed is not None:
-        status, error = "failed", (failed.get("error") if isinstance(failed, dict) else None) or "failed"
+    elif (path / FAILED).exists():
+        status = "failed"
+        error = (failed.get("error") if isinstance(failed, dict) else None) or _unreadable(path / FAILED) or "failed"
     elif metrics or (path / CHECKPOINT).exists():
         status, error = "unfinished", None
     else:
@@ -359,6 +381,8 @@ def _run_status(r: RunInfo) -> str:
         return "finished"
     if r.status == "failed":
         return f"failed: {r.error}"
+    if r.status == "unreadable":
+        return f"unreadable: {r.error}"
     if r.status == "unfinished":
         last = r.metrics[-1] if r.metrics else None
         acc = f", test acc {last['test_acc']:.2f}" if last and "test_acc" in last else ""
@@ -378,6 +402,9 @@ def _counts(g: Group) -> tuple[str, str]:
     unfinished = [r for r in g.runs if r.status == "unfinished"]
     if unfinished:
         notes.append(f"{len(unfinished)} unfinished")
+    unreadable = [r for r in g.runs if r.status == "unreadable"]
+    if unreadable:
+        notes.append(f"{len(unreadable)} unreadable: {_short_error(unreadable[0].error or '')}")
     waiting = sum(r.status in ("pending", "not started") for r in g.runs)
     if waiting:
         notes.append(f"{waiting} not started")
@@ -611,17 +638,24 @@ def plot_reliability(groups: list[Group], colors: list, path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-def build_report(dirs: list[str], out: str | None = None, baseline: str | None = None) -> str:
+def build_report(dirs: list[str], out: str | None = None, baseline: str | None = None,
+                 warn: Callable[[str], None] | None = None) -> str:
     """Write ``report.md``, ``report.json`` and the plots into ``out`` (default ``<dirs[0]>/report``);
-    return the markdown. ``baseline``: a group label; adds the seed-paired differences to it."""
+    return the markdown. ``baseline``: a group label; adds the seed-paired differences to it. ``warn``
+    (default: a ``selfkd: warning:`` line on stderr) hears of each run whose summary cannot be read."""
+    say = warn or (lambda msg: print(f"selfkd: warning: {msg}", file=sys.stderr, flush=True))
     if not dirs:
         raise ConfigError("report: give at least one directory")
+    report_dir = Path(out) if out is not None else Path(dirs[0]) / "report"
+    rundir.check_writable(report_dir, "--out" if out is not None else "report folder")  # before any plot is drawn
     runs = find_runs(dirs)
     if not runs:
         raise ConfigError(f"report: no run directories (folders with {CONFIG}) under {', '.join(map(str, dirs))}")
+    for r in runs:
+        if r.status == "unreadable":
+            say(f"{r.path}: {r.error}; the run is listed as unreadable and left out of the means")
     groups = group_runs(runs)
     pairs = paired(groups, baseline) if baseline is not None else None
-    report_dir = Path(out) if out is not None else Path(dirs[0]) / "report"
     noisy = any(r.noisy for r in runs) or any(r.summary and "memorized" in r.summary for r in runs)
     f1 = any(r.summary and "macro_f1" in r.summary for r in runs)
     columns = COLUMNS + (F1_COLUMNS if f1 else []) + (NOISE_COLUMNS if noisy else []) + TAIL_COLUMNS

@@ -25,6 +25,10 @@ outside ``[A-Za-z0-9._,+=-]`` or longer than 48 characters is cleaned and gets a
 A variant without ``name`` is labelled by its values (``dlb,temperature=4``). Runs execute with the seed
 axis outermost (every group gets its first seed before any gets its second).
 
+The out folder must be new, empty (the sweep file itself aside) or a sweep root selfkd wrote before
+(marked by ``OUT/.selfkd-sweep``, or for sweeps from before the marker by selfkd's own ``runs.json`` or
+``sweep.yaml``): a folder of other files is refused, never written into.
+
 Everything is checked before anything runs or is written: unknown top-level keys, unknown config keys
 in ``base`` and in every axis, every run's resolved config (a typo in the last grid value fails at
 once), and that an existing run directory holds the same config (keys added to the config since
@@ -78,6 +82,7 @@ from ..engine.rundir import CHECKPOINT, CONFIG, FAILED, SUMMARY
 from ..progress_bar import progress_bar
 
 LOCK = rundir.LOCK
+MARK = ".selfkd-sweep"  # written into the out folder before anything else: a sweep root selfkd made
 PATH_KEYS = ("data.dir", "data.cache_dir", "method.teacher")  # relative values: to the sweep file's folder
 RUNS = "runs.json"
 SPEC = "sweep.yaml"
@@ -333,6 +338,60 @@ def check_paths(sweep: Sweep) -> None:
             raise ConfigError(f"sweep {sweep.path}: {many}: {err}") from None
 
 
+def _is_root(out: Path) -> bool:
+    """A folder selfkd made a sweep root: its marker, or (sweeps from before the marker) selfkd's own
+    ``runs.json`` or resolved spec, recognised by their keys."""
+    if (out / MARK).is_file():
+        return True
+    try:
+        table = json.loads((out / RUNS).read_text())
+        if isinstance(table, dict) and {"sweep", "out", "axes", "runs"} <= table.keys():
+            return True
+    except (OSError, ValueError):
+        pass
+    for name in (SPEC, "sweep.resolved.yaml"):
+        try:
+            spec = yaml.safe_load((out / name).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(spec, dict) and {"source", "out", "axes", "runs"} <= spec.keys():
+            return True
+    return False
+
+
+def check_root(sweep: Sweep, flag: str) -> None:
+    """The out folder must be new, empty (the sweep file itself aside) or a sweep root selfkd wrote
+    (then its runs are resumed): a folder of other files is never written into."""
+    out = sweep.out
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"{flag}: a dangling symbolic link (to {os.readlink(out)}); remove it or choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag}: is a file, not a folder")
+    if not out.is_dir() or _is_root(out):
+        return
+    own = sweep.path.resolve()
+    ours = {r.name.split("/")[0] for r in sweep.runs}  # this sweep's own run directories (another process's)
+    try:  # so are a lock and a path probe of another process starting this sweep at the same moment
+        found = sorted(p.name for p in out.iterdir() if p.name != LOCK and p.name not in ours
+                       and not p.name.startswith(".selfkd-probe-") and p.resolve() != own)
+    except OSError as err:
+        raise ConfigError(f"{flag}: cannot list it ({err.strerror or err})") from None
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ConfigError(f"{flag}: folder is not empty ({shown}) and is not a sweep written by selfkd; a sweep "
+                          "starts only in a new or empty folder (or resumes in its own)")
+
+
+def _mark(out: Path) -> None:
+    """Create the marker (first, so that another process starting the same sweep sees a sweep root)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / MARK, os.O_WRONLY | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise SelfKDError(f"cannot write {out / MARK}: {err.strerror or err}") from None
+    os.close(fd)
+
+
 def _check_existing(run: Run, where: str) -> None:
     """An existing run directory must hold the config this sweep would give it (no silent mixing)."""
     path = run.dir / CONFIG
@@ -506,8 +565,10 @@ def run_sweep(path: str, *, only_plan: bool = False, progress: bool | None = Non
     torch threads for every run (default: a new run takes torch's count, a resumed one its recorded count).
     """
     sweep = plan(path, out=out)
+    check_root(sweep, _flag(path, sweep, out))
     if not only_plan:
         check_paths(sweep)
+        _mark(sweep.out)
     counts = {"finished": 0, "resumed": 0, "skipped": 0, "failed": 0, "elsewhere": 0, "pending": 0}
     total = len(sweep.runs)
     use_bar = sys.stderr.isatty() if progress is None else progress
@@ -579,6 +640,10 @@ def run_sweep(path: str, *, only_plan: bool = False, progress: bool | None = Non
         f"{counts['skipped']} skipped, {counts['failed']} failed"
         + (f", {counts['elsewhere']} running in another process" if counts["elsewhere"] else ""))
     return _result(sweep, counts)
+
+
+def _flag(path: str | Path, sweep: Sweep, out: str | None) -> str:
+    return f"--out {sweep.out}" if out is not None else f"sweep {path}: out {sweep.out}"
 
 
 def _train_one(sweep: Sweep, r: Run, k: int, counts: dict[str, int], bar: Any, say: Callable[[str], None],
@@ -659,6 +724,7 @@ def run_jobs(path: str, jobs: int, *, threads: int | None = None, out: str | Non
         raise ConfigError(f"--jobs {jobs}: expected a positive number of processes")
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     sweep = plan(path, out=out)  # every error a user can fix surfaces before a process starts
+    check_root(sweep, _flag(path, sweep, out))
     check_paths(sweep)
     before = sum(r.status == "finished" for r in sweep.runs)
     explicit = threads

@@ -8,7 +8,9 @@ checkpoint). The run directory holds what ``selfkd train`` writes, in the same f
 * ``metrics.jsonl``: one object per epoch (``test_acc``, ``test_macro_f1``, ``test_ece``,
   ``test_nll``, ``train_loss``, seconds), written atomically after each epoch;
 * ``hf/checkpoint-N``: the Trainer's checkpoint of the last finished epoch (model, AdamW, scheduler,
-  RNG, sampler position, the method's state): ``--resume`` continues exactly from it;
+  RNG, sampler position, the method's state): ``--resume`` continues exactly from it. It is written
+  under ``hf/.selfkd-saving`` and renamed when complete, so a run killed while saving resumes from the
+  checkpoint before (or from its start when there was none);
 * on success ``summary.json`` (``last_acc``, ``best_acc``, ``macro_f1``, ``ece``, ``nll``, ... as
   ``selfkd report`` reads them) and ``model/`` (final weights and tokenizer, ``train.save_model``);
   the checkpoint is then deleted.
@@ -46,7 +48,7 @@ from ..engine.setup import select_device  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..methods import Method, build_method  # noqa: E402
 from .finetune_config import FinetuneConfig  # noqa: E402
-from .hf import SelfKDTrainer  # noqa: E402
+from .hf import SelfKDTrainer, drop_incomplete, last_checkpoint  # noqa: E402
 
 HF_DIR = "hf"
 MODEL_DIR = "model"
@@ -78,6 +80,34 @@ def model_limit(tokenizer: Any, config: Any) -> int:
     if not limits:
         raise ConfigError("model.path: the tokenizer and config give no maximum length; set data.max_length")
     return min(limits)
+
+
+def _config_problem(file: Path, err: Exception) -> str:
+    """What is wrong with a model's ``config.json`` that transformers refused (``err``), in words."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return f"cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})"
+    if not text.strip():
+        return "empty file (expected the model's JSON configuration)"
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        where = ""
+        if isinstance(e, json.JSONDecodeError):  # "Expecting value", "Unterminated string starting at"
+            what = e.msg[:1].lower() + e.msg[1:]
+            where = f": {what}{'' if what.endswith(' at') else ' at'} line {e.lineno} column {e.colno}"
+        return f"not valid JSON{where}"
+    if not isinstance(obj, dict):
+        return f"holds a JSON {type(obj).__name__}, expected an object"
+    kind = obj.get("model_type")
+    if kind is None:
+        return "no 'model_type' key (it names the architecture, e.g. \"bert\"); save the model with save_pretrained"
+    if not isinstance(kind, str) or kind not in transformers.CONFIG_MAPPING:
+        return (f"model_type {kind!r} is not an architecture transformers {transformers.__version__} knows "
+                "(a newer transformers, or a model with custom code)")
+    said = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    return f"rejected by transformers ({type(err).__name__}{': ' + said[:200] if said else ''})"
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -126,11 +156,11 @@ def build_finetune(cfg: FinetuneConfig, log: Callable[[str], None]) -> FinetuneS
     path = Path(cfg.model.path).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path {path}: no config.json there (expected a Hugging Face model folder)")
-    tokenizer = load_tokenizer(path)
-    try:
+    try:  # before the tokenizer, which reads config.json too and would blame itself
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as err:
-        raise ConfigError(f"model.path {path}/config.json: cannot be read ({type(err).__name__})") from None
+        raise ConfigError(f"model.path {path}/config.json: {_config_problem(path / 'config.json', err)}") from None
+    tokenizer = load_tokenizer(path)
     limit = model_limit(tokenizer, config)
     max_length = d.max_length or limit
     if max_length > limit:
@@ -259,16 +289,30 @@ class _Run:
 
     def run(self, resume: bool) -> dict[str, Any]:
         hf = self.dir / HF_DIR
-        last = transformers.trainer_utils.get_last_checkpoint(str(hf)) if resume and hf.is_dir() else None
+        last = None
+        if resume and hf.is_dir():
+            gone = drop_incomplete(str(hf))  # a save a kill interrupted: its files are of no use
+            if gone:
+                self.log(f"removed {', '.join(f'{HF_DIR}/{g}' for g in gone)}: a checkpoint the run was stopped while "
+                         "saving")
+            last = last_checkpoint(str(hf))
         if last is not None:
-            done = json.loads((Path(last) / "trainer_state.json").read_text()).get("epoch", 0)
+            try:
+                done = json.loads((Path(last) / "trainer_state.json").read_text())["epoch"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"--resume {self.dir}: {last}/trainer_state.json cannot be read "
+                                  f"({type(err).__name__}); it holds the epoch the run stopped at") from None
             self.history = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines() if line.strip()] \
                 if (self.dir / METRICS).is_file() else []
             self.history = [h for h in self.history if h["epoch"] <= round(done)]
             self.write_metrics()  # drop an epoch that never reached its checkpoint
             self.log(f"resumed {self.dir} at epoch {round(done)}/{self.s.cfg.train.epochs}")
         else:
-            ckpt.write_text(self.dir / CONFIG, self.s.cfg.to_yaml())
+            if resume:  # stopped before its first checkpoint was complete: the same run, from its start
+                self.log(f"resumed {self.dir}: no complete checkpoint yet; starting again at epoch 0/"
+                         f"{self.s.cfg.train.epochs}")
+            else:
+                ckpt.write_text(self.dir / CONFIG, self.s.cfg.to_yaml())
             ckpt.write_json(self.dir / DATA_INFO, {**describe(self.s.bundle), "max_length": self.s.max_length,
                                               "truncated": self.s.truncated})
             self.write_metrics()

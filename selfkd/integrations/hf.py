@@ -45,9 +45,11 @@ exits, DLB with ``forward="split"``) are refused: ``method.runs_on_logits`` must
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,8 +70,76 @@ from ..methods.losses import cross_entropy  # noqa: E402
 INDEX = "selfkd_index"
 STATE = "selfkd_method.pt"
 _RANK_FILE = re.compile(r"selfkd_method_rank(\d+)\.pt")
+SAVING = ".selfkd-saving"  # OUTPUT_DIR/.selfkd-saving/checkpoint-N: a checkpoint being written
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last
 
-__all__ = ["SelfKDTrainer", "STATE"]
+__all__ = ["SelfKDTrainer", "STATE", "last_checkpoint", "drop_incomplete"]
+
+
+def _complete(folder: str) -> bool:
+    """A checkpoint folder holds the Trainer's state (written last by the Trainer) and the method's."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return TRAINER_STATE in names and (STATE in names or any(_RANK_FILE.fullmatch(n) for n in names))
+
+
+def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    try:
+        names = os.listdir(output_dir)
+    except OSError:
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, n)) for n in names if (m := _CHECKPOINT.fullmatch(n))]
+    return sorted((step, path) for step, path in found if os.path.isdir(path))
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete ``checkpoint-N`` in ``output_dir`` (None: there is none). Folders a killed
+    save left incomplete (from before checkpoints were written under :data:`SAVING`) are passed over."""
+    return next((path for _, path in reversed(_checkpoints(output_dir)) if _complete(path)), None)
+
+
+_TRAINER_FILES = re.compile(r"(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)")
+
+
+def _unloadable(folder: str) -> str | None:
+    """The first of the Trainer's pickled files in a checkpoint that ``weights_only`` loading refuses, in
+    one line (None: they all load). Asked only after a resume failed, to name the file."""
+    from ..engine import checkpoint as ckpt
+
+    try:
+        from transformers.trainer_pt_utils import safe_globals  # numpy's RNG state, as the Trainer admits it
+    except ImportError:  # pragma: no cover - older transformers
+        safe_globals = contextlib.nullcontext
+    try:
+        names = sorted(n for n in os.listdir(folder) if _TRAINER_FILES.fullmatch(n))
+    except OSError:
+        return None
+    for n in names:
+        try:
+            with safe_globals():
+                ckpt.load(os.path.join(folder, n))
+        except Exception as err:
+            return str(err)
+    return None
+
+
+def drop_incomplete(output_dir: str) -> list[str]:
+    """Delete what killed saves left in ``output_dir``: :data:`SAVING` and incomplete ``checkpoint-N``
+    folders. Returns their names."""
+    gone = []
+    stage = os.path.join(output_dir, SAVING)
+    if os.path.isdir(stage):
+        if os.listdir(stage):
+            gone.append(SAVING)
+        shutil.rmtree(stage)
+    for _, path in _checkpoints(output_dir):
+        if not _complete(path):
+            shutil.rmtree(path)
+            gone.append(os.path.basename(path))
+    return gone
 
 
 class _Indexed(Dataset):
@@ -252,23 +322,72 @@ class SelfKDTrainer(transformers.Trainer):
         name = STATE if self.args.world_size == 1 else STATE.replace(".pt", f"_rank{self.args.process_index}.pt")
         return os.path.join(folder, name)
 
+    _saving = False
+
+    def _get_output_dir(self, trial: Any) -> str:
+        root = super()._get_output_dir(trial)
+        return os.path.join(root, SAVING) if self._saving else root
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-"
-                              f"{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
+        """The Trainer's checkpoint and the method's state, written under OUTPUT_DIR/.selfkd-saving and
+        renamed to OUTPUT_DIR/checkpoint-N once every rank has written its files; then the older ones
+        are rotated out. The Trainer writes file by file into the final folder and deletes the older
+        checkpoints before the method state exists: a kill in between left only a folder that cannot be
+        resumed. (Hub pushes read the folder in the background: with ``push_to_hub`` it is written in place.)"""
         from ..engine import checkpoint as ckpt
 
-        ckpt.save(self._state_file(folder), {"method": self.method.name, "state": self.method.state_dict()})
+        name = f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.push_to_hub:
+            super()._save_checkpoint(model, trial)
+            ckpt.save(self._state_file(os.path.join(self._get_output_dir(trial), name)),
+                      {"method": self.method.name, "state": self.method.state_dict()})
+            return
+        self._saving = True
+        try:
+            stage = self._get_output_dir(trial)
+            super()._save_checkpoint(model, trial)  # into stage/name; its rotation sees only stage
+        finally:
+            self._saving = False
+        root = self._get_output_dir(trial)
+        ckpt.save(self._state_file(os.path.join(stage, name)), {"method": self.method.name, "state": self.method.state_dict()})
+        best = self.state.best_model_checkpoint
+        if best is not None and os.path.dirname(best) == stage:  # the Trainer named the staged folder
+            self.state.best_model_checkpoint = os.path.join(root, os.path.basename(best))
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(stage, name, TRAINER_STATE))
+        self.accelerator.wait_for_everyone()  # every rank's RNG and method files are in place
+        if self.args.should_save:
+            final = os.path.join(root, name)
+            if os.path.exists(final):  # e.g. a run resumed from an earlier checkpoint of its own
+                shutil.rmtree(final)
+            os.rename(os.path.join(stage, name), final)
+            with contextlib.suppress(OSError):
+                os.rmdir(stage)  # empty now
+            rotate = getattr(transformers.trainer_utils, "rotate_checkpoints", None)
+            if rotate is not None:  # transformers >= 5
+                rotate(output_dir=root, save_total_limit=self.args.save_total_limit,
+                       best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            else:
+                self._rotate_checkpoints(use_mtime=True, output_dir=root)
+        self.accelerator.wait_for_everyone()  # no rank goes on (on_save callbacks) before the folder is there
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ConfigError(f"resume_from_checkpoint=True: no checkpoint in {self.args.output_dir}")
+                raise ConfigError(f"resume_from_checkpoint=True: no checkpoint in {self.args.output_dir} (incomplete "
+                                  "ones, left by a killed save, do not count)")
+        if self.args.should_save:  # a save a kill interrupted: never renamed into place, never resumed from
+            shutil.rmtree(os.path.join(self.args.output_dir, SAVING), ignore_errors=True)
         if resume_from_checkpoint:
             self._load_method_state(str(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except Exception:
+            bad = _unloadable(str(resume_from_checkpoint)) if resume_from_checkpoint else None
+            if bad is None:
+                raise
+            raise ConfigError(f"resume_from_checkpoint: {bad}") from None
 
     def _load_method_state(self, folder: str) -> None:
         from ..engine import checkpoint as ckpt

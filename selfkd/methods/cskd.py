@@ -280,6 +280,9 @@ class CSKD(Method):
         self.steps += 1
         return StepOutput(loss, {"ce": ce.detach(), "kd": kd.detach()}, z_anchor, y)
 
+    def resumes_at(self) -> int | None:
+        return self._position if self._resume and self._order is not None else None
+
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The partner generator, and the sampler's position (epoch order, partners, consumed batches)."""

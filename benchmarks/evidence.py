@@ -1,0 +1,175 @@
+"""Issue 20's study: DLB vs CE vs the repeat-only control, at equal epochs and at equal compute, with 95%
+intervals that count test sampling (a paired two-way bootstrap over the paired units and the test images).
+
+    selfkd sweep configs/cpu/evidence_core.yaml --threads 1     # the runs (resumable; --jobs 2 on an idle machine)
+    selfkd sweep configs/cpu/evidence_rf.yaml --threads 1
+    python benchmarks/evidence.py [--core DIR] [--rf DIR] [--out benchmarks/results/evidence_cifar10]
+
+Per finished run it scores the final weights (`checkpoint.pt`) on the test set once more and keeps each test
+image's correctness in `RUN/test_correct.npy` (checked against the run's own last-epoch accuracy), then writes
+`report.md` and `report.json`. A run not finished yet is left out and counted: partial results say so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from selfkd.experiments.intervals import paired_bootstrap  # noqa: E402
+
+UNITS = 10  # 2 subset draws x 5 seeds (evidence_core.yaml)
+# (arm, baseline, question): the comparisons the study was designed for, fixed before any run
+COMPARISONS = [
+    ("dlb", "ce", "equal epochs: DLB vs CE"),
+    ("dlb-repeat", "ce", "equal epochs: repeated augmentation alone vs CE"),
+    ("dlb", "dlb-repeat", "distillation: DLB vs its own batches without the KD term"),
+    ("dlb", "ce-2x", "equal compute: DLB vs CE at 2E"),
+    ("dlb-repeat", "ce-2x", "equal compute: repeat-only vs CE at 2E"),
+    ("dlb-rf0.25", "ce", "equal epochs: repeat_fraction 0.25 vs CE"),
+    ("dlb-rf0.25", "ce-1.25x", "equal compute: repeat_fraction 0.25 vs CE at 1.25E"),
+    ("ce-2x", "ce", "what 2x the epochs buys CE"),
+]
+RF_COMPARISONS = [
+    ("dlb-rf0.25", "dlb-rf0.25-a0", "r=0.25: distillation (alpha 1) vs exposure only (alpha 0)"),
+    ("dlb-rf0.25-a0.25", "dlb-rf0.25-a0", "r=0.25: r=1's per-row KD weight (alpha 0.25) vs alpha 0"),
+    ("dlb-rf0.25", "dlb-rf0.25-a0.25", "r=0.25: per-row weight alpha/16 vs alpha/64"),
+]
+# forward and backward passes per training sample per epoch (each row is forwarded and back-propagated)
+PASSES = {"ce": 1.0, "ce-2x": 1.0, "ce-1.25x": 1.0, "dlb": 2.0, "dlb-repeat": 2.0, "dlb-rf0.25": 1.25,
+          "dlb-rf0.25-a0.25": 1.25, "dlb-rf0.25-a0": 1.25}
+
+
+def score(run: Path) -> np.ndarray:
+    """Per-test-image correctness of the run's final weights (cached in RUN/test_correct.npy)."""
+    cache = run / "test_correct.npy"
+    if cache.exists():
+        return np.load(cache)
+    import torch
+
+    from selfkd.engine import checkpoint as ckpt
+    from selfkd.engine.config import resolve
+    from selfkd.engine.setup import build
+
+    torch.set_num_threads(1)
+    cfg = resolve(file=str(run / "config.yaml"))
+    setup = build(cfg)
+    model = setup.model
+    model.load_state_dict(ckpt.load(run / "checkpoint.pt")["model"])
+    model.eval()
+    if setup.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    test, out = setup.test, []
+    with torch.no_grad():
+        for a in range(0, len(test), 1000):
+            x = setup.augment.normalize(test.batch(range(a, min(a + 1000, len(test))))[0])
+            if setup.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(model(x).argmax(1))
+    correct = (torch.cat(out) == test.labels).numpy()
+    want = json.loads((run / "summary.json").read_text())["last_acc"]
+    if abs(100 * correct.mean() - want) > 1e-6:
+        raise SystemExit(f"{run}: re-scored accuracy {100 * correct.mean():.2f} != summary.json's {want}")
+    np.save(cache, correct)
+    return correct
+
+
+def collect(root: Path) -> dict[str, dict[tuple[int, int], Path]]:
+    """arm -> {(subset_seed, seed): finished run dir}."""
+    arms: dict[str, dict[tuple[int, int], Path]] = {}
+    for summary in sorted(root.glob("arm=*/**/summary.json")):
+        run = summary.parent
+        parts = dict(p.split("=", 1) for p in run.relative_to(root).parts)
+        unit = (int(parts.get("data.subset_seed", 0)), int(parts["train.seed"]))
+        arms.setdefault(parts["arm"], {})[unit] = run
+    return arms
+
+
+def curve(run: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["epoch"]: r[key] for r in rows if key in r and r[key] is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--core", type=Path, default=ROOT / "benchmarks/runs/evidence_core")
+    p.add_argument("--rf", type=Path, default=ROOT / "benchmarks/runs/evidence_rf")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/evidence_cifar10")
+    p.add_argument("--resamples", type=int, default=2000)
+    a = p.parse_args(argv)
+    arms = collect(a.core)
+    rf = collect(a.rf) if a.rf.exists() else {}
+    # the rf study runs on subset draw 0 only: pair its arms with the core's units of that draw
+    arms.update(rf)
+    summaries = {arm: {u: json.loads((r / "summary.json").read_text()) for u, r in runs.items()} for arm, runs in arms.items()}
+    lines = ["# DLB vs CE vs the repeat-only control (issue 20): ResNet-8, 2,000-image CIFAR-10 subsets, 100 epochs", "",
+             "Commands: `selfkd sweep configs/cpu/evidence_core.yaml --threads 1`, "
+             "`selfkd sweep configs/cpu/evidence_rf.yaml --threads 1`, then `python benchmarks/evidence.py`.", "",
+             "Protocol: real CIFAR-10 (JPEG), ResNet-8, `cpu-short` (SGD-Nesterov lr 0.05, cosine, 1 warm-up epoch, "
+             "batch 64 new samples), E = 100 epochs; class-stratified 2,000-image training subsets, two draws x seeds "
+             "0-4 = 10 paired units; the full 10,000-image test set. Accuracy is the last epoch's (no selection on the "
+             "test set). Intervals: 95 %, paired two-way bootstrap over units and test images "
+             f"({a.resamples} resamples).", ""]
+    done = {arm: len(u) for arm, u in arms.items()}
+    partial = any(n < UNITS for arm, n in done.items() if arm in PASSES and not arm.startswith("dlb-rf0.25-"))
+    if partial:
+        lines += [f"**Partial: finished units per arm: {', '.join(f'{k} {v}' for k, v in sorted(done.items()))} "
+                  f"(of {UNITS}; the rf arms of 5).** Only the units every compared arm has are paired.", ""]
+    lines += ["| arm | units | fwd+bwd passes / sample | last acc % | ECE | NLL |", "|---|---|---|---|---|---|"]
+    table = {}
+    for arm in [x for x in PASSES if x in summaries]:
+        s = list(summaries[arm].values())
+        acc = np.array([x["last_acc"] for x in s])
+        ece = np.array([x["ece"] for x in s])
+        nll = np.array([x["nll"] for x in s])
+        epochs = s[0]["epochs"]
+        table[arm] = {"units": len(s), "passes": PASSES[arm] * epochs, "acc": acc.mean(), "acc_sd": acc.std(ddof=1) if len(s) > 1 else 0.0,
+                      "ece": ece.mean(), "nll": nll.mean()}
+        sd = f" ± {table[arm]['acc_sd']:.2f}" if len(s) > 1 else ""
+        lines.append(f"| `{arm}` | {len(s)} | {PASSES[arm] * epochs:g} | {acc.mean():.2f}{sd} | {ece.mean():.3f} | {nll.mean():.3f} |")
+    lines += ["", "Paired differences (arm − baseline, points), over the units both have:", "",
+              "| question | arm | baseline | units | Δ last acc [95 %] | excl. 0 | Δ ECE | Δ NLL |", "|---|---|---|---|---|---|---|---|"]
+    results = []
+    for arm, base, question in COMPARISONS + RF_COMPARISONS:
+        if arm not in arms or base not in arms:
+            continue
+        units = sorted(set(arms[arm]) & set(arms[base]))
+        if len(units) < 2:
+            continue
+        ca = np.stack([score(arms[arm][u]) for u in units])
+        cb = np.stack([score(arms[base][u]) for u in units])
+        iv = paired_bootstrap(ca, cb, resamples=a.resamples, seed=0)
+        d_ece = np.mean([summaries[arm][u]["ece"] - summaries[base][u]["ece"] for u in units])
+        d_nll = np.mean([summaries[arm][u]["nll"] - summaries[base][u]["nll"] for u in units])
+        results.append({"question": question, "arm": arm, "baseline": base, "units": len(units), "mean": iv.mean,
+                        "lo": iv.lo, "hi": iv.hi, "d_ece": d_ece, "d_nll": d_nll})
+        lines.append(f"| {question} | `{arm}` | `{base}` | {len(units)} | {iv.text()} | {'yes' if iv.excludes_zero() else 'no'} "
+                     f"| {d_ece:+.3f} | {d_nll:+.3f} |")
+    lines += ["", f"{len(COMPARISONS) + len(RF_COMPARISONS)} comparisons were fixed before any run (the rows above); "
+              "with that many, about one interval in 20 misses by chance.", ""]
+    if "ce" in arms:  # is CE converged? test accuracy over the last 20 % of epochs, and NLL's trend
+        flat = []
+        for u, run in sorted(arms["ce"].items()):
+            acc, nll = curve(run, "test_acc"), curve(run, "test_nll")
+            late = sorted(e for e in acc if e >= 80)
+            flat.append((u, acc[late[0]], acc[late[-1]], nll[late[0]], nll[late[-1]]))
+        lines += ["CE's convergence: test accuracy and NLL at epoch 80 and 100 (the last 20 % of epochs), per unit:", "",
+                  "| unit (subset draw, seed) | acc @80 | acc @100 | NLL @80 | NLL @100 |", "|---|---|---|---|---|"]
+        lines += [f"| {u} | {a80:.2f} | {a100:.2f} | {n80:.3f} | {n100:.3f} |" for u, a80, a100, n80, n100 in flat]
+        lines.append("")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "report.md").write_text("\n".join(lines) + "\n")
+    (a.out / "report.json").write_text(json.dumps({"arms": table, "comparisons": results, "partial": partial,
+                                                    "units": {k: [list(u) for u in sorted(v)] for k, v in arms.items()}},
+                                                   indent=1, default=float) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
