@@ -2,8 +2,8 @@
 
 data -> models -> methods -> engine -> experiments | integrations -> cli; errors, plugins, distributed and
 the small shared helpers (nn_utils, atomic, progress_bar) sit under everything (they import only errors).
-Function-level imports count too. Inside the engine, the trainer's rooms have an order of their own
-(ENGINE_ROOMS), and the layers above import run-directory file names from engine.rundir.
+Function-level imports count too. Inside the engine and the experiment packages, the rooms have an order
+of their own (ROOMS), and the layers above the engine import run-directory file names from engine.rundir.
 """
 import ast
 from pathlib import Path
@@ -86,21 +86,30 @@ def test_engine_is_the_trainer_not_the_experiment_tooling():
     from selfkd.experiments.sweep import run_sweep  # noqa: F401
 
 
-# the engine's rooms: a room imports (at run time) only rooms of a lower rank, and any of the engine's
-# shared modules (config, checkpoint, rundir, logs, ...), which never import a room
-ENGINE_ROOMS = {"system": 0, "setup": 0, "run_state": 1, "trainer": 2, "stages": 3}
+# rooms inside a package: a room imports (at run time) only rooms of a lower rank, and any of the package's
+# shared modules (e.g. the engine's config, checkpoint, rundir, logs), which never import a room
+ROOMS = {
+    ("engine",): {"system": 0, "setup": 0, "run_state": 1, "trainer": 2, "stages": 3},
+    ("experiments", "report"): {"collect": 0, "stats": 1, "plots": 2, "render": 3},
+    ("experiments", "sweep"): {"spec": 0, "runner": 1, "jobs": 2},
+}
 RUN_FILE_NAMES = {"CHECKPOINT", "BEST", "CONFIG", "METRICS", "SUMMARY", "LABEL_NOISE", "DATA_INFO", "FAILED"}
 
 
-def engine_room_violations(root: Path = ROOT) -> list[str]:
+def room_violations(root: Path = ROOT) -> list[str]:
     bad = []
-    for path in sorted((root / "engine").glob("*.py")):
-        me = ENGINE_ROOMS.get(path.stem)
-        for mod in imported_modules(path, root, typing_only=False):
-            if mod[:1] != ("engine",) or len(mod) < 2 or mod[1] not in ENGINE_ROOMS or mod[1] == path.stem:
-                continue
-            if me is None or ENGINE_ROOMS[mod[1]] >= me:
-                bad.append(f"engine/{path.name} imports engine.{mod[1]}")
+    for pkg, rooms in ROOMS.items():
+        folder = root.joinpath(*pkg)
+        for path in sorted(folder.glob("*.py")):
+            if path.name == "__init__.py":
+                continue  # the package's front door re-exports its rooms
+            me = rooms.get(path.stem)
+            for mod in imported_modules(path, root, typing_only=False):
+                n = len(pkg)
+                if mod[:n] != pkg or len(mod) <= n or mod[n] not in rooms or mod[n] == path.stem:
+                    continue
+                if me is None or rooms[mod[n]] >= me:
+                    bad.append(f"{'/'.join(pkg)}/{path.name} imports {'.'.join(pkg)}.{mod[n]}")
     return sorted(set(bad))
 
 
@@ -116,8 +125,8 @@ def run_file_names_outside_rundir(root: Path = ROOT) -> list[str]:
     return bad
 
 
-def test_engine_rooms_import_downwards_only():
-    assert not engine_room_violations(), engine_room_violations()
+def test_rooms_import_downwards_only():
+    assert not room_violations(), room_violations()
 
 
 def test_run_file_names_come_from_rundir():
@@ -133,6 +142,10 @@ def test_the_room_checks_see_planted_violations(tmp_path):
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .trainer import Trainer\nfrom . import setup\n")
     (fake / "engine" / "trainer.py").write_text("def f():\n    from selfkd.engine import stages\n")
     (fake / "cli" / "x.py").write_text("from ..engine.trainer import CONFIG\nfrom ..engine.rundir import SUMMARY\n")
-    assert engine_room_violations(fake) == ["engine/setup.py imports engine.trainer",
-                                            "engine/trainer.py imports engine.stages"]
+    (fake / "experiments" / "report").mkdir(parents=True)
+    (fake / "experiments" / "report" / "collect.py").write_text("def f():\n    from .render import build_report\n")
+    (fake / "experiments" / "report" / "render.py").write_text("from .collect import find_runs\n")
+    assert room_violations(fake) == ["engine/setup.py imports engine.trainer",
+                                     "engine/trainer.py imports engine.stages",
+                                     "experiments/report/collect.py imports experiments.report.render"]
     assert run_file_names_outside_rundir(fake) == ["cli/x.py imports CONFIG from engine.trainer"]
