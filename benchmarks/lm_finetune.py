@@ -204,12 +204,11 @@ def train(cfg, run: Path) -> dict:
     """``cfg`` into ``run``: a finished run with the same settings is read back, never retrained."""
     import yaml
 
-    from selfkd.integrations.finetune_config import save_finetune_yaml
     from selfkd.engine.rundir import CONFIG, SUMMARY
     from selfkd.integrations.finetune import finetune_run
 
     if (run / CONFIG).exists():
-        old, new = yaml.safe_load((run / CONFIG).read_text()), yaml.safe_load(save_finetune_yaml(cfg))
+        old, new = yaml.safe_load((run / CONFIG).read_text()), yaml.safe_load(cfg.to_yaml())
         diff = [f"{s}.{k}" for s in new for k in new[s] or {} if isinstance(new[s], dict)
                 and (old.get(s) or {}).get(k) != new[s][k]]
         if diff:
