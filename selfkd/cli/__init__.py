@@ -77,7 +77,7 @@ def _flags(a: argparse.Namespace, table: dict[str, tuple[str, str | None, str | 
         value = getattr(a, attr)
         if section is not None and value is not None:
             out.setdefault(section, {})[key] = value
-    if table is FLAGS and getattr(a, "recorded", None):  # --import: recorded in RUN/config.yaml
+    if getattr(a, "recorded", None):  # --import: recorded in RUN/config.yaml
         out["imports"] = list(a.recorded)
     return out
 

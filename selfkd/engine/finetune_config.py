@@ -74,6 +74,8 @@ class FinetuneConfig(Section):
     method: MethodCfg = MethodCfg()
     optim: LMOptimCfg = LMOptimCfg()
     train: LMTrainCfg = LMTrainCfg()
+    imports: list[str] = Field(default_factory=list, description="modules imported for this run (--import); "
+                               "resume imports them again")
 
     @model_validator(mode="after")
     def _checks(self) -> "FinetuneConfig":
@@ -87,7 +89,7 @@ class FinetuneConfig(Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude=None if self.imports else {"imports"})  # absent when empty
 
 
 def build_finetune_config(*layers: dict[str, Any], source: str = "config") -> FinetuneConfig:
