@@ -1,4 +1,6 @@
-"""Errors that the CLI reports as one line (no traceback unless --debug)."""
+"""Errors that the CLI reports as one line (no traceback unless --debug), and :func:`integer`, the one check
+of an integer argument."""
+import operator
 
 
 class SelfKDError(Exception):
@@ -15,3 +17,16 @@ class DataError(SelfKDError):
 
 class TrainingError(SelfKDError):
     """Training cannot go on (e.g. a non-finite loss)."""
+
+
+def integer(value: object, what: str, minimum: int | None = None) -> int:
+    """``value`` as an int (a Python or NumPy integer or a 0-d integer tensor, not a bool) that is at least
+    ``minimum``; ConfigError naming ``what`` otherwise."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if number is None or (minimum is not None and number < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ConfigError(f"{what}: expected an integer{bound}, got {value!r}")
+    return number

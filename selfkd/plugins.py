@@ -12,6 +12,8 @@
   ``(num_classes, in_channels) -> nn.Module``) or ``selfkd.methods`` (name -> a ``Method`` subclass)
   is found by name: the first lookup of a name that is not registered loads the entry point of that
   name, and listings load them all.
+
+Both registries are a :class:`Registry`.
 """
 from __future__ import annotations
 
@@ -19,15 +21,17 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .errors import ConfigError
 
 MODELS = "selfkd.models"
 METHODS = "selfkd.methods"
+T = TypeVar("T")
 
 
 def require(module: str, extra: str) -> Any:
@@ -136,3 +140,114 @@ def load_entry_point(group: str, name: str) -> Any | None:
                 raise ConfigError(f"entry point '{name}' ({group} = {ep.value}) failed to load: "
                                   f"{type(err).__name__}: {err}") from None
     return None
+
+
+class Registry(Generic[T]):
+    """Names -> objects (model factories, method classes): built-ins, user registrations and the installed
+    entry points of ``group``. An unknown name, a taken name (unless ``allow_override``) and an object of the
+    wrong kind are ConfigErrors."""
+
+    def __init__(self, kind: str, group: str, check: Callable[[Any], str | None], name_of: Callable[[Any], str],
+                 *, own_name: bool = False, valid_name: Callable[[str], bool] = bool, hint: str = ""):
+        self.kind = kind  # "model" or "method": names the registry in its errors
+        self.group = group
+        self.check = check  # why an object cannot be registered (None: it can)
+        self.name_of = name_of  # the name an object registers under when none is given
+        self.own_name = own_name  # the object's name is the only one it may register under (methods)
+        self.valid_name = valid_name
+        self.hint = hint  # appended to the known names of an "unknown" error
+        self.entries: dict[str, T] = {}
+        self.builtin: set[str] = set()
+
+    def add(self, name: str, obj: T, *, allow_override: bool = False) -> T:
+        """Register ``obj`` as ``name``; ``register_KIND: ...`` ConfigError if it cannot be. Objects defined in
+        selfkd's own modules are the built-ins."""
+        self._check_name(name)
+        self._check(obj)
+        old = self.entries.get(name)
+        if old is not None and old is not obj and not allow_override:
+            what = (f"a built-in {self.kind}" if name in self.builtin
+                    else f"already registered ({getattr(old, '__module__', '?')}.{getattr(old, '__qualname__', old)})")
+            raise ConfigError(f"register_{self.kind}: '{name}' is {what}; pass allow_override=True to replace it")
+        self.entries[name] = obj
+        if getattr(obj, "__module__", "").startswith("selfkd."):
+            self.builtin.add(name)
+        else:
+            self.builtin.discard(name)
+        return obj
+
+    def decorator(self) -> Callable[..., Any]:
+        """The public ``register_KIND``: ``@register_KIND`` or ``@register_KIND(allow_override=True)``, the
+        name being the object's own (``name_of``), or ``@register_KIND("name")`` where a name is given."""
+
+        def register(obj: Any = None, /, name: str | None = None, *, allow_override: bool = False) -> Any:
+            if isinstance(obj, str):  # @register_KIND("name")
+                obj, name = None, obj
+            if name is not None:
+                self._check_name(name)
+
+            def add(o: T) -> T:
+                self._check(o)
+                own = self.name_of(o)
+                if name is not None and self.own_name and name != own:
+                    raise ConfigError(f"register_{self.kind}: {o!r} is named {own!r}, not {name!r}")
+                return self.add(own if name is None else name, o, allow_override=allow_override)
+
+            return add if obj is None else add(obj)
+
+        register.__doc__ = self.decorator.__doc__
+        return register
+
+    def _check_name(self, name: object) -> None:
+        if not isinstance(name, str) or not self.valid_name(name):
+            raise ConfigError(f"register_{self.kind}: invalid {self.kind} name {name!r}")
+
+    def _check(self, obj: object) -> None:
+        problem = self.check(obj)
+        if problem:
+            raise ConfigError(f"register_{self.kind}: {problem}")
+
+    def lookup(self, name: str) -> T | None:
+        """The object registered as ``name``, else the installed entry point of that name, else None."""
+        if not isinstance(name, str):
+            return None
+        obj = self.entries.get(name)
+        if obj is None:
+            obj = self._entry_point(name)
+        return obj
+
+    def get(self, name: str) -> T:
+        """The object registered as ``name`` (an entry point included); ConfigError naming the known ones."""
+        obj = self.lookup(name)
+        if obj is None:
+            raise ConfigError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}{self.hint}")
+        return obj
+
+    def names(self) -> list[str]:
+        """The registered names, installed entry points included, sorted."""
+        for ep in entry_points(self.group):
+            if ep.name not in self.entries:
+                self._entry_point(ep.name)
+        return sorted(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    @contextmanager
+    def scope(self) -> Iterator[Registry[T]]:
+        """Registrations made inside the ``with`` block are undone at its end (tests, short-lived plugins)."""
+        entries, builtin = dict(self.entries), set(self.builtin)
+        try:
+            yield self
+        finally:
+            self.entries, self.builtin = entries, builtin
+
+    def _entry_point(self, name: str) -> T | None:
+        obj = load_entry_point(self.group, name)
+        if obj is None:
+            return None
+        problem = self.check(obj) or (f"{obj!r} is named {self.name_of(obj)!r}, not {name!r}"
+                                      if self.own_name and self.name_of(obj) != name else None)
+        if problem:
+            raise ConfigError(f"entry point '{name}' ({self.group}): {problem}")
+        return self.add(name, obj)

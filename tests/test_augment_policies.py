@@ -16,7 +16,7 @@ from selfkd.data.mixing import MIXERS, Mix, build_mixer, cutmix, mixup, sample_b
 from selfkd.data.policies import (AUTOAUGMENT_POLICIES, OP_NAMES, OPS, POLICIES, AutoAugment, Cutout, RandAugment,
                                   TrivialAugment, build_policy)
 from selfkd.errors import ConfigError, DataError
-from selfkd.methods.losses import mix_targets, mixed_cross_entropy
+from selfkd.methods.losses import cross_entropy, mix_targets
 
 CUDA = torch.cuda.is_available()
 
@@ -506,14 +506,14 @@ def test_mixed_cross_entropy_and_targets_by_hand():
 
     rows = [[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]]
     expected = 0.3 * (ce(rows[0], 0) + ce(rows[1], 2)) / 2 + 0.7 * (ce(rows[0], 2) + ce(rows[1], 0)) / 2
-    loss = mixed_cross_entropy(logits, y, mix)
+    loss = cross_entropy(logits, y, mix=mix)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     assert logits.grad is not None
-    assert mixed_cross_entropy(logits.bfloat16(), y, mix).dtype == torch.float32
+    assert cross_entropy(logits.bfloat16(), y, mix=mix).dtype == torch.float32
     t = mix_targets(y, 3, mix)
     assert torch.allclose(t, torch.tensor([[0.3, 0.0, 0.7], [0.7, 0.0, 0.3]]))
-    assert mixed_cross_entropy(logits, y, Mix(torch.arange(2), 1.0)).item() == pytest.approx(
+    assert cross_entropy(logits, y, mix=Mix(torch.arange(2), 1.0)).item() == pytest.approx(
         (ce(rows[0], 0) + ce(rows[1], 2)) / 2, rel=1e-6)
 
 

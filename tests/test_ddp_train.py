@@ -151,10 +151,11 @@ def test_sync_bn_on_a_model_without_batchnorm_is_an_error(monkeypatch):
     def plain(num_classes: int, in_channels: int = 1) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 64, num_classes))
 
-    monkeypatch.setitem(models._MODELS, "plain_linear", plain)
-    cfg = build_config({"data": {"name": "digits"}, "model": {"name": "plain_linear"}, "train": {"sync_bn": True}})
-    with pytest.raises(ConfigError, match="train.sync_bn = true: model.name=plain_linear has no BatchNorm layer"):
-        build(cfg)
+    with models.MODELS.scope():
+        models.register_model("plain_linear")(plain)
+        cfg = build_config({"data": {"name": "digits"}, "model": {"name": "plain_linear"}, "train": {"sync_bn": True}})
+        with pytest.raises(ConfigError, match="train.sync_bn = true: model.name=plain_linear has no BatchNorm layer"):
+            build(cfg)
 
 
 def test_tfkd_self_teacher_stage_on_two_ranks_is_the_ce_run_of_the_same_config(tmp_path):

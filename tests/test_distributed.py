@@ -76,9 +76,8 @@ def test_dlb_shards_first_then_pairs_with_equal_rows_per_rank(n):
                 if e == 0 else None
             batches = []
             for batch in s:
-                layout = m._track.pending[0]
-                m._track.pending.popleft()
-                m._track.prev_new, m._track.position = layout.new_index, layout.position + 1
+                layout = m.layouts.next()
+                m.loss(torch.zeros(len(batch), 3), torch.tensor(batch) % 3, index=torch.tensor(batch))  # consumes it
                 batches.append((batch, layout.repeat))
             epochs.append((batches, shard))
         per_rank.append(epochs)

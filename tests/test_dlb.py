@@ -34,7 +34,7 @@ def batches(dlb, n=10, bs=4, epochs=2, sampler=None, **kw):
     for _ in range(epochs):
         ep = []
         for idx in bsampler:
-            layout = dlb._track.pending[0]
+            layout = dlb.layouts.next()
             ep.append((idx, layout.repeat))
             logits = torch.zeros(len(idx), 3)
             dlb.loss(logits, torch.tensor([i % 3 for i in idx]), index=torch.tensor(idx))
@@ -75,7 +75,7 @@ def test_repeated_rows_are_fetched_again_with_a_fresh_augmentation():
     loader = DataLoader(ds, batch_sampler=dlb.batch_sampler(RandomSampler(ds), batch_size=4))
     prev = None
     for x, y, idx in loader:
-        r = dlb._track.pending[0].repeat
+        r = dlb.layouts.next().repeat
         if prev is not None:
             px, pidx = prev
             assert torch.equal(idx[:r], pidx)  # same samples ...
@@ -137,7 +137,7 @@ def test_gradients_flow_only_into_current_logits():
     z1 = torch.randn(4, 3, requires_grad=True)
     y1 = torch.tensor([0, 1, 2, 2])
     out0, out1 = drive(dlb, [(z0, y), (z1, y1)])
-    assert not dlb._cache_logits.requires_grad
+    assert not dlb.cached_logits.requires_grad
     out1.loss.backward()
     assert z0.grad is None  # the teacher (previous step's logits) receives nothing
     # new rows get exactly the CE gradient; repeated rows get CE + KD
@@ -271,7 +271,7 @@ def test_wraps_distributed_sampler_per_rank():
 def batches_from(dlb, bsampler):
     out = []
     for idx in bsampler:
-        r = dlb._track.pending[0].repeat
+        r = dlb.layouts.next().repeat
         out.append((idx, r))
         dlb.loss(torch.zeros(len(idx), 3), torch.tensor([i % 3 for i in idx]), index=torch.tensor(idx))
     return out

@@ -8,7 +8,7 @@ from torch.utils.data import SequentialSampler
 
 import selfkd
 from selfkd.errors import ConfigError
-from selfkd.methods import dlb_schedules
+from selfkd.methods.dlb import schedules as dlb_schedules
 from selfkd.methods.losses import IGNORE, kd_kl
 
 from handmath import hand_kl, softmax

@@ -149,7 +149,7 @@ def test_lora_trains_adapters_only_and_dlb_caches_the_adapted_logits(parts, tmp_
     inner = s.method.loss
 
     def record(logits, target, index=None, **kw):
-        cache = s.method._cache_logits
+        cache = s.method.cached_logits
         cache = None if cache is None else cache.clone()
         out = inner(logits, target, index=index, **kw)
         calls.append((logits.detach().clone(), out.parts["kd"].item(), cache))

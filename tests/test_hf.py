@@ -192,20 +192,20 @@ def test_readme_example_method_runs_in_the_trainer(tmp_path, monkeypatch):
 
     from selfkd.methods import registry
 
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
     monkeypatch.delitem(sys.modules, "confidence_penalty", raising=False)
-    mod = importlib.import_module("confidence_penalty")
-    try:
-        rec = Recorder(mod.ConfidencePenalty(beta=0.3))
-        trainer(tmp_path, rec.method, num_train_epochs=1).train()
-        z, y, _, out = rec.calls[-1]
-        p = torch.softmax(z, 1)
-        entropy = -(p * p.log()).sum(1).mean().item()
-        ce = sum(hand_ce(z[i].tolist(), int(y[i])) for i in range(len(y))) / len(y)
-        assert out.loss.item() == pytest.approx(ce - 0.3 * entropy, rel=1e-5)
-    finally:
-        sys.modules.pop("confidence_penalty", None)
+    with registry.METHODS.scope():
+        mod = importlib.import_module("confidence_penalty")
+        try:
+            rec = Recorder(mod.ConfidencePenalty(beta=0.3))
+            trainer(tmp_path, rec.method, num_train_epochs=1).train()
+            z, y, _, out = rec.calls[-1]
+            p = torch.softmax(z, 1)
+            entropy = -(p * p.log()).sum(1).mean().item()
+            ce = sum(hand_ce(z[i].tolist(), int(y[i])) for i in range(len(y))) / len(y)
+            assert out.loss.item() == pytest.approx(ce - 0.3 * entropy, rel=1e-5)
+        finally:
+            sys.modules.pop("confidence_penalty", None)
 
 
 def test_checkpoints_are_renamed_into_place_and_resume_skips_incomplete_ones(tmp_path):

@@ -1,7 +1,7 @@
 """The package's layers, read from the source: a module imports only its own layer and those below it.
 
-data -> models -> methods -> engine -> experiments | integrations -> cli; errors, plugins and
-distributed sit under everything (they import only errors). Function-level imports count too.
+data -> models -> methods -> engine -> experiments | integrations -> cli; errors, plugins,
+distributed and nn_utils sit under everything (they import only errors). Function-level imports count too.
 """
 import ast
 from pathlib import Path
@@ -9,7 +9,7 @@ from pathlib import Path
 import selfkd
 
 ROOT = Path(selfkd.__file__).parent
-RANK = {"errors": -1, "plugins": 0, "distributed": 0, "data": 1, "models": 2, "methods": 3, "engine": 4,
+RANK = {"errors": -1, "plugins": 0, "distributed": 0, "nn_utils": 0, "data": 1, "models": 2, "methods": 3, "engine": 4,
         "experiments": 5, "integrations": 5, "cli": 6}
 
 

@@ -264,7 +264,7 @@ def test_pskd_gradients_reach_the_logits_only():
     m.loss(z.detach() * 2, torch.tensor([0, 1, 2, 0]), index=torch.arange(4))  # fill the memory
     out = m.loss(z, torch.tensor([0, 1, 2, 0]), index=torch.arange(4))
     mem = m.state_dict()["memory"]
-    assert not m._memory.requires_grad and m._memory.grad_fn is None
+    assert not m.memory.requires_grad and m.memory.grad_fn is None
     out.loss.backward()
     # d/dz of soft CE = (softmax(z) - target) / B, with the memory as a constant
     prev = torch.softmax(z.detach() * 2, 1)

@@ -12,7 +12,7 @@ from selfkd.methods import available_methods, method_class
 
 def cfg_for(method: str, epochs: int):
     params = {"interval": 5} if method.startswith("mrkd") else {}  # snapshots refresh within an epoch
-    staged = getattr(method_class(method), "needs_stages", False)  # multi-exit: 8x8 digits go through resnet8
+    staged = method_class(method).needs_stages  # multi-exit: 8x8 digits go through resnet8
     return build_config({
         "data": {"name": "digits"}, "model": {"name": "resnet8" if staged else "cnn_small"},
         "method": {"name": method, **params}, "optim": {"batch_size": 64},

@@ -328,7 +328,7 @@ def test_zipf_ls_dense_on_a_real_resnet_uses_the_pooled_map():
     m.prepare_model(model)
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
     z = model(x)
-    fmap = m._fmap
+    fmap = m.feature_map
     assert fmap.shape == (2, 64, 4, 4)
     # the head applied at every location averages to the logits: the tapped map is the pooled one
     dense = F.linear(fmap.permute(0, 2, 3, 1), model.fc.weight, model.fc.bias).mean((1, 2))

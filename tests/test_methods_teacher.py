@@ -125,12 +125,12 @@ def test_snapshot_schedule_fifo_and_eval_mode_teacher():
         out.loss.backward()
         opt.step()
     assert m.steps == 11
-    assert len(m._snapshots) == 2  # taken at steps 3, 6, 9: the first was overwritten (FIFO)
-    for snap, ref in zip(m._snapshots, mine[-2:]):
+    assert len(m.snapshots) == 2  # taken at steps 3, 6, 9: the first was overwritten (FIFO)
+    for snap, ref in zip(m.snapshots, mine[-2:]):
         assert not snap.training
         for (k, a), b in zip(snap.state_dict().items(), ref.state_dict().values()):
             assert torch.equal(a, b), k
-    assert not any(torch.equal(p, q) for p, q in zip(m._snapshots[-1].parameters(), model.parameters()))
+    assert not any(torch.equal(p, q) for p, q in zip(m.snapshots[-1].parameters(), model.parameters()))
     assert m.forwards_per_sample == 3.0 and MrKD().forwards_per_sample == 2.0
 
 
@@ -141,7 +141,7 @@ def test_teacher_mode_train_normalises_with_batch_statistics():
         (x0, y0), (x1, y1) = data(2)
         m.train_step(model, Batch(x0, y0))
         m.train_step(model, Batch(x0, y0))  # step 1 takes the first snapshot
-        assert m._snapshots[0].training == (mode == "train")
+        assert m.snapshots[0].training == (mode == "train")
         return m.train_step(model, Batch(x1, y1)).parts["kd"].item()
 
     assert kd_after("eval") != pytest.approx(kd_after("train"), rel=1e-3)
@@ -154,19 +154,19 @@ def test_gradients_reach_only_the_student(ensemble):
     m = MrKD(interval=1, copies=2, ensemble=ensemble, alpha=0.7, temperature=3.0)
     for x, y in data(4):
         out = m.train_step(model, Batch(x, y))
-        fcn_grad = None if m._fcn is None else m._fcn.weight.grad.clone()
+        fcn_grad = None if m.fcn is None else m.fcn.weight.grad.clone()
         opt.zero_grad()
         out.loss.backward()
         opt.step()
     assert out.parts["kd"].item() > 0
-    for snap in m._snapshots:
+    for snap in m.snapshots:
         assert all(not p.requires_grad and p.grad is None for p in snap.parameters())
     if ensemble == "fcn":  # the student's loss does not reach the ensembling layer
-        assert torch.equal(m._fcn.weight.grad, fcn_grad)
+        assert torch.equal(m.fcn.weight.grad, fcn_grad)
     # the student's gradient is that of CE + α·KD towards a constant teacher
     x, y = data(1, seed=5)[0]
-    snaps_before = copy.deepcopy(m._snapshots)
-    fcn_before = copy.deepcopy(m._fcn)
+    snaps_before = copy.deepcopy(m.snapshots)
+    fcn_before = copy.deepcopy(m.fcn)
     model.zero_grad()
     out = m.train_step(model, Batch(x, y))
     out.loss.backward()
@@ -188,18 +188,18 @@ def test_fcn_starts_as_the_mean_and_learns_by_ce():
     model = bn_model()
     m = MrKD(interval=1, copies=3, ensemble="fcn", temperature=2.0)
     m.setup(num_samples=100, num_classes=3, epochs=1)
-    init = m._fcn.weight.detach().clone()
+    init = m.fcn.weight.detach().clone()
     assert torch.equal(init, torch.eye(3).repeat(1, 3) / 3)
     (x0, y0), (x1, y1), (x2, y2) = data(3)
     assert "fcn_ce" in m.train_step(model, Batch(x0, y0)).parts
     m.train_step(model, Batch(x1, y1))  # step 1 takes the first snapshot
     with torch.no_grad():
-        teacher = m._snapshots[0](x2).tolist()  # one snapshot fills all three slots: FCN = identity
+        teacher = m.snapshots[0](x2).tolist()  # one snapshot fills all three slots: FCN = identity
     out = m.train_step(model, Batch(x2, y2))
     assert out.parts["fcn_ce"].item() == pytest.approx(hand_ce(teacher, y2.tolist()), rel=1e-5)
     assert out.parts["kd"].item() == pytest.approx(hand_kd(teacher, out.logits.tolist(), 2.0), rel=1e-5)
-    assert not torch.equal(m._fcn.weight, init)  # one SGD step on the layer's own CE
-    assert m._fcn_opt.state[m._fcn.weight]["momentum_buffer"].abs().sum() > 0
+    assert not torch.equal(m.fcn.weight, init)  # one SGD step on the layer's own CE
+    assert m.fcn_optimizer.state[m.fcn.weight]["momentum_buffer"].abs().sum() > 0
 
 
 def test_plain_call_is_a_clear_error():
@@ -270,7 +270,7 @@ def test_state_dict_resumes_exactly(tmp_path, cls):
     assert m2.state_dict()["steps"] == 7  # state before the snapshots are rebuilt
     rest = run_plain(m2, model2, opt2, batches[7:])
     assert first + rest == full  # bit-identical
-    for a, b in zip(m._snapshots, m2._snapshots):
+    for a, b in zip(m.snapshots, m2.snapshots):
         assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 

@@ -16,7 +16,7 @@ from selfkd.engine.trainer import TIMING_KEYS, train_run
 from selfkd.errors import ConfigError, DataError, TrainingError
 from selfkd.methods import Batch, Method, available_methods, build_method, method_class
 from selfkd.methods.byot import byot_loss
-from selfkd.methods.losses import mixed_cross_entropy
+from selfkd.methods.losses import cross_entropy
 
 # ==================================================================================================
 # plain-math helpers (independent of the implementation)
@@ -143,7 +143,7 @@ def test_mix_blocks_rows_and_cross_entropy_by_hand():
     logits, y, _ = fixed()
     expected = mean([0.6 * ce(Z[0], 0) + 0.4 * ce(Z[0], 2), 0.6 * ce(Z[1], 2) + 0.4 * ce(Z[1], 0),
                      0.3 * ce(Z[2], 3) + 0.7 * ce(Z[2], 1), 0.3 * ce(Z[3], 1) + 0.7 * ce(Z[3], 3)])
-    assert mixed_cross_entropy(logits, y, blocks).item() == pytest.approx(expected, rel=1e-6)
+    assert cross_entropy(logits, y, mix=blocks).item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(DataError):
         mix_rows(blocks, 5)
 
@@ -293,8 +293,8 @@ def test_pskd_mixed_targets_and_memory(memory):
     m.on_epoch_start(1, 4)  # alpha_t = 0.8 * 2/4 = 0.4
     prev = {5: [0.1, 0.2, 0.3, 0.4], 1: [0.5, 0.25, 0.25, 0.0], 3: [0.7, 0.1, 0.1, 0.1]}  # 0: never visited
     for i, p in prev.items():
-        m._memory[i] = torch.tensor(p)
-    before = m._memory.clone()
+        m.memory[i] = torch.tensor(p)
+    before = m.memory.clone()
     index = torch.tensor([5, 1, 3, 0])
     idx = [0, 2, 1, 3] if memory == "keep" else IDX  # keep: rows 0 and 3 mix with themselves
     logits, y, _ = fixed()
@@ -309,7 +309,7 @@ def test_pskd_mixed_targets_and_memory(memory):
     for row, i in enumerate(index.tolist()):
         written = memory == "store" or idx[row] == row
         want = torch.tensor(softmax(Z[row])) if written else before[i]
-        assert torch.allclose(m._memory[i], want.float(), atol=1e-6), (row, i)
+        assert torch.allclose(m.memory[i], want.float(), atol=1e-6), (row, i)
 
 
 def test_ddgsd_mixed_loss_and_second_view_remixed():
@@ -497,7 +497,7 @@ def test_dlb_mixed_loss_by_hand():
     out = dlb.loss(logits, torch.tensor(y2), index=torch.tensor(second), mix=MixBlocks([(0, m1), (2, m2)], 4))
     assert out.parts["ce"].item() == pytest.approx(mean(ce_rows), rel=1e-6)
     assert out.loss.item() == pytest.approx(mean(ce_rows) + kd, rel=1e-5)
-    assert dlb._last_mix is m2
+    assert dlb.last_mix is m2
 
 
 def test_dlb_ce_rows_new_mixed():
@@ -552,12 +552,12 @@ def _dlb_steps(dlb, batches, mixer, g, steps, labels, record):
     """Run ``steps`` steps: fresh views and logits are a function of the batch's position."""
     for _ in range(steps):
         idx = next(batches)
-        layout = dlb._track.pending[0]
+        layout = dlb.layouts.next()
         r = layout.repeat
         fresh = torch.randn(len(idx), 3, 8, 8, generator=gen(1000 + layout.position))
         y = labels[idx]
         expected_new, expected_mix = mixer(fresh[r:], torch.Generator().set_state(g.get_state()))
-        prev = dlb._last_mix
+        prev = dlb.last_mix
         out = dlb.mix(Batch(fresh, y, torch.tensor(idx)), mixer, g)
         assert torch.equal(out.x[r:], expected_new)  # the new rows: a fresh mixing of the new rows only
         new_mix = out.mix.block(r) if isinstance(out.mix, MixBlocks) else out.mix
@@ -591,7 +591,7 @@ def test_dlb_repeated_rows_reapply_the_previous_mixing_and_resume(tmp_path, kind
     rest_b = _dlb_steps(b, iter(b.batch_sampler(list(range(16)), 4)), mixer, torch.Generator().set_state(g_state),
                         2, labels, [])
     assert all(torch.equal(u, v) for u, v in zip(rest_a, rest_b)) and len(rest_b) == 2
-    assert a._last_mix.lam == b._last_mix.lam and torch.equal(a._last_mix.index, b._last_mix.index)
+    assert a.last_mix.lam == b.last_mix.lam and torch.equal(a.last_mix.index, b.last_mix.index)
 
 
 # ==================================================================================================
@@ -603,7 +603,7 @@ MIXING = [m for m in available_methods() if not m.startswith("test-") and method
 
 def cfg_for(method, mix, epochs=1):
     params = {"interval": 5} if method.startswith("mrkd") else {}
-    staged = getattr(method_class(method), "needs_stages", False)
+    staged = method_class(method).needs_stages
     return build_config({
         "data": {"name": "digits", "subset": 200}, "model": {"name": "resnet8" if staged else "cnn_small"},
         "augment": {"mix": mix}, "method": {"name": method, **params}, "optim": {"batch_size": 32},

@@ -103,8 +103,14 @@ def racy_cnn(num_classes: int, in_channels: int = 1):
     return models.build_model("cnn_small", num_classes=num_classes, in_channels=in_channels)
 
 
-def test_export_never_replaces_a_file_written_meanwhile(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(models._MODELS, "racy_cnn", racy_cnn)
+@pytest.fixture
+def racy_model():
+    with models.MODELS.scope():
+        models.MODELS.add("racy_cnn", racy_cnn)
+        yield
+
+
+def test_export_never_replaces_a_file_written_meanwhile(tmp_path, capsys, monkeypatch, racy_model):
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", *TINY, "--model", "racy_cnn", "--out", run)
     assert code == 0, err

@@ -26,11 +26,10 @@ BASE = ["--data", "digits", "--model", "cnn_small", "--seed", "0", "--no-progres
 @pytest.fixture(autouse=True)
 def clean_registries(monkeypatch):
     """Each test sees the built-in registries and imports user modules afresh."""
-    monkeypatch.setattr(models, "_MODELS", dict(models._MODELS))
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     before = set(sys.modules)
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    yield
+    with models.MODELS.scope(), registry.METHODS.scope():
+        yield
     for name in set(sys.modules) - before:
         if name in ("confidence_penalty", "user_net", "raising_mod", "ep_pkg"):
             del sys.modules[name]

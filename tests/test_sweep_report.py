@@ -13,7 +13,7 @@ from selfkd.experiments import sweep as sweep_mod
 from selfkd.experiments.report import build_report
 from selfkd.experiments.sweep import label, plan, run_jobs, run_sweep
 from selfkd.errors import ConfigError
-from selfkd.methods import CE, register, registry
+from selfkd.methods import CE, register_method, registry
 
 BASE = {"data": {"name": "digits", "subset": 200}, "model": {"name": "cnn_small"}, "optim": {"batch_size": 32},
         "train": {"epochs": 1, "device": "cpu"}}
@@ -34,11 +34,8 @@ def summaries(root: Path) -> dict[str, dict]:
 @contextlib.contextmanager
 def registered(cls):
     """Register a test-only method for the duration of a test (the registry is global)."""
-    register(cls)
-    try:
-        yield cls
-    finally:
-        registry._METHODS.pop(cls.name, None)
+    with registry.METHODS.scope():
+        yield register_method(cls)
 
 
 class NaNLoss(CE):

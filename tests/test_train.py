@@ -16,7 +16,7 @@ from selfkd.engine.config import build_config
 from selfkd.data import load_dataset
 from selfkd.engine.trainer import TIMING_KEYS, Trainer, build, train_run
 from selfkd.errors import ConfigError, TrainingError
-from selfkd.methods import CE, register
+from selfkd.methods import CE, register_method
 
 BASE = ["--data", "digits", "--model", "cnn_small", "--seed", "0", "--no-progress"]
 
@@ -117,7 +117,7 @@ class NaNAt(CE):
         return out
 
 
-register(NaNAt)
+register_method(NaNAt)
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):

@@ -1,4 +1,4 @@
-"""Command line: ``selfkd train | finetune | sweep | report | export | demo | methods | models | presets``.
+"""Command line: ``selfkd train | pack | finetune | sweep | report | export | demo | methods | models | presets``.
 
 Errors a user can fix print one line (``selfkd: error: ...``) and exit 2; ``--debug`` shows the
 traceback instead.
@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config (sections: data, augment, model, method, optim, schedule, train)")
     p.add_argument("--preset", metavar="NAME", help="a named recipe (see `selfkd presets`), applied below --config")
-    p.add_argument("--data", metavar="NAME", help="digits | cifar10 | cifar100 | imagefolder")
+    p.add_argument("--data", metavar="NAME", help="digits | cifar10 | cifar100 | imagefolder | packed (a folder from `selfkd pack`)")
     p.add_argument("--data-dir", metavar="DIR", help="where the data set lives (or a .tar.gz for imagefolder)")
     p.add_argument("--download", action="store_true", default=None, help="fetch CIFAR from its canonical address (md5-checked)")
     p.add_argument("--model", metavar="NAME", help="see `selfkd models`")
@@ -381,6 +381,9 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run", parents=[common, threads, imports])
     _train_args(t)
     t.set_defaults(func=cmd_train)
+    from .pack import add_parser as _pack_parser
+
+    _pack_parser(sub, [common])
     f = sub.add_parser("finetune", help="fine-tune a local Hugging Face model on labelled text (pip install selfkd[hf])",
                        parents=[common, threads, imports])
     f.add_argument("--config", metavar="FILE", help="YAML config (sections: data, model, method, optim, train)")

@@ -1,7 +1,7 @@
 """What ``selfkd methods`` and ``selfkd models`` print, without importing torch.
 
 The listing is generated from the live registries into :mod:`selfkd.cli._catalog` together with a
-hash of the sources it came from (``selfkd/methods/*.py``, ``selfkd/models/*.py``). When the sources
+hash of the sources it came from (``selfkd/methods/**.py``, ``selfkd/models/**.py``). When the sources
 no longer match that hash (a method was edited or added), the listing is built live instead, so it is
 never stale; a test keeps the generated file in step. Regenerate with::
 
@@ -22,8 +22,8 @@ GENERATED = Path(__file__).with_name("_catalog.py")
 def sources_hash() -> str:
     h = hashlib.sha256()
     for sub in ("methods", "models"):
-        for f in sorted((PACKAGE / sub).glob("*.py")):
-            h.update(f"{sub}/{f.name}\0".encode())
+        for f in sorted((PACKAGE / sub).rglob("*.py")):
+            h.update(f"{sub}/{f.relative_to(PACKAGE / sub).as_posix()}\0".encode())
             h.update(f.read_bytes())
     return h.hexdigest()
 

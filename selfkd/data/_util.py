@@ -133,19 +133,19 @@ def safe_extract(tar: tarfile.TarFile, dest: Path, archive: str) -> None:
         raise DataError(f"{archive}: refusing to extract ({type(e).__name__}: {e})") from None
 
 
-def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 images [N, C, H, W], in [0, 1] units.
-
-    Exact: per-channel histograms of the 256 values are accumulated in int64 and combined in float64,
-    in chunks, so no float copy of the data set is ever made. A constant channel gets std 1/255."""
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise DataError(f"cannot compute statistics of an image array of shape {tuple(images.shape)}")
+def channel_hist(images: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Per-channel counts of the 256 values of uint8 images [N, C, H, W]: int64 [C, 256], exact."""
     c = images.shape[1]
     hist = np.zeros((c, 256), dtype=np.int64)
     for s in range(0, images.shape[0], chunk):
         block = images[s : s + chunk]
         for k in range(c):
             hist[k] += np.bincount(np.ascontiguousarray(block[:, k]).reshape(-1), minlength=256)
+    return hist
+
+
+def hist_stats(hist: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel, in [0, 1] units, from :func:`channel_hist` counts (summed over parts)."""
     v = np.arange(256, dtype=np.float64) / 255.0
     n = hist.sum(axis=1).astype(np.float64)
     mean = (hist @ v) / n
@@ -153,6 +153,16 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, .
     # a constant channel would make normalisation divide by zero: floor std at one grey level
     std = np.maximum(np.sqrt(np.maximum(var, 0.0)), 1.0 / 255.0)
     return tuple(float(x) for x in mean), tuple(float(x) for x in std)
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images [N, C, H, W], in [0, 1] units.
+
+    Exact: per-channel histograms of the 256 values are accumulated in int64 and combined in float64,
+    in chunks, so no float copy of the data set is ever made. A constant channel gets std 1/255."""
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise DataError(f"cannot compute statistics of an image array of shape {tuple(images.shape)}")
+    return hist_stats(channel_hist(images, chunk))
 
 
 def warn(msg: str) -> None:

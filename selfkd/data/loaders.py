@@ -11,7 +11,7 @@ from ..errors import ConfigError, DataError
 from ._util import channel_stats, check_image_size, default_cache_dir
 from .dataset import ArrayDataset, DataBundle, resize_uint8
 
-KNOWN_DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+KNOWN_DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "packed")
 
 DIGITS_TEST_SIZE = 0.25
 DIGITS_SPLIT_SEED = 0
@@ -90,6 +90,13 @@ def check_root(name: str, root: str | os.PathLike | None, download: bool = False
             raise DataError(f"imagefolder root {p} does not exist; expected a folder with train/<class>/ and "
                             "val/ or test/, or a .tar.gz of it")
         _readable(p, "imagefolder root")
+    elif key == "packed":
+        if root is None:
+            raise ConfigError("packed needs data.dir (--data-dir): a folder written by `selfkd pack`")
+        p = Path(root).expanduser()
+        if not p.is_dir():
+            raise DataError(f"packed data {p}: no such folder; make one with `selfkd pack SRC --out {p}`")
+        _readable(p, "packed data")
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False,
@@ -102,6 +109,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
       ``<cache dir>/datasets``); ``download=True`` fetches it first when missing.
     - ``imagefolder``: ``root`` is a folder (or tar archive) with ``train/`` and ``val/`` or ``test/``;
       decoded images are cached in ``cache_dir`` (default ``$XDG_CACHE_HOME/selfkd``).
+    - ``packed``: ``root`` is a folder written by :func:`selfkd.data.packed.pack` (``selfkd pack``),
+      memory-mapped, checked (sizes, headers, sha256) on load; ``image_size`` must be None or its size.
 
     ``image_size`` resizes to a square of that side (bilinear, antialiased); ``None`` keeps the
     native size. Unknown names and bad option values raise ConfigError, bad data DataError.
@@ -126,6 +135,12 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
         if download:
             download_cifar(key, data_root)
         return _resized(load_cifar(key, data_root), size)
+    if key == "packed":
+        if download:
+            raise ConfigError("download: only cifar10 and cifar100 can be downloaded; packed data is read from data.dir")
+        from .packed import load_packed
+
+        return load_packed(root, image_size=size)
     if download:
         raise ConfigError("download: only cifar10 and cifar100 can be downloaded; imagefolder reads a local folder or archive")
     if stream not in (True, False, "auto"):

@@ -16,26 +16,16 @@ Randomness comes only from a private ``torch.Generator`` seeded with ``seed`` (n
 """
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, integer
 
 NOISE_KINDS = ("none", "symmetric", "asymmetric", "pairflip")
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_ASYMMETRIC = {"truck": "automobile", "bird": "airplane", "deer": "horse", "cat": "dog", "dog": "cat"}
-
-
-def _integer(v: object, what: str) -> int:
-    if isinstance(v, bool):
-        raise ConfigError(f"{what}: expected an integer, got {v!r}")
-    try:
-        return operator.index(v)  # int, numpy integers, 0-d integer tensors
-    except TypeError:
-        raise ConfigError(f"{what}: expected an integer, got {v!r}") from None
 
 
 def _flip_fraction(noisy: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor | int, rate: float,
@@ -55,10 +45,8 @@ def apply_label_noise(labels: torch.Tensor, num_classes: int, kind: str, rate: f
         raise ConfigError(f"noise.kind: unknown kind {kind!r}; expected one of: {', '.join(NOISE_KINDS)}")
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) < 1.0:
         raise ConfigError(f"noise.rate: expected a number in [0, 1), got {rate!r}")
-    num_classes = _integer(num_classes, "num_classes")
-    if num_classes < 1:
-        raise ConfigError(f"num_classes: expected a positive integer, got {num_classes!r}")
-    seed = _integer(seed, "noise.seed")
+    num_classes = integer(num_classes, "num_classes", 1)
+    seed = integer(seed, "noise.seed")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point \
             or labels.dtype.is_complex or labels.dtype == torch.bool:
         got = (f"{labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)

@@ -149,9 +149,9 @@ def check_no_dangling(path: Path, flag: str = "--out", shown: str | Path | None 
 
 def check_writable(path: Path, flag: str = "--out") -> None:
     """Fail now, before any data is loaded, if ``path`` (existing or to be created) cannot be written:
-    a regular file on the way, no permission, or a read-only file system. Probes by creating and
-    removing a temporary folder in the deepest existing ancestor, so root's permissions and read-only
-    mounts are judged as the kernel judges them."""
+    a regular file on the way, no permission, or a read-only file system. An existing folder is judged by
+    ``os.access`` (nothing written in it); otherwise a temporary folder is created and removed in the
+    deepest existing ancestor, so root's permissions are judged as the kernel judges them."""
     p = Path(os.path.abspath(path))
     check_no_dangling(p, flag, path)
     anc = p
@@ -164,6 +164,10 @@ def check_writable(path: Path, flag: str = "--out") -> None:
             raise SelfKDError(f"{flag} {path}: {anc} is on a read-only file system")
     except (AttributeError, OSError):  # pragma: no cover - no statvfs: the probe below decides
         pass
+    if anc == p:  # an existing folder: ask the kernel without writing, so a refused run changes nothing in it
+        if not os.access(anc, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            raise SelfKDError(f"{flag} {path}: cannot write in {anc} (permission denied)")
+        return
     try:
         probe = tempfile.mkdtemp(prefix=".selfkd-probe-", dir=anc)
     except OSError as err:

@@ -3,7 +3,7 @@
 Importing a method module registers it under its CLI name; ``selfkd methods`` lists them all.
 """
 from .base import Batch, Method, Params, StepOutput
-from .registry import available_methods, build_method, method_class, register, register_method
+from .registry import METHODS, available_methods, build_method, method_class, register_method
 
 from .byot import BYOT, MultiExit
 from .ce import CE
@@ -21,7 +21,7 @@ from .tfkd_self import TfKDSelf
 from .zipf_ls import ZipfLS
 
 __all__ = [
-    "Batch", "Method", "Params", "StepOutput", "available_methods", "build_method", "method_class", "register", "register_method",
+    "Batch", "Method", "Params", "StepOutput", "available_methods", "build_method", "method_class", "METHODS", "register_method",
     "BYOT", "CE", "CSKD", "DDGSD", "DLB", "DLBBatchSampler", "LS", "LsrKD", "LsrKDTC", "MrKD", "MrKDTC",
     "MultiExit", "PSKD", "PairBatchSampler", "TfKDReg", "TfKDSelf", "ZipfLS",
 ]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, Sampler
 
 from ..data.mixing import Mix, MixBlocks, Mixer
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError, integer
 
 
 class Params(BaseModel):
@@ -89,6 +89,8 @@ class Method:
     own_forward: ClassVar[bool] = False
     #: a CE teacher of the same config is trained first (``RUN/teacher``) unless ``teacher`` is given
     needs_teacher: ClassVar[bool] = False
+    #: the model must expose ``features(x)`` and ``stage_channels`` (multi-exit methods; not ``cnn_small``)
+    needs_stages: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         try:
@@ -183,8 +185,18 @@ class Method:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ConfigError(f"method '{self.name}' has no state but the checkpoint holds {sorted(state)}")
+        self.check_state(state, ())
+
+    def check_state(self, state: dict[str, Any], known: Iterable[str], required: Iterable[str] = ()) -> None:
+        """ConfigError unless every key of ``state`` (a checkpoint's method state) is ``known`` and every
+        ``required`` one is there: what each ``load_state_dict`` checks first."""
+        known = sorted(known)
+        unknown, missing = sorted(set(state) - set(known)), sorted(set(required) - set(state))
+        if unknown and not known:
+            raise ConfigError(f"method '{self.name}' has no state but the checkpoint holds {unknown}")
+        if unknown or missing:
+            what = f"unknown keys {unknown}" if unknown else f"missing keys {missing}"
+            raise ConfigError(f"method '{self.name}' state: {what}; expected keys {known}")
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.hp.model_dump().items())
@@ -203,10 +215,8 @@ class PlannedBatchSampler(Sampler[list[int]]):
     owner = "method"  # names the method in the batch_size error
 
     def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool):
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(f"{self.owner} batch_size must be a positive integer (got {batch_size!r})")
         self.sampler = sampler
-        self.batch_size = batch_size
+        self.batch_size = integer(batch_size, f"{self.owner} batch_size", 1)
         self.drop_last = drop_last
 
     def __len__(self) -> int:
@@ -216,6 +226,50 @@ class PlannedBatchSampler(Sampler[list[int]]):
         """Forwarded to the wrapped sampler (e.g. ``DistributedSampler``)."""
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+
+
+class EpochPlan:
+    """The sample order of a method's current epoch and how many of its batches the loss consumed: drawn
+    once per epoch from the wrapped sampler, saved with the method, so a resumed run continues it exactly
+    (DLB's and CS-KD's samplers)."""
+
+    def __init__(self) -> None:
+        self.order: Tensor | None = None  # the current epoch's sample order
+        self.position = 0  # batches of ``order`` consumed
+        self.epoch = -1  # passes started over the data
+        self.resume = False  # continue ``order`` at ``position`` on the next :meth:`begin`
+
+    def resuming(self, batch_size: int, drop_last: bool) -> bool:
+        """Whether the next :meth:`begin` continues the loaded epoch (else it draws a new order)."""
+        return (self.resume and self.order is not None
+                and self.position < batch_count(len(self.order), batch_size, drop_last))
+
+    def begin(self, sampler: Iterable[int], batch_size: int, drop_last: bool) -> tuple[Tensor, int]:
+        """``(order, first batch)`` of the epoch a batch sampler starts: the rest of a resumed one, else a
+        new pass over ``sampler``."""
+        if self.resuming(batch_size, drop_last):
+            start = self.position
+        else:
+            self.order, self.position, start = as_index_tensor(sampler), 0, 0
+            self.epoch += 1
+        self.resume = False
+        return self.order, start  # type: ignore[return-value]
+
+    def resumes_at(self) -> int | None:
+        return self.position if self.resume and self.order is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"position": self.position}
+        if self.order is not None:
+            state["order"] = self.order.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """``position`` and, when saved, ``order``; the next :meth:`begin` continues that epoch."""
+        self.position = int(state["position"])
+        order = state.get("order")
+        self.order = None if order is None else order.to("cpu", torch.int64)
+        self.resume = self.order is not None
 
 
 def batch_count(n: int, batch_size: int, drop_last: bool) -> int:

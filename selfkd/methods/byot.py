@@ -72,9 +72,10 @@ from torch import Tensor, nn
 from ..data.mixing import Mix, MixBlocks
 from ..errors import ConfigError, TrainingError
 from ..models._common import init_conv_bn
+from ..nn_utils import unwrap
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl, soft_cross_entropy
-from .registry import register
+from .registry import register_method
 
 PROBE_SIZE = 32  # spatial size of the probe input that measures each stage's resolution
 
@@ -377,7 +378,7 @@ class BYOTParams(Params):
                             "(always on in that code)")
 
 
-@register
+@register_method
 class BYOT(Method):
     """Be Your Own Teacher (Zhang et al., ICCV 2019): multi-exit self-distillation, deepest exit as teacher.
 
@@ -400,7 +401,7 @@ class BYOT(Method):
 
     name = "byot"
     own_forward = True
-    needs_stages = True  # the model must expose features(x) and stage_channels (not cnn_small)
+    needs_stages = True
     formula = "CE(z_S, y) + Σ_{i<S} [c·H(softmax(z_S/T).detach(), softmax(z_i/T)) + (1−c)·CE(z_i, y)]"
     Params = BYOTParams
     supports_mix = True
@@ -417,8 +418,7 @@ class BYOT(Method):
         return MultiExit(model, head=self.hp.head, attention=self.hp.attention, adapt=journal)
 
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
-        inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-        inner = inner.module if isinstance(inner, nn.parallel.DistributedDataParallel) else inner
+        inner = unwrap(model)
         if isinstance(inner, MultiExit) and inner is not model:  # through DDP (gradient sync) or the compiled graph
             if self.hp.hint_weight > 0:
                 exits, feats = model(batch.x, exits=True, with_features=True)

@@ -6,10 +6,10 @@ from torch import Tensor
 from ..data.mixing import Mix, MixBlocks
 from .base import Method, StepOutput
 from .losses import cross_entropy
-from .registry import register
+from .registry import register_method
 
 
-@register
+@register_method
 class CE(Method):
     """Cross-entropy with hard labels. ``L = CE(z, y)``. No hyper-parameters.
 

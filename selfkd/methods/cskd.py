@@ -23,11 +23,11 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from ..data.mixing import Mix, MixBlocks, Mixer, remix
-from ..errors import ConfigError, TrainingError
-from .base import (Batch, Method, Params, PlannedBatchSampler, StepOutput, as_index_tensor, batch_count, host_equal,
+from ..errors import TrainingError
+from .base import (Batch, EpochPlan, Method, Params, PlannedBatchSampler, StepOutput, batch_count, host_equal,
                    host_range)
 from .losses import cross_entropy, kd_kl
-from .registry import register
+from .registry import register_method
 
 
 class _ClassIndex:
@@ -111,7 +111,7 @@ class CSKDParams(Params):
     seed: int = Field(0, ge=0, lt=2**63, description="seed of the generator that draws the partners")
 
 
-@register
+@register_method
 class CSKD(Method):
     """Class-wise self-knowledge distillation (Yun et al., CVPR 2020).
 
@@ -124,33 +124,13 @@ class CSKD(Method):
     * ``batch_size`` counts the *anchors*, as the official ``--batch-size`` does: a step loads
       ``2·batch_size`` images. Every sample is forwarded twice per epoch on average, once without
       backward (``forwards_per_sample`` = 2).
-    * ``partner="other"`` (default) draws a partner uniformly among the *other* samples of the
-      anchor's class, as the paper says; ``"any"`` draws among all of them, the anchor included, as
-      the official ``random.choice(classwise_indices[y])`` does (the same up to 1/class-size). A class
-      with a single sample pairs it with itself (its partner row is then the same image under another
-      augmentation), in both modes.
-    * Partners are drawn from a ``torch.Generator`` the method owns (``seed``), once per epoch: one
-      uniform number per data-set index, so a sample's partner in an epoch does not depend on the
-      epoch order's position or sharding; the generator, the order, the partners and the position in
-      the epoch are in ``state_dict``, so a resumed run draws identically, mid-epoch included.
-    * **Distributed** (DDP): per rank. Each rank pairs the anchors of its own ``DistributedSampler``
-      shard; every rank holds the same generator and draws the same N numbers per epoch, so the
-      partners are exactly those one process would give the same anchors, and the ranks' union
-      batch equals a one-process batch of all their anchors and partners. The batch-layout checks
-      run on the CPU indices (no device synchronisation).
-
-    * **Mixed samples** (mixup/CutMix, :meth:`mix`): the anchors are mixed among the anchors (one
-      permutation, lam, CutMix box); the partners get the very same mixing within the partner half
-      (:func:`~selfkd.data.mixing.remix`), so partner row i mixes a sample of class ``y_i`` with a
-      sample of class ``y_index[i]`` in the same proportion as anchor row i: the class-wise target
-      stays class-consistent and the KL is unchanged. CE on the anchors is mixed,
-      ``lam·CE(z_a, y) + (1−lam)·CE(z_a, y[index])``. ``batch.mix`` is a
-      :class:`~selfkd.data.mixing.MixBlocks` with the same Mix on both halves.
 
     Use the sampler from :meth:`batch_sampler` (it needs ``labels``). The loss checks that the batch
     has an even row count and that the partners carry their anchors' labels. In a plain loop,
     ``cskd(model(x), y)`` on the whole ``[anchors | partners]`` batch also works (one joint forward;
     the partner rows are detached, so they get no gradient).
+
+    More (cost, state, mixing, distributed): ``docs/methods.md``, section ``cskd``.
     """
 
     name = "cskd"
@@ -164,10 +144,8 @@ class CSKD(Method):
         self._gen = torch.Generator().manual_seed(self.hp.seed)
         self._classes: _ClassIndex | None = None  # the training labels by class, from set_train_labels
         self._labels: Tensor | None = None  # the training labels (CPU int64)
-        self._order: Tensor | None = None  # the current epoch's anchor order
-        self._partners: Tensor | None = None  # the partner of each anchor in ``_order``
-        self._position = 0  # batches of ``_order`` consumed by the loss
-        self._resume = False  # continue ``_order`` at ``_position`` on the next __iter__
+        self.plan = EpochPlan()  # the epoch's anchor order and the batches of it consumed
+        self._partners: Tensor | None = None  # the partner of each anchor in ``plan.order``
         self.steps = 0
 
     @property
@@ -191,19 +169,14 @@ class CSKD(Method):
         """``(anchor order, partners, first batch)`` of the epoch a batch sampler starts: the rest of a
         resumed epoch (after :meth:`load_state_dict`), else ``sampler``'s order with one partner per
         anchor drawn now from this method's generator (needs :meth:`set_train_labels`)."""
-        saved = 0 if self._order is None else batch_count(len(self._order), batch_size, drop_last)
-        if self._resume and self._position < saved:
-            order, partners, start = self._order, self._partners, self._position
-        else:
-            if self._classes is None:
-                raise TrainingError("CS-KD: no training labels to pair samples of the same class: call "
-                                    "cskd.set_train_labels(labels) or cskd.batch_sampler(..., labels=train_labels)")
-            order = as_index_tensor(sampler)
-            partners = self._classes.partners(order, self._gen, self.hp.partner)
-            start = 0
-            self._order, self._partners, self._position = order, partners, 0
-        self._resume = False
-        return order, partners, start
+        new = not self.plan.resuming(batch_size, drop_last)
+        if new and self._classes is None:
+            raise TrainingError("CS-KD: no training labels to pair samples of the same class: call "
+                                "cskd.set_train_labels(labels) or cskd.batch_sampler(..., labels=train_labels)")
+        order, start = self.plan.begin(sampler, batch_size, drop_last)
+        if new:
+            self._partners = self._classes.partners(order, self._gen, self.hp.partner)
+        return order, self._partners, start
 
     # -- training ----------------------------------------------------------------------------
     def _check_pairs(self, rows: int, target: Tensor, index: Tensor | None, host: Tensor | None = None) -> int:
@@ -275,35 +248,26 @@ class CSKD(Method):
         ce = cross_entropy(z_anchor, y, mix=mix)
         kd = kd_kl(z_anchor, z_partner, self.hp.temperature)
         loss = ce + self.hp.lam * kd
-        if self._order is not None:
-            self._position += 1
+        if self.plan.order is not None:
+            self.plan.position += 1
         self.steps += 1
         return StepOutput(loss, {"ce": ce.detach(), "kd": kd.detach()}, z_anchor, y)
 
     def resumes_at(self) -> int | None:
-        return self._position if self._resume and self._order is not None else None
+        return self.plan.resumes_at()
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The partner generator, and the sampler's position (epoch order, partners, consumed batches)."""
-        state: dict[str, Any] = {"steps": self.steps, "generator": self._gen.get_state(), "position": self._position}
-        if self._order is not None:
-            state["order"] = self._order.clone()
+        state: dict[str, Any] = {"steps": self.steps, "generator": self._gen.get_state(), **self.plan.state_dict()}
+        if self.plan.order is not None:
             state["partners"] = self._partners.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        known = {"steps", "generator", "position", "order", "partners"}
-        unknown = set(state) - known
-        if unknown:
-            raise ConfigError(f"CS-KD state: unknown keys {sorted(unknown)}")
-        missing = {"steps", "generator", "position"} - set(state)
-        if missing or (("order" in state) != ("partners" in state)):
-            raise ConfigError(f"CS-KD state: missing keys {sorted(missing or {'order', 'partners'})}")
+        required = ("steps", "generator", "position", *(("order", "partners") if {"order", "partners"} & set(state) else ()))
+        self.check_state(state, ("steps", "generator", "position", "order", "partners"), required)
         self.steps = int(state["steps"])
         self._gen.set_state(state["generator"].to("cpu", torch.uint8))
-        self._position = int(state["position"])
-        order = state.get("order")
-        self._order = None if order is None else order.to("cpu", torch.int64)
-        self._partners = None if order is None else state["partners"].to("cpu", torch.int64)
-        self._resume = self._order is not None
+        self.plan.load_state_dict(state)
+        self._partners = None if self.plan.order is None else state["partners"].to("cpu", torch.int64)

@@ -28,7 +28,7 @@ from ..data.mixing import Mix, MixBlocks, remix
 from ..errors import TrainingError
 from .base import Batch, Method, Params, StepOutput, host_equal
 from .losses import cross_entropy, kd_kl
-from .registry import register
+from .registry import register_method
 
 
 class DDGSDParams(Params):
@@ -44,7 +44,7 @@ class DDGSDParams(Params):
     )
 
 
-@register
+@register_method
 class DDGSD(Method):
     """Data-distortion guided self-distillation (Xu & Liu, AAAI 2019), without the MMD term.
 
@@ -56,25 +56,13 @@ class DDGSD(Method):
     * Defaults λ=1, T=3 (T our choice, see README "Sources"): T=3 matches DLB (which is DDGSD's
       two-view consistency shifted by one step), so the two compare at equal settings;
       ``temperature=1`` is the plain-softmax KL.
-    * ``ce_views="sum"`` (default, the paper's sum of two CE terms): per image, the CE gradient is
-      twice a baseline step's. ``"mean"`` averages them (the scale of the mean CE over the 2B rows).
-      The KL pair is always summed, as the formula reads.
-    * ``forward="joint"`` (default): one forward over ``cat([v1, v2])``; ``"split"``: two forwards
-      (the unofficial port's way; BatchNorm then normalises each view with its own statistics).
-    * No MMD term (see the module docstring). ``forwards_per_sample`` = 2: each image is forwarded
-      (and back-propagated) twice per epoch.
-    * **Mixed samples** (mixup/CutMix): view 1 is mixed by the trainer (``batch.mix``); view 2, a
-      fresh augmentation of the same images, gets the very same mixing (same permutation, lam and
-      CutMix box: :func:`~selfkd.data.mixing.remix`), so both views of row i show the same two images
-      in the same proportion. Both CE terms are mixed, ``lam·CE(z_v, y) + (1−lam)·CE(z_v, y[index])``;
-      the symmetric KL between the views is unchanged.
 
     Plain loop: ``ddgsd(model(torch.cat([aug(x), aug(x)])), y)``; ``loss`` takes the ``2B`` logits
     ``[view 1 | view 2]`` and the ``B`` labels (or ``2B`` labels, both halves equal: checked on the
     CPU when the labels are there; the trainer passes ``B`` labels, so its steps check nothing on the
     device).
-    * **Distributed** (DDP): per rank. Each rank draws the second view of its own shard with its own
-      augmentation generator; the loss is per rank and DDP averages the gradients.
+
+    More (cost, state, mixing, distributed): ``docs/methods.md``, section ``ddgsd``.
     """
 
     name = "ddgsd"

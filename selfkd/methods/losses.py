@@ -96,12 +96,6 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, 
     return total / (y != IGNORE).sum().clamp_min(1).to(total.dtype)
 
 
-def mixed_cross_entropy(logits: Tensor, y: Tensor, mix: Mix | MixBlocks | None,
-                        label_smoothing: float = 0.0) -> Tensor:
-    """:func:`cross_entropy` with ``mix`` given positionally (its older name)."""
-    return cross_entropy(logits, y, label_smoothing, mix=mix)
-
-
 def _mixed(logits: Tensor, y: Tensor, mix: Mix | MixBlocks, label_smoothing: float) -> Tensor:
     if isinstance(mix, Mix):
         ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)

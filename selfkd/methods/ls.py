@@ -16,7 +16,7 @@ from ..data.mixing import Mix, MixBlocks, mix_rows
 from ..errors import ConfigError
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy, soft_cross_entropy
-from .registry import register
+from .registry import register_method
 
 
 def peaked_target(target: Tensor, num_classes: int, a: float) -> Tensor:
@@ -44,7 +44,7 @@ class LSParams(Params):
     )
 
 
-@register
+@register_method
 class LS(Method):
     """Label smoothing: cross-entropy against a smoothed one-hot target.
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..data.mixing import Mix, MixBlocks
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
-from .registry import register
+from .registry import register_method
 
 
 class LsrKDParams(Params):
@@ -20,7 +20,7 @@ class LsrKDParams(Params):
     temperature: float = Field(4.0, gt=0, description="temperature T of the student's softmax in the KD term")
 
 
-@register
+@register_method
 class LsrKD(Method):
     """KD whose teacher is the uniform distribution u (1/K per class), at temperature T.
 

@@ -13,7 +13,7 @@ from ..data.mixing import Mix, MixBlocks, mix_rows
 from .ls import check_share, peaked_target
 from .losses import mixed_log_probs
 from .lsrkd import LsrKD, LsrKDParams
-from .registry import register
+from .registry import register_method
 
 
 class LsrKDTCParams(LsrKDParams):
@@ -25,7 +25,7 @@ class LsrKDTCParams(LsrKDParams):
     )
 
 
-@register
+@register_method
 class LsrKDTC(LsrKD):
     """LsrKD whose uniform teacher is corrected towards the true class (Teacher Correction).
 

@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from .. import distributed
 from ..data.mixing import Mix, MixBlocks, mix_rows
 from ..errors import ConfigError, TrainingError
+from ..nn_utils import unwrap
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
-from .registry import register
+from .registry import register_method
 
 
 def knowledge_adjustment(teacher: Tensor, target: Tensor) -> Tensor:
@@ -76,7 +77,7 @@ class MrKDParams(Params):
     )
 
 
-@register
+@register_method
 class MrKD(Method):
     """Memory-replay KD: the model's own past copies on the training trajectory are the teacher.
 
@@ -90,44 +91,13 @@ class MrKD(Method):
       updates old (the oldest of M up to ``M·interval``), never the current weights. Steps 0 to
       ``interval`` have no teacher and their loss is CE only (``kd`` part 0): no random-init model is
       ever a teacher.
-    * **Teacher.** Every snapshot is forwarded under ``torch.no_grad()`` on the same augmented batch
-      as the student, in eval mode with its own BatchNorm running statistics (``teacher_mode="eval"``;
-      ``"train"`` normalises with the batch statistics instead). ``z_b`` is the one snapshot's logits
-      (``copies=1``, the arXiv version), or over several: ``ensemble="mean"`` the mean of their logits;
-      ``ensemble="fcn"`` (Sensors version) ``z_b = W·[z_1 | … | z_M] + b``, one linear layer over the
-      snapshots' logits concatenated oldest to newest. Until the pool is full, the oldest snapshot's
-      logits fill the missing leading slots. The layer starts as the mean (``W = [I/M … I/M]``, ``b = 0``),
-      so it needs no random draw, and is trained at each step by CE against the labels with its own SGD
-      (``fcn_lr``, ``fcn_momentum``), in float32, on detached inputs; the student distills towards the
-      layer's output computed before that update, detached. The layer is method state, not part of
-      the model: the trainer's optimiser never sees it.
-    * **KA** (``knowledge_adjustment``, Sensors version, rule of Wen et al. 1911.07471 as we read it):
-      where the teacher's argmax is not ``y``, the logits of ``y`` and of the argmax are swapped;
-      applied to the final teacher logits, after the ensemble.
     * **Defaults** (our choices): T=3 and α=1, as ``dlb`` (the same loss
       form with a past model as the teacher, so a comparison isolates the teacher); ``copies=1``,
       ``ensemble="mean"``, no KA (the arXiv version); ``interval=200`` steps (about half a CIFAR epoch
       at batch 128), a step count so that runs do not depend on the epoch length. The journal setup is
       ``copies=M, ensemble="fcn", knowledge_adjustment=true``.
-    * **Cost.** ``1 + copies`` forwards per sample once the pool is full (fewer before); memory for
-      ``copies`` models (weights and buffers) plus, with fcn, ``M·K² + K`` weights and their momentum.
-    * **State** (``state_dict``): the step counter, each snapshot's weights and buffers (plain
-      state_dicts, oldest first) and, with fcn, the layer and its optimiser. The snapshots are rebuilt
-      from the live model's architecture at the next :meth:`train_step`, so a plain loop needs no
-      template: ``out = mrkd.train_step(model, Batch(x, y)); out.loss.backward()``. ``mrkd(logits, y)``
-      cannot work (the teacher needs the model) and raises TrainingError.
-    * Parts: ``ce``, ``kd`` (``T²·KL``; 0 without a teacher), with fcn also ``fcn_ce`` (the layer's CE).
-    * **Mixed samples** (mixup/CutMix): the snapshots forward the same mixed input as the student;
-      CE becomes ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``, and so does the fcn layer's CE on its
-      ensemble. KA needs one label: rows with a single label (lam 1, lam 0: ``y[index]``, or both labels
-      equal) are adjusted as usual; rows mixing two different labels are left unadjusted
-      (``ka_mixed="skip"``, default: KA would pull the teacher onto one class of a two-class image) or
-      adjusted towards the label with the larger share (``"dominant"``, ``y`` if lam ≥ 0.5).
-    * **Distributed** (DDP): snapshots are replicated. They are copies of the model (the module
-      inside the DDP wrapper), whose weights DDP keeps equal on every rank, taken at the same step
-      on every rank; each rank forwards them on its own shard. The fcn layer is trained on every
-      rank with its gradients averaged across ranks (one all-reduce per step), so its weights stay
-      equal on every rank, the same as one process training it on the union batch.
+
+    More (cost, state, mixing, distributed): ``docs/methods.md``, section ``mrkd``.
     """
 
     name = "mrkd"
@@ -143,6 +113,21 @@ class MrKD(Method):
         self._pending: list[dict[str, Tensor]] | None = None  # loaded, rebuilt at the next train_step
         self._fcn: nn.Linear | None = None
         self._fcn_opt: torch.optim.Optimizer | None = None
+
+    @property
+    def snapshots(self) -> list[nn.Module]:
+        """The frozen snapshots, oldest first (empty until the first one is taken or a loaded one is rebuilt)."""
+        return self._snapshots
+
+    @property
+    def fcn(self) -> nn.Linear | None:
+        """``ensemble="fcn"``: the ensembling layer (None until built)."""
+        return self._fcn
+
+    @property
+    def fcn_optimizer(self) -> torch.optim.Optimizer | None:
+        """``ensemble="fcn"``: the layer's own SGD optimiser."""
+        return self._fcn_opt
 
     @property
     def forwards_per_sample(self) -> float:
@@ -173,8 +158,7 @@ class MrKD(Method):
 
     # -- training ----------------------------------------------------------------------------
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
-        base = getattr(model, "_orig_mod", model)  # torch.compile wrapper: copy the eager module
-        base = getattr(base, "module", base) if isinstance(base, nn.parallel.DistributedDataParallel) else base
+        base = unwrap(model)  # the snapshots copy the eager module, not its DDP / compile wrappers
         self._materialize(base, batch.x.device)
         teacher = fcn_ce = None
         if self._snapshots:
@@ -293,10 +277,7 @@ class MrKD(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        known = {"steps", "snapshots", "fcn", "fcn_optimizer"}
-        unknown = set(state) - known
-        if unknown or not {"steps", "snapshots"} <= set(state):
-            raise ConfigError(f"{self.name} state: expected keys {sorted(known)}, got {sorted(state)}")
+        self.check_state(state, ("steps", "snapshots", "fcn", "fcn_optimizer"), required=("steps", "snapshots"))
         snaps = list(state["snapshots"])
         if len(snaps) > self.hp.copies:
             raise ConfigError(

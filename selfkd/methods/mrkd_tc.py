@@ -17,7 +17,7 @@ from torch import Tensor
 from ..data.mixing import Mix, MixBlocks, mix_rows
 from .losses import kd_kl, mixed_log_probs
 from .mrkd import MrKD, MrKDParams
-from .registry import register
+from .registry import register_method
 
 
 def corrected_log_probs(teacher: Tensor, target: Tensor, temperature: float, a: float,
@@ -50,7 +50,7 @@ class MrKDTCParams(MrKDParams):
     )
 
 
-@register
+@register_method
 class MrKDTC(MrKD):
     """MrKD whose snapshot teacher is corrected towards the true class (Teacher Correction).
 

@@ -20,20 +20,18 @@ distribution) and ours is ``onehot``.
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
 from .. import distributed
 from ..data.mixing import Mix, MixBlocks, mix_rows
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError, integer
 from .base import Method, Params, StepOutput, host_range
 from .losses import cross_entropy, one_hot, soft_cross_entropy
-from .registry import register
+from .registry import register_method
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -55,7 +53,7 @@ class PSKDParams(Params):
     )
 
 
-@register
+@register_method
 class PSKD(Method):
     """Progressive self-knowledge distillation (Kim et al., ICCV 2021).
 
@@ -67,41 +65,12 @@ class PSKD(Method):
     * Defaults α_T=0.8 (official); ``E`` is the run's epoch count (official ``--end_epoch``, 300 in
       the paper). ``α_t`` is capped at α_T if a plain loop runs past ``E``.
     * Needs each sample's dataset index (``batch.index``, or ``index=`` in :meth:`loss`).
-    * The memory is method state (``state_dict``), N x K in ``memory_dtype``: float16 by default
-      (CIFAR-100: 50k x 100 x 2 B = 10 MB). A probability p is stored with absolute error at most
-      2⁻¹² ≈ 2.4e-4 (relative 2⁻¹¹ for p ≥ 6.1e-5; values below 3e-8 become 0), against 2⁻⁹ ≈ 2e-3
-      for bfloat16; each row is renormalised to sum 1 when read, so a target is always a
-      distribution. ``float32`` reproduces the official storage exactly.
-    * ``memory_device="device"`` keeps the memory on the logits' device (moved on first use), so a
-      step needs no host synchronisation; ``"cpu"`` keeps it in host memory as the official code.
-    * The parts reported are ``ce`` (hard-label CE) and ``kd`` (cross-entropy against the previous
-      predictions): ``loss = (1 − α_t)·ce + α_t·kd`` exactly, since the loss is linear in the target.
-
-    * **Mixed samples** (mixup/CutMix). The official code has no mixing path (``main.py`` at its first
-      commit and the later versions we could read build targets and update ``P`` on the loaded inputs
-      only), so this is our rule, what that loop does when its inputs are mixed the way CutMix's
-      official code mixes them: each row's target is built as above for its own sample,
-      ``ŷ_i = (1 − α_t)·onehot(y_i) + α_t·P[idx_i]``, and a mixed row gets
-      ``lam·ŷ_i + (1 − lam)·ŷ_index[i]`` (CutMix's ``lam·L(z, ŷ_i) + (1 − lam)·L(z, ŷ_j)``, the loss being
-      linear in the target). Memory: ``mix_memory="store"`` (default) writes each row's softmax to
-      ``P[idx_i]`` as the official loop does with whatever it was fed (the prediction of the mixed
-      image; with ``mix_prob`` 1 nothing else is ever seen); ``"keep"`` leaves ``P`` unchanged for rows
-      that mix two images (partner ≠ itself and lam < 1), so ``P`` holds predictions of clean images
-      only (with ``mix_prob`` 1 it then stays unvisited: the targets stay one-hot). The parts
-      ``ce``/``kd`` are the mixed CE and the CE against the mixed previous predictions.
-
-    * **Distributed** (DDP): the memory is replicated. Each rank reads and writes its own copy
-      during an epoch (its samples are its shard's); at the epoch's end (:meth:`on_epoch_end`, or the
-      next :meth:`on_epoch_start`) the rows every rank wrote are all-gathered and written on every
-      rank (:meth:`sync_memory`), so at each epoch start every rank holds the same N x K memory,
-      whichever rank saw a sample last. A sample seen twice within one epoch (sampling with
-      replacement, DistributedSampler's padding) reads its previous-epoch row on another rank than
-      the one that wrote it; the latest (step, rank) write wins. The writes not yet synced are part
-      of :meth:`state_dict`, so a checkpoint taken before the epoch's end resumes exactly.
 
     Plain loop: ``pskd.setup(num_samples=N, num_classes=K, epochs=E)``, then per epoch
     ``pskd.on_epoch_start(e, E)`` and per batch ``pskd.loss(model(x), y, index=idx).loss``.
     Indices repeated within one batch (sampling with replacement) keep one of the rows' softmax.
+
+    More (cost, state, mixing, distributed): ``docs/methods.md``, section ``pskd``.
     """
 
     name = "pskd"
@@ -118,6 +87,11 @@ class PSKD(Method):
         self.steps = 0
 
     @property
+    def memory(self) -> Tensor | None:
+        """The N x K memory of last-epoch predictions (None before :meth:`setup`)."""
+        return self._memory
+
+    @property
     def dtype(self) -> torch.dtype:
         return _DTYPES[self.hp.memory_dtype]
 
@@ -130,15 +104,8 @@ class PSKD(Method):
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, *, num_samples: int, num_classes: int, epochs: int) -> None:
-        sizes = []
-        for key, value in (("num_samples", num_samples), ("num_classes", num_classes), ("epochs", epochs)):
-            try:
-                v = operator.index(value)
-            except TypeError:
-                v = None
-            if isinstance(value, bool) or v is None or v < 1:
-                raise ConfigError(f"PS-KD setup: {key} must be a positive integer (got {value!r})")
-            sizes.append(v)
+        sizes = [integer(value, f"PS-KD setup: {key}", 1)
+                 for key, value in (("num_samples", num_samples), ("num_classes", num_classes), ("epochs", epochs))]
         self._memory = torch.zeros(sizes[0], sizes[1], dtype=self.dtype)
         self.epochs = sizes[2]
         self.epoch = 0
@@ -255,10 +222,7 @@ class PSKD(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        known = {"steps", "epoch", "epochs", "memory", "unsynced"}
-        unknown = set(state) - known
-        if unknown:
-            raise ConfigError(f"PS-KD state: unknown keys {sorted(unknown)}")
+        self.check_state(state, ("steps", "epoch", "epochs", "memory", "unsynced"))
         mem = state.get("memory")
         if mem is not None:
             if mem.dim() != 2:

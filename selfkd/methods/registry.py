@@ -1,71 +1,35 @@
-"""The method registry: names -> classes. Unknown names and hyper-parameters fail loudly.
+"""The method registry: names -> :class:`~selfkd.methods.base.Method` subclasses (a
+:class:`~selfkd.plugins.Registry`). Unknown names and hyper-parameters fail loudly.
 
-Built-in methods register with :func:`register`; user code with :func:`register_method` (the same,
-with the check that a name is not already taken unless ``allow_override=True``); installed packages
-through the ``selfkd.methods`` entry-point group (see :mod:`selfkd.plugins`).
+Built-in and user methods register the same way, ``@register_method`` (``allow_override=True`` to replace a
+taken name); installed packages through the ``selfkd.methods`` entry-point group (see :mod:`selfkd.plugins`).
 """
 from __future__ import annotations
 
-
 from typing import Any
 
-from ..errors import ConfigError
+from .. import plugins
 from .base import Method
 
-_METHODS: dict[str, type[Method]] = {}
-_BUILTIN: set[str] = set()
+
+def _check(cls: object) -> str | None:
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        return f"expected a subclass of selfkd.Method (got {cls!r})"
+    if not cls.name or not isinstance(cls.name, str):
+        return f"{cls.__qualname__} has no name (set the class attribute `name`)"
+    return None
 
 
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator for the built-in methods: make ``cls`` available under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no name")
-    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
-        raise ValueError(f"method name '{cls.name}' is registered twice")
-    _METHODS[cls.name] = cls
-    if cls.__module__.startswith(__package__ + "."):
-        _BUILTIN.add(cls.name)
-    return cls
+METHODS: plugins.Registry[type[Method]] = plugins.Registry(
+    "method", plugins.METHODS, _check, lambda cls: cls.name, own_name=True)
 
-
-def register_method(cls: type[Method] | None = None, *, allow_override: bool = False) -> Any:
-    """Class decorator for user methods, ``@selfkd.register_method`` or ``@selfkd.register_method(allow_override=True)``:
-    make a :class:`Method` subclass available under its ``name``. A name already taken (a built-in one
-    included) is an error unless ``allow_override=True``."""
-
-    def add(c: type[Method]) -> type[Method]:
-        if not (isinstance(c, type) and issubclass(c, Method)):
-            raise ConfigError(f"register_method: expected a subclass of selfkd.Method (got {c!r})")
-        if not c.name or not isinstance(c.name, str):
-            raise ConfigError(f"register_method: {c.__qualname__} has no name (set the class attribute `name`)")
-        old = _METHODS.get(c.name)
-        if old is not None and old is not c and not allow_override:
-            what = "a built-in method" if c.name in _BUILTIN else f"already registered ({old.__module__}.{old.__qualname__})"
-            raise ConfigError(f"register_method: '{c.name}' is {what}; pass allow_override=True to replace it")
-        _METHODS[c.name] = c
-        return c
-
-    return add if cls is None else add(cls)
-
-
-def _entry_point(name: str) -> type[Method] | None:
-    from ..plugins import METHODS, load_entry_point
-
-    cls = load_entry_point(METHODS, name)
-    if cls is None:
-        return None
-    if not (isinstance(cls, type) and issubclass(cls, Method)) or cls.name != name:
-        raise ConfigError(f"entry point '{name}' ({METHODS}) must be a selfkd.Method subclass named '{name}' (got {cls!r})")
-    return register_method(cls)
+#: ``@register_method`` or ``@register_method(allow_override=True)``: make a Method subclass available under
+#: its ``name``. A name already taken (a built-in one included) is an error unless ``allow_override=True``.
+register_method = METHODS.decorator()
 
 
 def method_class(name: str) -> type[Method]:
-    cls = _METHODS.get(name) if isinstance(name, str) else None
-    if cls is None and isinstance(name, str):
-        cls = _entry_point(name)
-    if cls is None:
-        raise ConfigError(f"unknown method '{name}'; known: {', '.join(available_methods())}")
-    return cls
+    return METHODS.get(name)
 
 
 def build_method(name: str, **params: Any) -> Method:
@@ -74,13 +38,7 @@ def build_method(name: str, **params: Any) -> Method:
 
 def available_methods() -> list[str]:
     """The registered method names (installed entry points included), sorted."""
-    from ..plugins import METHODS, entry_points
-
-    for ep in entry_points(METHODS):
-        if ep.name not in _METHODS:
-            _entry_point(ep.name)
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
-__all__: list[str] = ["available_methods", "build_method", "method_class", "register", "register_method"]
-
+__all__: list[str] = ["METHODS", "available_methods", "build_method", "method_class", "register_method"]

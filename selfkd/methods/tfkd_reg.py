@@ -14,7 +14,7 @@ from ..data.mixing import Mix, MixBlocks, mix_rows
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl, mixed_log_probs
 from .ls import check_share, peaked_target
-from .registry import register
+from .registry import register_method
 
 
 class TfKDRegParams(Params):
@@ -26,7 +26,7 @@ class TfKDRegParams(Params):
     alpha: float = Field(0.1, ge=0, le=1, description="weight α of the regularisation term; CE gets 1−α")
 
 
-@register
+@register_method
 class TfKDReg(Method):
     """Tf-KD_reg, the "virtual teacher" of Yuan et al. (CVPR 2020), with the official code's semantics.
 

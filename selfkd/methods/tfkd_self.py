@@ -19,7 +19,7 @@ from ..data.mixing import Mix, MixBlocks
 from ..errors import ConfigError, TrainingError
 from .base import Batch, Method, Params, StepOutput
 from .losses import cross_entropy, kd_kl
-from .registry import register
+from .registry import register_method
 
 CHECKPOINT = "checkpoint.pt"  # the name the reference trainer gives its last checkpoint
 
@@ -70,7 +70,7 @@ class TfKDSelfParams(Params):
     temperature: float = Field(6.0, gt=0, description="softmax temperature T of teacher and student")
 
 
-@register
+@register_method
 class TfKDSelf(Method):
     """Tf-KD_self (Yuan et al., CVPR 2020): distill from a CE-trained copy of the same architecture.
 
@@ -84,25 +84,9 @@ class TfKDSelf(Method):
       memory format at the first :meth:`train_step`. Unset ``teacher``: the engine's ``train_run``
       trains a CE teacher of the same config first (``needs_teacher``); anywhere else
       :meth:`prepare_model` raises ConfigError.
-    * ``z_t`` is the teacher's forward under ``torch.no_grad()`` on the student's augmented batch: 2
-      forwards per sample (1 without backward); extra memory: one frozen model.
-    * Official loss: ``(1−α)·CE + α·KLDivLoss()(log_softmax(z/T), softmax(z_t/T))·T²·m``, where
-      ``KLDivLoss()`` averages over the N·K elements, i.e. ``batchmean / K``; so their KD weight is
-      ``α·m/K`` on our ``kd`` part. The ResNet-18/CIFAR-100 config (α=0.95, T=6, m=50, K=100) weighs
-      CE 0.05 and ``kd`` 0.475; ours at the same α weighs ``kd`` 0.95, twice as much. Their ratio is
-      ``alpha=0.9048`` (= 0.475/0.525), which gives their loss divided by 0.525 (also divide the lr by
-      that and multiply the weight decay by it to match SGD exactly).
     * Defaults α=0.95, T=6: the official ResNet-18/CIFAR-100 self-teacher values (without m/K).
-    * State: only the teacher weights' sha256 (the teacher is reloaded from ``teacher``, not stored
-      in checkpoints); resuming with other teacher weights is a ConfigError.
-    * Parts ``ce`` and ``kd`` (``T²·KL``), ``loss = (1−α)·ce + α·kd``. ``method(logits, y)`` has no
-      teacher logits and raises TrainingError: use :meth:`train_step` or ``loss(..., teacher=z_t)``.
-    * **Mixed samples** (mixup/CutMix): the teacher forwards the same mixed input as the student (its
-      soft target is its own prediction for the mixture, unchanged); CE becomes
-      ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``.
-    * **Distributed** (DDP): per rank; each rank forwards the frozen teacher (loaded from the same file on every rank) on its own
-      shard. A teacher trained by ``selfkd train`` first (``needs_teacher``) is trained with the same
-      world size, as a distributed CE run.
+
+    More (cost, state, mixing, distributed): ``docs/methods.md``, section ``tfkd-self``.
     """
 
     name = "tfkd-self"
@@ -197,8 +181,6 @@ class TfKDSelf(Method):
         return {} if fp is None else {"teacher_sha256": fp}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"teacher_sha256"}
-        if unknown:
-            raise ConfigError(f"tfkd-self state: unknown keys {sorted(unknown)}")
+        self.check_state(state, ("teacher_sha256",))
         self._expected = state.get("teacher_sha256")
         self._check_fingerprint()

@@ -17,7 +17,7 @@ from ..data.mixing import Mix, MixBlocks, mix_rows
 from ..errors import ConfigError, TrainingError
 from .base import Method, Params, StepOutput
 from .losses import cross_entropy
-from .registry import register
+from .registry import register_method
 
 
 def min_rank(scores: Tensor) -> Tensor:
@@ -92,7 +92,7 @@ class ZipfLSParams(Params):
     )
 
 
-@register
+@register_method
 class ZipfLS(Method):
     """Zipf's label smoothing: a self-generated, rank-based soft label for the non-target classes.
 
@@ -116,23 +116,11 @@ class ZipfLS(Method):
       official CIFAR ResNet-18 votes over 4×4 upsampled to 8×8, our CIFAR ResNets already end at 8×8.
       (The official code also allows votes from intermediate stages, ``--deeplayer``; default 1, not
       offered here.)
-    * KL per row summed over the K−1 classes, averaged over rows (``batchmean``), as official
-      ``kl_loss``. ``mask_correct`` (official ``--mask``, off by default and in the README commands):
-      only rows whose argmax is the true class get the term, averaged over those rows; 0 if none.
     * Defaults: λ=0.1 (official README, CIFAR-100 and ImageNet; TinyImageNet and iNat21 use λ=1.0),
       power=1 (official default), mask off. The official total loss is ``CE + λ·KL`` (its ``--alpha``
       only weights extra-exit losses with ``--deeplayer`` > 1).
-    * Parts: ``ce`` and ``zipf`` (the KL), ``loss = ce + λ·zipf``. No state.
-    * **Mixed samples** (mixup/CutMix; our rule, the paper has none): ``ce`` is mixed,
-      ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``. The Zipf term, ``mix_rule="exclude"`` (default): a row's
-      labels are ``y`` (if lam > 0) and ``y[index]`` (if lam < 1); the ranks are taken over all K classes
-      as above, every label of the row is removed and the rest renormalised, and the KL is against
-      the softmax over the remaining logits (K−2 classes for two distinct labels, K−1 otherwise): the
-      term shapes only the classes that are not in the mixture. ``"weighted"``: ``lam·KL_y + (1−lam)·KL_y[index]``,
-      each the unmixed term with that label (each then treats the other label as a non-target class).
-      ``mask_correct`` on a mixed row: the argmax must be one of the row's labels.
-    * **Distributed** (DDP): per rank; Each rank builds the Zipf targets of its own rows from its own logits; DDP averages the
-      gradients. No state crosses ranks.
+
+    More (cost, state, mixing, distributed): ``docs/methods.md``, section ``zipf-ls``.
     """
 
     name = "zipf-ls"
@@ -145,6 +133,11 @@ class ZipfLS(Method):
         self._fmap: Tensor | None = None
         self._fc: nn.Linear | None = None
         self._hook: Any = None
+
+    @property
+    def feature_map(self) -> Tensor | None:
+        """``rank="dense"``: the map the model pooled in its last forward, until the loss consumes it."""
+        return self._fmap
 
     # -- dense ranking -----------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:

@@ -1,10 +1,10 @@
-"""DLB's bookkeeping between its batch sampler and its loss, and its cache of the last step's logits.
+"""DLB's hand-over from its batch sampler to its loss (:class:`Layouts`) and its cache of the last step's logits.
 
-:meth:`LastBatch.plan` lays out one epoch of batches ``[repeated | new]`` (a :class:`Layout` per
-batch, queued in ``pending`` as the sampler yields it); the loss consumes the layouts in order
-(:meth:`LastBatch.peek`), takes the repeated rows' teacher from the cache (:meth:`LastBatch.teacher`)
-and makes its new rows' logits the next step's teacher (:meth:`LastBatch.commit`). Only the last
-step's logits, labels and Mix are kept; they, the epoch order and the position are method state.
+:func:`plan_layouts` lays out one epoch of batches ``[repeated | new]`` (a :class:`Layout` per batch,
+put in :class:`Layouts` as the sampler yields it); the loss consumes the layouts in order (:meth:`Layouts.next`),
+takes the repeated rows' teacher from the cache (:meth:`LastBatch.teacher`) and makes its new rows' logits the
+next step's teacher (:meth:`LastBatch.commit`). Only the last step's logits, labels and Mix are kept; they,
+the epoch order and the position are method state.
 
 The checks compare CPU tensors (the loader's indices and labels, ``batch.y_host``), so a step never
 waits for the device; device labels alone (a plain loop) cost one synchronisation.
@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..data.mixing import Mix, MixBlocks, mix_from_state, mix_state
-from ..errors import ConfigError, TrainingError
-from .base import as_index_tensor, batch_count, host_equal
-from .losses import align_tokens, token_mask
+from ...data.mixing import Mix, MixBlocks, mix_from_state, mix_state
+from ...errors import TrainingError
+from ..base import EpochPlan, batch_count, host_equal
+from ..losses import align_tokens, token_mask
 
-KEYS = {"steps", "prev_new", "position", "epoch", "order", "cache_logits", "cache_labels", "last_mix"}
+#: the keys of DLB's state_dict
+KEYS = ("steps", "prev_new", "position", "epoch", "order", "cache_logits", "cache_labels", "last_mix")
 
 
 @dataclass(frozen=True)
@@ -49,55 +50,47 @@ class Layout:
         return torch.cat([self.repeat_index, self.new_index]).tolist()
 
 
-class LastBatch:
-    """State shared by DLB's sampler (which plans layouts) and its loss (which consumes them)."""
+class Layouts:
+    """The layouts DLB's sampler has yielded and its loss has not consumed yet, oldest first: the one link
+    between the two (a DataLoader may prefetch, so the sampler runs ahead of the loss)."""
 
     def __init__(self) -> None:
-        self.pending: deque[Layout] = deque()  # planned, not yet consumed
-        self.order: Tensor | None = None  # the current epoch's sample order
-        self.position = 0  # batches of ``order`` consumed by the loss
-        self.prev_new = torch.empty(0, dtype=torch.int64)  # last consumed new rows
-        self.resume = False  # continue ``order`` at ``position`` on the next plan
-        self.epoch = -1  # passes started over the data (drives the alpha/T schedules)
-        self.steps = 0  # steps consumed
-        self.logits: Tensor | None = None  # the last consumed step's new rows' logits (float32, detached)
-        self.labels: Tensor | None = None  # and their labels
-        self.mix: Mix | None = None  # how those rows were mixed (None: not mixed)
+        self._queue: deque[Layout] = deque()
 
-    def plan(self, sampler: Iterable[int], batch_size: int, drop_last: bool, repeat_count: Callable[[int], int],
-             carry_over: bool) -> Iterator[Layout]:
-        """One epoch of layouts: the rest of a resumed epoch, else a new pass over ``sampler``'s order
-        (drawn once, kept for an exact resume). Each layout is queued in ``pending`` as it is yielded."""
-        self.pending.clear()  # layouts of an abandoned iterator were never consumed
-        if self.resume and self.order is not None and self.position < batch_count(len(self.order), batch_size, drop_last):
-            order, start = self.order, self.position
-        else:
-            order = as_index_tensor(sampler)
-            start = 0
-            self.order, self.position = order, 0
-            self.epoch += 1
-        self.resume = False
-        prev = self.prev_new if carry_over or start > 0 else torch.empty(0, dtype=torch.int64)
-        n = batch_count(len(order), batch_size, drop_last)
-        for b in range(start, n):
-            new = order[b * batch_size : (b + 1) * batch_size]
-            rep = prev[: repeat_count(len(prev))]
-            layout = Layout(len(rep), len(new), b, new, self.epoch + b / n, rep)
-            self.pending.append(layout)
-            yield layout
-            prev = new
+    def put(self, layout: Layout) -> None:
+        self._queue.append(layout)
 
-    def peek(self) -> Layout:
+    def next(self) -> Layout:
         """The layout of the batch the loss consumes next."""
-        if not self.pending:
+        if not self._queue:
             raise TrainingError(
                 "DLB: no batch layout is pending: build the DataLoader with "
                 "batch_sampler=dlb.batch_sampler(sampler, batch_size) and call dlb once per batch"
             )
-        return self.pending[0]
+        return self._queue[0]
 
-    def resumes_at(self) -> int | None:
-        return self.position if self.resume and self.order is not None else None
+    def pop(self) -> Layout:
+        """Consume :meth:`next`."""
+        layout = self.next()
+        self._queue.popleft()
+        return layout
+
+    def clear(self) -> None:
+        self._queue.clear()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+
+class LastBatch:
+    """The last consumed step: its new rows (dataset indices, logits, labels, Mix), the teacher of the next."""
+
+    def __init__(self) -> None:
+        self.prev_new = torch.empty(0, dtype=torch.int64)  # last consumed new rows
+        self.steps = 0  # steps consumed
+        self.logits: Tensor | None = None  # the last consumed step's new rows' logits (float32, detached)
+        self.labels: Tensor | None = None  # and their labels
+        self.mix: Mix | None = None  # how those rows were mixed (None: not mixed)
 
     def teacher(self, layout: Layout, logits: Tensor, target: Tensor, host: Tensor | None, index: Tensor | None,
                 padding_side: str) -> tuple[Tensor, Tensor | None]:
@@ -131,19 +124,14 @@ class LastBatch:
 
     def commit(self, layout: Layout, logits: Tensor, labels: Tensor, mix: Mix | None) -> None:
         """The consumed step's new rows (their logits, labels and Mix) become the next step's teacher."""
-        self.pending.popleft()
         self.logits = logits.detach().float()
         self.labels = labels.detach().clone()
         self.mix = mix
         self.prev_new = layout.new_index
-        self.position = layout.position + 1
         self.steps += 1
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"steps": self.steps, "prev_new": self.prev_new.clone(), "position": self.position,
-                                 "epoch": self.epoch}
-        if self.order is not None:
-            state["order"] = self.order.clone()
+        state: dict[str, Any] = {"steps": self.steps, "prev_new": self.prev_new.clone()}
         if self.logits is not None:
             state["cache_logits"] = self.logits.cpu().clone()
             state["cache_labels"] = self.labels.cpu().clone()
@@ -152,20 +140,29 @@ class LastBatch:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - KEYS
-        if unknown:
-            raise ConfigError(f"DLB state: unknown keys {sorted(unknown)}")
-        self.pending.clear()
         self.steps = int(state["steps"])
         self.prev_new = state["prev_new"].to(torch.int64)
-        self.position = int(state["position"])
-        self.epoch = int(state["epoch"])
-        self.order = state.get("order")
-        self.resume = self.order is not None
         self.logits = state.get("cache_logits")
         self.labels = state.get("cache_labels")
         last = state.get("last_mix")
         self.mix = None if last is None else mix_from_state(last)
+
+
+def plan_layouts(epoch: EpochPlan, last: LastBatch, layouts: Layouts, sampler: Iterable[int], batch_size: int,
+         drop_last: bool, repeat_count: Callable[[int], int], carry_over: bool) -> Iterator[Layout]:
+    """One epoch of layouts: the rest of a resumed epoch, else a new pass over ``sampler``'s order (drawn
+    once, kept for an exact resume). Each layout is put in ``layouts`` as it is yielded."""
+    layouts.clear()  # layouts of an abandoned iterator were never consumed
+    order, start = epoch.begin(sampler, batch_size, drop_last)
+    prev = last.prev_new if carry_over or start > 0 else torch.empty(0, dtype=torch.int64)
+    n = batch_count(len(order), batch_size, drop_last)
+    for b in range(start, n):
+        new = order[b * batch_size : (b + 1) * batch_size]
+        rep = prev[: repeat_count(len(prev))]
+        layout = Layout(len(rep), len(new), b, new, epoch.epoch + b / n, rep)
+        layouts.put(layout)
+        yield layout
+        prev = new
 
 
 def check_batch(layout: Layout, logits: Tensor, target: Tensor, target_host: Tensor | None,

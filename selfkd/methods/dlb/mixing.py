@@ -21,10 +21,10 @@ from dataclasses import replace
 
 import torch
 
-from ..data.mixing import Mix, MixBlocks, Mixer, remix
-from ..errors import ConfigError, TrainingError
-from .base import Batch
-from .dlb_cache import Layout
+from ...data.mixing import Mix, MixBlocks, Mixer, remix
+from ...errors import ConfigError, TrainingError
+from ..base import Batch
+from .cache import Layout
 
 
 def check_mixer(repeat_fraction: float, mixer: Mixer) -> None:

@@ -28,19 +28,13 @@ detached: no gradient flows into the teacher's uncertainty.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..data.mixing import Mix
-from .losses import mix_targets, token_mask
-
-#: every schedule ``DLB(schedule=...)`` accepts
-SCHEDULES = ("constant", "linear", "confidence", "entropy", "margin")
-#: the schedules that weight each repeated row (or token) instead of moving α and T
-PER_SAMPLE = ("entropy", "margin")
-RENAMED = {"dynamic": "confidence"}
+from ...data.mixing import Mix
+from ..losses import mix_targets, token_mask
+from .params import PER_SAMPLE, DLBParams
 
 
 def confidence(teacher: Tensor, labels: Tensor, alpha: float, temperature: float,
@@ -58,7 +52,7 @@ def confidence(teacher: Tensor, labels: Tensor, alpha: float, temperature: float
     return alpha * conf, temperature * (2.0 - conf)
 
 
-def for_step(hp: Any, progress: float, teacher: Tensor, labels: Tensor,
+def for_step(hp: DLBParams, progress: float, teacher: Tensor, labels: Tensor,
              mix: Mix | None = None) -> tuple[float | Tensor, float | Tensor, Tensor | None]:
     """``(α, T, row weight)`` for a step at ``progress`` epochs under DLB's hyper-parameters ``hp``, given
     the teacher logits of the repeated rows and how those rows were mixed: α and T from the ``linear``

@@ -1,0 +1,50 @@
+"""DLB's hyper-parameters (``method.*`` in a config)."""
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from pydantic import Field, field_validator
+
+from ..base import Params
+
+#: every schedule ``DLB(schedule=...)`` accepts (:mod:`~selfkd.methods.dlb.schedules`)
+Schedule = Literal["constant", "linear", "confidence", "entropy", "margin"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+#: the schedules that weight each repeated row (or token) instead of moving α and T
+PER_SAMPLE = ("entropy", "margin")
+RENAMED = {"dynamic": "confidence"}
+
+
+class DLBParams(Params):
+    temperature: float = Field(3.0, gt=0, description="softmax temperature T of the distillation term")
+    alpha: float = Field(1.0, ge=0, description="weight α of the distillation term")
+    repeat_fraction: float = Field(
+        1.0, gt=0, le=1, description="fraction of the previous step's new samples that repeat"
+    )
+    ce_rows: Literal["all", "new"] = Field("all", description="rows that receive cross-entropy")
+    carry_over: bool = Field(True, description="the first step of an epoch repeats the last step of the previous one")
+    forward: Literal["joint", "split"] = Field(
+        "joint",
+        description="joint: one forward over [repeated|new] (paper); split: new then repeated (official code, "
+        "BatchNorm sees two batches)",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="ε of label smoothing in the CE term (ε/K on every class)")
+    schedule: Schedule = Field(
+        "constant", description="alpha/T over training: constant, linear ramp, confidence (α·c, T·(2−c) per step); "
+        "or a per-row weight of the distillation term from the teacher's uncertainty: entropy, margin "
+        "(see selfkd.methods.dlb.schedules)"
+    )
+    ramp_epochs: float = Field(0.0, ge=0, description="linear: epochs over which alpha and T move to their final values")
+    alpha_start: float = Field(0.0, ge=0, description="linear: alpha at the start of the ramp")
+    temperature_start: float | None = Field(None, gt=0, description="linear: T at the start of the ramp (None: T)")
+    padding_side: Literal["right", "left"] = Field(
+        "right", description="token logits [B, T, V]: where the collator pads, to align a repeated row's positions "
+        "with its cached ones when its padded length changed",
+    )
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _renamed(cls, v: Any) -> Any:
+        if v in RENAMED:
+            raise ValueError(f"schedule {v!r} was renamed {RENAMED[v]!r} (it is our own rule, not DynSDPB's)")
+        return v
