@@ -27,7 +27,9 @@ from pathlib import Path
 from _common import command
 from selfkd.engine.checkpoint import write_text
 from selfkd.engine.config import build_config
-from selfkd.engine.trainer import CHECKPOINT, SUMMARY, Trainer, build
+from selfkd.engine.rundir import CHECKPOINT, SUMMARY
+from selfkd.engine.trainer import Trainer
+from selfkd.engine.setup import build
 from selfkd.methods import build_method
 
 HERE = Path(__file__).resolve().parent

@@ -54,7 +54,7 @@ def score(run: Path) -> np.ndarray:
 
     from selfkd.engine import checkpoint as ckpt
     from selfkd.engine.config import resolve
-    from selfkd.engine.trainer import build
+    from selfkd.engine.setup import build
 
     torch.set_num_threads(1)
     cfg = resolve(file=str(run / "config.yaml"))

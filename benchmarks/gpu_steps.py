@@ -37,7 +37,7 @@ def one(model_name: str, method_name: str, compile_: bool, batch: int, steps: in
     from torch.utils.data import DataLoader, RandomSampler
 
     from selfkd.data import ArrayDataset, BatchAugment, BatchView
-    from selfkd.engine.trainer import _DynamicBatch
+    from selfkd.nn_utils import DynamicBatch
     from selfkd.methods import Batch, build_method
     from selfkd.models import build_model
 
@@ -52,7 +52,7 @@ def one(model_name: str, method_name: str, compile_: bool, batch: int, steps: in
     method = build_method(method_name)
     method.setup(num_samples=n, num_classes=100, epochs=1)
     model = method.prepare_model(build_model(model_name, num_classes=100)).to(dev).to(memory_format=torch.channels_last)
-    fwd = _DynamicBatch(torch.compile(model, backend=backend)) if compile_ else model
+    fwd = DynamicBatch(torch.compile(model, backend=backend)) if compile_ else model
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sampler = method.batch_sampler(RandomSampler(range(n), generator=torch.Generator().manual_seed(1)), batch)
     loader = iter(DataLoader(BatchView(ds), sampler=sampler, batch_size=None))

@@ -187,7 +187,7 @@ def method_of(arm: str, point: dict) -> dict:
 
 
 def config(a: argparse.Namespace, arm: str, point: dict, data: dict, seed: int, save: bool):
-    from selfkd.engine.finetune_config import build_finetune_config
+    from selfkd.integrations.finetune_config import build_finetune_config
 
     return build_finetune_config({
         "data": data,
@@ -204,8 +204,8 @@ def train(cfg, run: Path) -> dict:
     """``cfg`` into ``run``: a finished run with the same settings is read back, never retrained."""
     import yaml
 
-    from selfkd.engine.finetune_config import save_finetune_yaml
-    from selfkd.engine.trainer import CONFIG, SUMMARY
+    from selfkd.integrations.finetune_config import save_finetune_yaml
+    from selfkd.engine.rundir import CONFIG, SUMMARY
     from selfkd.integrations.finetune import finetune_run
 
     if (run / CONFIG).exists():

@@ -9,7 +9,9 @@ is running or the world has one process: single-process code pays nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, SelfKDError
 
 BACKENDS = ("auto", "nccl", "gloo")
 
@@ -261,3 +263,31 @@ def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> tor
     if device.type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return SyncBatchNormCPU.convert(module)
+
+
+# -- rank 0 decides, every rank raises ---------------------------------------------------------
+def raise_together(fn: Callable[[], Any]) -> None:
+    """Call ``fn`` and share rank 0's outcome (a collective): its SelfKDError is raised on every rank."""
+    err = None
+    try:
+        fn()
+    except SelfKDError as e:
+        err = str(e)
+    err = broadcast_object(err)
+    if err is not None:
+        raise SelfKDError(err)
+
+
+def on_main(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on rank 0 only (checks of the run directory); its SelfKDError is raised on every rank."""
+    raise_together(fn if is_main() else lambda: None)
+
+
+@contextlib.contextmanager
+def main_first(ctx: contextlib.AbstractContextManager[Any]) -> Iterator[None]:
+    """Enter ``ctx`` (rank 0's lock) and share its outcome: an error on rank 0 stops every rank."""
+    raise_together(ctx.__enter__)
+    try:
+        yield
+    finally:
+        ctx.__exit__(None, None, None)

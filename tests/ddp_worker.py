@@ -69,7 +69,8 @@ def equivalence(out: str) -> None:
     """Each method trained by 2 ranks with per-rank batch 8 and sync_bn; rank 0 writes OUT/<method>/."""
     from pathlib import Path
 
-    from selfkd.engine.trainer import Trainer, build
+    from selfkd.engine.trainer import Trainer
+    from selfkd.engine.setup import build
 
     torch.set_num_threads(1)
     distributed.init(torch.device("cpu"))

@@ -118,3 +118,20 @@ def test_dlb_repeat_preset_is_dlb_batches_with_ce_on_every_row_and_no_distillati
         (gz,) = torch.autograd.grad(loss, z)
         (gh,) = torch.autograd.grad(hand, z)
         assert torch.allclose(gz, gh, atol=1e-7)
+
+
+def test_validation_checks_the_params_without_building_the_method(monkeypatch):
+    """A config is validated against the method's Params; the method is built once, by the trainer's build."""
+    from selfkd.methods import DLB
+
+    built = []
+    real = DLB.__init__
+    monkeypatch.setattr(DLB, "__init__", lambda self, **kw: (built.append(kw), real(self, **kw))[1])
+    cfg = C.build_config({"method": {"name": "dlb", "temperature": 4}})
+    assert built == [] and cfg.method.params()["temperature"] == 4.0 and cfg.method.params()["alpha"] == 1.0
+    C.MethodCfg(name="dlb", **cfg.method.params())
+    assert built == []
+    from selfkd.engine.setup import build
+
+    build(C.build_config({"data": {"subset": 40}, "method": {"name": "dlb"}, "train": {"device": "cpu", "epochs": 1}}))
+    assert len(built) == 1

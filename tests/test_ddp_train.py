@@ -13,7 +13,8 @@ import torch
 
 from ddp_worker import EQUIV_METHODS, tiny_config
 from selfkd.engine import checkpoint as ckpt
-from selfkd.engine.trainer import Trainer, build
+from selfkd.engine.trainer import Trainer
+from selfkd.engine.setup import build
 from test_distributed import free_port, torchrun
 from union import UnionSampler
 

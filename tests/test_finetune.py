@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from selfkd.cli import main  # noqa: E402
-from selfkd.engine.finetune_config import resolve_finetune  # noqa: E402
+from selfkd.integrations.finetune_config import resolve_finetune  # noqa: E402
 from selfkd.experiments.report import build_report  # noqa: E402
 
 import tinylm  # noqa: E402

@@ -94,7 +94,7 @@ def test_any_set_and_yaml_gives_a_run_or_one_line(items, config):
 
 # `selfkd finetune`: its options and `--set` on finetune configs, on the tiny BERT of tests/tinylm.py
 def _finetune_keys() -> list[str]:
-    from selfkd.engine.finetune_config import FinetuneConfig
+    from selfkd.integrations.finetune_config import FinetuneConfig
 
     return sorted(flatten(FinetuneConfig.model_validate({"data": {"path": "x"}, "model": {"path": "y"}}).to_dict()))
 

@@ -12,7 +12,8 @@ from torch.utils.data import RandomSampler, SequentialSampler
 
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine.config import build_config
-from selfkd.engine.trainer import TIMING_KEYS, Trainer, build
+from selfkd.engine.trainer import TIMING_KEYS, Trainer
+from selfkd.engine.setup import build
 from selfkd.errors import ConfigError, TrainingError
 from selfkd.methods import Batch, build_method
 from selfkd.methods.cskd import CSKD

@@ -7,7 +7,8 @@ import torch
 
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine.config import build_config
-from selfkd.engine.trainer import TIMING_KEYS, train_run
+from selfkd.engine.trainer import TIMING_KEYS
+from selfkd.engine.stages import train_run
 from selfkd.methods import available_methods, method_class
 
 def cfg_for(method: str, epochs: int):

@@ -388,7 +388,8 @@ def _cfg(method: dict, epochs: int):
 @pytest.mark.parametrize("name", NAMES)
 def test_one_epoch_through_the_trainer(tmp_path, name):  # zipf-ls rank='dense' runs in the resume test
     method = {"name": name}
-    from selfkd.engine.trainer import Trainer, build
+    from selfkd.engine.trainer import Trainer
+    from selfkd.engine.setup import build
 
     summary = Trainer(build(_cfg(method, 1)), tmp_path / "run", progress=False, log=lambda m: None).run()
     assert summary["epochs"] == 1 and summary["forwards_per_sample"] == 1
@@ -400,7 +401,8 @@ def test_one_epoch_through_the_trainer(tmp_path, name):  # zipf-ls rank='dense' 
 def test_resume_after_epoch_one_is_bit_identical(tmp_path):
     method = {"name": "zipf-ls", "rank": "dense", "mask_correct": True, "dense_upsample": 2}
     from selfkd.engine import checkpoint as ckpt
-    from selfkd.engine.trainer import TIMING_KEYS, Trainer, build
+    from selfkd.engine.trainer import TIMING_KEYS, Trainer
+    from selfkd.engine.setup import build
 
     Trainer(build(_cfg(method, 2)), tmp_path / "full", progress=False, log=lambda m: None).run()
 

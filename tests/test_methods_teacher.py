@@ -11,7 +11,8 @@ from torch import nn
 
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine.config import build_config
-from selfkd.engine.trainer import TIMING_KEYS, Trainer, build
+from selfkd.engine.trainer import TIMING_KEYS, Trainer
+from selfkd.engine.setup import build
 from selfkd.errors import ConfigError, TrainingError
 from selfkd.methods import Batch
 from selfkd.methods.mrkd import MrKD, knowledge_adjustment

@@ -12,7 +12,8 @@ import selfkd.methods  # noqa: F401  (registers every method)
 from selfkd.data.mixing import Mix, MixBlocks, build_mixer, cutmix, mix_from_state, mix_rows, mix_state, mixup, remix
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine.config import build_config
-from selfkd.engine.trainer import TIMING_KEYS, train_run
+from selfkd.engine.trainer import TIMING_KEYS
+from selfkd.engine.stages import train_run
 from selfkd.errors import ConfigError, DataError, TrainingError
 from selfkd.methods import Batch, Method, available_methods, build_method, method_class
 from selfkd.methods.byot import byot_loss

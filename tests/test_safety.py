@@ -18,7 +18,7 @@ from selfkd.cli import main
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine import rundir
 from selfkd.engine.config import build_config
-from selfkd.engine.trainer import train_run
+from selfkd.engine.stages import train_run
 
 TINY = ["--data", "digits", "--model", "cnn_small", "--no-progress", "--set", "data.subset=100",
         "--set", "data.test_subset=50", "--batch-size", "32"]
@@ -286,7 +286,7 @@ def test_seeds_beyond_64_bits_are_one_line(tmp_path, capsys, args, key):
 @pytest.fixture
 def no_data(monkeypatch):
     """Loading data at all is a failure here: the check must come first."""
-    import selfkd.engine.trainer as T
+    import selfkd.engine.setup as T
 
     def refuse(*a, **k):
         raise AssertionError("data was loaded before the --out check")
@@ -340,7 +340,7 @@ def test_read_only_file_system_out_and_resume(tmp_path, capsys, monkeypatch):
         remount_ro(fs)
         code, _, err = run_cli(capsys, "train", "--resume", fs / "run", "--no-progress")
         one_line_error(code, err, "--resume", "read-only file system")
-        import selfkd.engine.trainer as T
+        import selfkd.engine.setup as T
 
         monkeypatch.setattr(T, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
         code, _, err = run_cli(capsys, "train", *TINY, "--out", fs / "new")

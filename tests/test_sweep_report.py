@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfkd.experiments import sweep as sweep_mod
+from selfkd.experiments.sweep import runner as sweep_mod
 from selfkd.experiments.report import build_report
 from selfkd.experiments.sweep import label, plan, run_jobs, run_sweep
 from selfkd.errors import ConfigError
@@ -222,7 +222,7 @@ def test_jobs_share_a_sweep_and_train_every_run_once(tmp_path):
 
 
 def test_forward_passes_count_an_auto_trained_teacher(tmp_path):
-    from selfkd.experiments.report import _cost
+    from selfkd.experiments.report.collect import _cost
 
     run = tmp_path / "run"
     (run / "teacher").mkdir(parents=True)

@@ -104,7 +104,8 @@ def test_the_trainer_step_reads_no_device_value(tmp_path):
     """The trainer's own step (Trainer._step: transfer, augment, method, backward, optimiser, scheduler), DLB with
     the confidence schedule and a policy, counted over a whole epoch."""
     from selfkd.engine.config import build_config
-    from selfkd.engine.trainer import Trainer, build
+    from selfkd.engine.trainer import Trainer
+    from selfkd.engine.setup import build
 
     per_step = []
 
@@ -128,12 +129,12 @@ def test_compiled_model_takes_every_batch_size_with_one_graph():
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
-    from selfkd.engine.trainer import _DynamicBatch
+    from selfkd.nn_utils import DynamicBatch
 
     torch._dynamo.reset()
     counter = CompileCounter()
     model = build_model("cnn_small", num_classes=K, in_channels=1).eval()
-    fwd = _DynamicBatch(torch.compile(model, backend=counter))
+    fwd = DynamicBatch(torch.compile(model, backend=counter))
     # DLB at batch 4: 4 rows first, then 8, a short last batch (3 new + 4 repeated); all below 16, where
     # PyTorch's CPU convolution guards on the batch size by itself (its kernel choice changes there)
     shapes = (4, 8, 8, 8, 7, 3, 8)

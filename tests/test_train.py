@@ -14,7 +14,9 @@ from selfkd.cli import main
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine.config import build_config
 from selfkd.data import load_dataset
-from selfkd.engine.trainer import TIMING_KEYS, Trainer, build, train_run
+from selfkd.engine.trainer import TIMING_KEYS, Trainer
+from selfkd.engine.setup import build
+from selfkd.engine.stages import train_run
 from selfkd.errors import ConfigError, TrainingError
 from selfkd.methods import CE, register_method
 
@@ -236,7 +238,7 @@ def test_label_noise_is_recorded_and_memorisation_measured(tmp_path):
 
 @pytest.mark.parametrize("policy", ["autoaugment", "randaugment", "trivialaugment"])
 def test_augmentation_policies_are_seeded_and_resume_exactly(tmp_path, policy):
-    from selfkd.engine.trainer import train_run
+    from selfkd.engine.stages import train_run
 
     cfg = build_config({"data": {"name": "digits", "subset": 300}, "method": {"name": "dlb"},
                         "augment": {"policy": policy, "cutout": 3},

@@ -90,7 +90,7 @@ def _given(a: argparse.Namespace, table: dict[str, tuple[str, str | None, str | 
 def _saved_config(run: Path, command: str) -> dict[str, Any]:
     """``--resume RUN``: the run's own config.yaml, written by ``command`` (train or finetune)."""
     from ..engine import config as C
-    from ..engine.trainer import CONFIG
+    from ..engine.rundir import CONFIG
 
     if not (run / CONFIG).is_file():
         raise ConfigError(f"--resume {run}: no {CONFIG} there (not a run directory)")
@@ -102,6 +102,25 @@ def _saved_config(run: Path, command: str) -> dict[str, Any]:
 
     import_recorded(raw, str(run / CONFIG))
     return raw
+
+
+def _resumed(a: argparse.Namespace, command: str, table: dict[str, tuple[str, str | None, str | None]],
+             build: Any) -> tuple[Path, Any]:
+    """``--resume RUN``: the run and its own config (no other option may be given); the config is None when
+    the run has finished already (said once, by rank 0)."""
+    from .. import distributed
+    from ..engine.rundir import CONFIG, SUMMARY
+
+    given = _given(a, table)
+    if given:
+        raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
+    run = Path(a.resume)
+    cfg = build(_saved_config(run, command), source=str(run / CONFIG))
+    if (run / SUMMARY).exists():
+        if distributed.env_ranks()[0] == 0:
+            print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+        return run, None
+    return run, cfg
 
 
 def _check_threads(a: argparse.Namespace) -> None:
@@ -182,18 +201,12 @@ def _train_distributed(a: argparse.Namespace) -> int:
     """One rank of a torchrun run: the config is resolved on every rank, then the process group starts."""
     from .. import distributed
     from ..engine import config as C
-    from ..engine.trainer import CONFIG, SUMMARY, select_device
+    from ..engine.setup import select_device
 
     _check_threads(a)
     if a.resume:
-        given = _given(a)
-        if given:
-            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
-        run = Path(a.resume)
-        cfg = C.build_config(_saved_config(run, "train"), source=str(run / CONFIG))
-        if (run / SUMMARY).exists():
-            if distributed.env_ranks()[0] == 0:
-                print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+        _, cfg = _resumed(a, "train", FLAGS, C.build_config)
+        if cfg is None:
             return 0
     else:
         if not a.out:
@@ -212,21 +225,14 @@ def _train(a: argparse.Namespace, resolved: Any = None) -> int:
     from .. import distributed
     from ..engine import config as C
     from ..engine import rundir
-    from ..engine.trainer import CONFIG, SUMMARY, train_run
+    from ..engine.stages import train_run
 
     _check_threads(a)
     progress = False if a.no_progress else None
     if a.resume:
-        given = _given(a)
-        if given:
-            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
-        run = Path(a.resume)
-        if resolved is None:
-            cfg = C.build_config(_saved_config(run, "train"), source=str(run / CONFIG))
-            if (run / SUMMARY).exists():
-                print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
-                return 0
-        cfg = resolved if resolved is not None else cfg
+        run, cfg = (Path(a.resume), resolved) if resolved is not None else _resumed(a, "train", FLAGS, C.build_config)
+        if cfg is None:
+            return 0
         summary = train_run(cfg, run, resume=True, progress=progress, threads=a.threads)
     else:
         if not a.out:
@@ -246,18 +252,12 @@ def _train(a: argparse.Namespace, resolved: Any = None) -> int:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from ..engine.finetune_config import build_finetune_config, resolve_finetune
-    from ..engine.trainer import CONFIG, SUMMARY
+    from ..integrations.finetune_config import build_finetune_config, resolve_finetune
 
     _check_threads(a)
     if a.resume:
-        given = _given(a, FINETUNE_FLAGS)
-        if given:
-            raise ConfigError(f"--resume uses the run's own {CONFIG}; drop the other options ({', '.join(given)})")
-        run = Path(a.resume)
-        cfg = build_finetune_config(_saved_config(run, "finetune"), source=str(run / CONFIG))
-        if (run / SUMMARY).exists():
-            print(f"{run}: already finished ({SUMMARY} exists); nothing to do")
+        run, cfg = _resumed(a, "finetune", FINETUNE_FLAGS, build_finetune_config)
+        if cfg is None:
             return 0
     else:
         if not a.out:

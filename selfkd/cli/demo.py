@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from ..engine.config import build_config
-from ..engine.trainer import Trainer, build
+from ..engine.trainer import Trainer
+from ..engine.setup import build
 
 GRID = [("ce", 0.0), ("dlb", 0.0), ("ce", 0.4), ("dlb", 0.4)]
 

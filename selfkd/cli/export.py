@@ -26,7 +26,8 @@ from ..errors import ConfigError
 
 
 def _info(run: Path, cfg: Any) -> dict[str, Any]:
-    from ..engine.trainer import DATA_INFO, build
+    from ..engine.rundir import DATA_INFO
+    from ..engine.setup import build
 
     f = run / DATA_INFO
     if f.is_file():
@@ -39,7 +40,7 @@ def export_run(run_dir: str, fmt: str, out: str, weights: str = "best") -> dict[
 
     from ..engine import checkpoint as ckpt
     from ..engine import config as C
-    from ..engine.trainer import BEST, CHECKPOINT, CONFIG
+    from ..engine.rundir import BEST, CHECKPOINT, CONFIG
     from ..methods import build_method
     from ..models import build_model
 

@@ -1,16 +1,14 @@
-"""Small helpers shared by the loaders: cache location, atomic writes, archive member checks,
-progress bars and per-channel statistics. Nothing here runs at import time."""
+"""Small helpers shared by the loaders: cache location, archive member checks and per-channel statistics
+(atomic writes: :mod:`selfkd.atomic`; progress bars: :mod:`selfkd.progress_bar`). Nothing here runs at
+import time."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import warnings
 from pathlib import Path, PurePosixPath
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -27,50 +25,6 @@ def default_cache_dir() -> Path:
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     return default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
-
-
-def stderr_is_tty() -> bool:
-    stream = sys.stderr
-    try:
-        return bool(stream is not None and stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress(total: int | None, desc: str, unit: str = "it", unit_scale: bool = False):
-    """A tqdm bar on stderr when stderr is a terminal (checked now), otherwise a no-op object."""
-    if not stderr_is_tty():
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency, but never required
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=False, file=sys.stderr)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` atomically,
-    on failure it is removed. Readers see either the old file, or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from ._util import channel_stats, progress, replace_dir, safe_extract
+from ..progress_bar import progress_bar
+from ._util import channel_stats, replace_dir, safe_extract
 from .dataset import ArrayDataset, DataBundle
 
 # Canonical sources (Krizhevsky's page). Tests point download_cifar at a loopback server instead.
@@ -277,7 +278,7 @@ def _fetch(url: str, dest: Path, timeout: float) -> str:
     with resp:
         length = resp.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
-        bar = progress(total, os.path.basename(url), unit="B", unit_scale=True)
+        bar = progress_bar(total, os.path.basename(url), unit="B", unit_scale=True)
         got = 0
         try:
             with open(dest, "wb") as out:

@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from ..errors import ConfigError, DataError
-from ._util import (atomic_file, channel_stats, check_image_size, check_member, check_tar_end, progress,
-                    resolve_cache_dir, warn)
+from ..progress_bar import progress_bar
+from ._util import channel_stats, check_image_size, check_member, check_tar_end, resolve_cache_dir, warn
 from .dataset import ArrayDataset, DataBundle
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
@@ -319,7 +320,7 @@ def _decode_all(items: list[tuple[str, Any]], image_size: int | None, desc: str)
     workers = _worker_count() if n > PARALLEL_THRESHOLD else 1
     chunk = max(MIN_CHUNK, min(MAX_CHUNK, math.ceil(n / (workers * 4))))
     tasks = [(items[s : s + chunk], image_size) for s in range(0, n, chunk)]
-    bar = progress(n, desc, unit="img")
+    bar = progress_bar(n, desc, unit="img")
     out: np.ndarray | None = None
     ref: tuple[int, int] | None = None
     pos = 0
@@ -390,8 +391,7 @@ def _load_cache(path: Path) -> dict[str, np.ndarray] | None:
 
 def _save_cache(path: Path, d: dict[str, np.ndarray]) -> None:
     try:
-        with atomic_file(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **d)
+        atomic_write(path, lambda f: np.savez(f, **d))
     except OSError as e:
         warn(f"could not write the decoded-image cache {path} ({e.strerror or e}); the next load decodes again")
 

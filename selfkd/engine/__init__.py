@@ -1,1 +1,2 @@
-"""Training engine: config, trainer, checkpoints, metrics. Imports data, models and methods; never the CLI."""
+"""Training engine: config, the trainer and its rooms (setup, run_state, system, stages), run directories,
+checkpoints, metrics. Imports data, models and methods; never the CLI."""

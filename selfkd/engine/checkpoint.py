@@ -3,34 +3,20 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write, create_new
 from ..errors import SelfKDError
 
 
 def _atomic(path: Path, write) -> None:
-    """Write through ``.NAME.XXXXXXXX.tmp`` beside ``path`` and rename it into place (see
-    :func:`selfkd.engine.rundir.remove_leftovers` for what a kill can leave behind)."""
+    """:func:`selfkd.atomic.atomic_write`, with a failed write's OSError as one line naming ``path``
+    (see :func:`selfkd.engine.rundir.remove_leftovers` for what a kill can leave behind)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise _write_error(path, err) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)  # mkstemp makes 0600 files; give results the usual permissions
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        atomic_write(path, write)
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
         cause = _os_cause(err)  # torch.save wraps a full disk in a RuntimeError of its zip writer
         if cause is not None:
             raise _write_error(path, cause) from None
@@ -60,41 +46,16 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def write_new(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path``, which must not exist: written in full under a temp name, then
-    hard-linked into place, which fails if anything (a file, a link) took the name meanwhile, so of
-    two writers one wins and the other gets a SelfKDError. File systems without hard links:
-    ``O_EXCL`` creation, then the bytes."""
+    """Write ``data`` to ``path``, which must not exist (:func:`selfkd.atomic.create_new`): of two writers
+    one wins and the other gets a SelfKDError; nothing is ever replaced."""
     p = Path(path)
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        create_new(p, lambda f: f.write(data))
+    except FileExistsError:
+        raise SelfKDError(f"cannot write {p}: it exists already (another process wrote it meanwhile); "
+                          "nothing was replaced") from None
     except OSError as err:
         raise _write_error(p, err) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        try:
-            os.link(tmp, p)
-        except FileExistsError:
-            raise SelfKDError(f"cannot write {p}: it exists already (another process wrote it meanwhile); "
-                              "nothing was replaced") from None
-        except OSError as err:
-            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
-                raise _write_error(p, err) from None
-            try:
-                out = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                raise SelfKDError(f"cannot write {p}: it exists already (another process wrote it meanwhile); "
-                                  "nothing was replaced") from None
-            with os.fdopen(out, "wb") as f:
-                f.write(data)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
-from ..methods import method_class
+from ..methods import Params, method_class
 from ..methods.base import format_validation_error
 from .presets import load_preset, presets  # noqa: F401  (public here since the first release)
 from .yamlio import load_yaml, parse_yaml  # noqa: F401
@@ -27,10 +26,42 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class NoEffect(ValueError):
+    """An option that would change nothing (almost always a mistake): the message names the key, what makes
+    it idle and how to fix it, so it is reported as it stands, not under its section's name."""
+
+
+def _default(section: type[Section], key: str) -> Any:
+    return section.model_fields[key].default
+
+
+class Schema(Section):
+    """Base of a whole config (``selfkd train``'s :class:`Config`, ``selfkd finetune``'s): its fields are
+    its sections; it dumps to plain JSON types and to the YAML a run directory keeps."""
+
+    @classmethod
+    def sections(cls) -> list[str]:
+        """The section names, in order (what a config file's top level may hold)."""
+        return [k for k, f in cls.model_fields.items() if isinstance(f.annotation, type) and issubclass(f.annotation, Section)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
 class NoiseCfg(Section):
     kind: Literal["none", "symmetric", "asymmetric", "pairflip"] = "none"
     rate: float = Field(0.0, ge=0, lt=1)
     seed: int = Field(0, ge=0, le=SEED_MAX)
+
+    @model_validator(mode="after")
+    def _no_effect(self) -> "NoiseCfg":
+        if self.kind == "none" and self.rate > 0:
+            raise NoEffect(f"data.noise.rate = {self.rate} has no effect without a noise kind: set data.noise.kind to "
+                             "symmetric, asymmetric or pairflip")
+        return self
 
 
 class DataCfg(Section):
@@ -53,6 +84,31 @@ class DataCfg(Section):
                             "one gather on the device")
     noise: NoiseCfg = NoiseCfg()
 
+    @model_validator(mode="after")
+    def _no_effect(self) -> "DataCfg":
+        """An option that would change nothing is an error (it is almost always a mistake)."""
+        name = self.name.strip().lower()
+        if name == "digits" and self.dir is not None:
+            raise NoEffect(f"data.dir (--data-dir) = {self.dir!r} has no effect: digits is bundled with scikit-learn and "
+                             "reads no folder; drop it, or choose the data set with --data cifar10 | cifar100 | imagefolder")
+        if self.download and name not in ("cifar10", "cifar100"):
+            raise NoEffect(f"data.download (--download) has no effect for data.name={self.name!r}: only cifar10 and "
+                             "cifar100 can be downloaded")
+        if self.cache_dir is not None and name != "imagefolder":
+            raise NoEffect(f"data.cache_dir = {self.cache_dir!r} has no effect for data.name={self.name!r}: only "
+                             "imagefolder caches decoded images")
+        if self.stream is True and name != "imagefolder":
+            raise NoEffect(f"data.stream = true has no effect for data.name={self.name!r}: only imagefolder data is streamed")
+        if self.stream_above_mb != _default(DataCfg, "stream_above_mb") and (self.stream != "auto" or name != "imagefolder"):
+            raise NoEffect("data.stream_above_mb has no effect unless data.stream=auto and data.name=imagefolder")
+        if self.on_device and self.num_workers:
+            raise NoEffect("data.on_device = true: batches are gathered on the GPU, so data.num_workers must be 0")
+        if self.on_device and self.stream is True:
+            raise NoEffect("data.on_device = true cannot hold a streamed data set (data.stream=true)")
+        if self.subset is None and self.test_subset is None and self.subset_seed != 0:
+            raise NoEffect("data.subset_seed has no effect without data.subset or data.test_subset")
+        return self
+
 
 class AugmentCfg(Section):
     """Per-sample augmentation on the training device, in this order: ``policy`` -> ``cutout`` ->
@@ -72,6 +128,19 @@ class AugmentCfg(Section):
         "mean", description="pixel value of Cutout and of areas uncovered by geometric ops: the training mean "
         "(= 0 after normalisation, as the official Cutout code) or black")
 
+    @model_validator(mode="after")
+    def _no_effect(self) -> "AugmentCfg":
+        rules = []
+        if self.policy != "randaugment":
+            rules.append((("randaugment_ops", "randaugment_magnitude"), f"with augment.policy={self.policy!r} (needs randaugment)"))
+        if self.mix == "none":
+            rules.append((("mix_alpha", "mix_prob"), "with augment.mix='none' (set mixup or cutmix)"))
+        for keys, why in rules:
+            for k in keys:
+                if getattr(self, k) != _default(AugmentCfg, k):
+                    raise NoEffect(f"augment.{k} = {getattr(self, k)} has no effect {why}")
+        return self
+
 
 class ModelCfg(Section):
     name: str = "cnn_small"
@@ -83,14 +152,30 @@ class MethodCfg(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     name: str = "ce"
 
-    @model_validator(mode="after")
-    def _check_params(self) -> "MethodCfg":
-        method = method_class(self.name)(**self.params())  # raises ConfigError naming the bad key
-        self.__pydantic_extra__ = method.hp.model_dump()  # resolved: defaults filled in
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_params(cls, data: Any) -> Any:
+        """Validate the hyper-parameters against the method's ``Params`` and keep them resolved (defaults filled in)."""
+        if not isinstance(data, dict) or not isinstance(data.get("name", "ce"), str):
+            return data  # pydantic reports the wrong type
+        name = data.get("name", "ce")
+        hp = method_params(name, {k: v for k, v in data.items() if k != "name"})
+        return {"name": name, **hp.model_dump()}
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+def method_params(name: str, params: dict[str, Any]) -> Params:
+    """Method ``name``'s validated ``Params`` (no method is built); a bad value is one ConfigError naming the key."""
+    cls = method_class(name)
+    try:
+        return cls.Params(**params)
+    except ValidationError as err:
+        msg = format_validation_error(f"method '{cls.name}'", err)
+        if "unknown key" in msg:
+            msg += f"; known hyper-parameters: {', '.join(cls.Params.model_fields) or 'none'}"
+        raise ConfigError(msg) from None
 
 
 class OptimCfg(Section):
@@ -115,6 +200,17 @@ class ScheduleCfg(Section):
             raise ValueError("milestones must be increasing positive epochs")
         return v
 
+    @model_validator(mode="after")
+    def _no_effect(self) -> "ScheduleCfg":
+        if self.kind != "multistep" and self.milestones:
+            raise NoEffect(f"schedule.milestones = {self.milestones} have no effect with schedule.kind={self.kind!r}; "
+                             "drop them (schedule.milestones=[]) or use kind multistep")
+        if self.kind != "multistep" and self.gamma != _default(ScheduleCfg, "gamma"):
+            raise NoEffect(f"schedule.gamma = {self.gamma} has no effect with schedule.kind={self.kind!r} (needs multistep)")
+        if self.kind != "cosine" and self.min_lr != 0:
+            raise NoEffect(f"schedule.min_lr = {self.min_lr} has no effect with schedule.kind={self.kind!r} (needs cosine)")
+        return self
+
 
 class TrainCfg(Section):
     epochs: int = Field(20, ge=1)
@@ -136,8 +232,14 @@ class TrainCfg(Section):
         "selfkd[tensorboard]); auto: those when tensorboard is installed",
     )
 
+    @model_validator(mode="after")
+    def _no_effect(self) -> "TrainCfg":
+        if self.compile_mode != "default" and not self.compile:
+            raise NoEffect(f"train.compile_mode = {self.compile_mode!r} has no effect without train.compile (--compile)")
+        return self
 
-class Config(Section):
+
+class Config(Schema):
     data: DataCfg = DataCfg()
     augment: AugmentCfg = AugmentCfg()
     model: ModelCfg = ModelCfg()
@@ -155,62 +257,12 @@ class Config(Section):
             raise ValueError(f"schedule.milestones {late} are not below train.epochs={self.train.epochs}")
         if self.schedule.warmup_epochs >= self.train.epochs:
             raise ValueError(f"schedule.warmup_epochs must be below train.epochs={self.train.epochs}")
-        no_effect = _no_effect(self)
-        if no_effect:
-            raise ValueError(no_effect)
+        if self.data.on_device and self.train.device == "cpu":
+            raise NoEffect("data.on_device = true has no effect with train.device=cpu: the data set is already in host memory")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude=None if self.imports else {"imports"})  # absent when empty
-
-
-def _no_effect(cfg: Config) -> str | None:
-    """An option that would change nothing is an error (it is almost always a mistake): the first such
-    key, what makes it idle, and how to fix it; None if every option takes effect."""
-    d, a, sc = cfg.data, cfg.augment, cfg.schedule
-    name = d.name.strip().lower()
-    if name == "digits" and d.dir is not None:
-        return (f"data.dir (--data-dir) = {d.dir!r} has no effect: digits is bundled with scikit-learn and reads no "
-                "folder; drop it, or choose the data set with --data cifar10 | cifar100 | imagefolder")
-    if d.download and name not in ("cifar10", "cifar100"):
-        return (f"data.download (--download) has no effect for data.name={d.name!r}: only cifar10 and cifar100 "
-                "can be downloaded")
-    if d.cache_dir is not None and name != "imagefolder":
-        return f"data.cache_dir = {d.cache_dir!r} has no effect for data.name={d.name!r}: only imagefolder caches decoded images"
-    if d.noise.kind == "none" and d.noise.rate > 0:
-        return (f"data.noise.rate = {d.noise.rate} has no effect without a noise kind: set data.noise.kind to "
-                "symmetric, asymmetric or pairflip")
-    if d.stream is True and name != "imagefolder":
-        return f"data.stream = true has no effect for data.name={d.name!r}: only imagefolder data is streamed"
-    if d.stream_above_mb != DataCfg().stream_above_mb and (d.stream != "auto" or name != "imagefolder"):
-        return "data.stream_above_mb has no effect unless data.stream=auto and data.name=imagefolder"
-    if d.on_device and cfg.train.device == "cpu":
-        return "data.on_device = true has no effect with train.device=cpu: the data set is already in host memory"
-    if d.on_device and d.num_workers:
-        return "data.on_device = true: batches are gathered on the GPU, so data.num_workers must be 0"
-    if d.on_device and d.stream is True:
-        return "data.on_device = true cannot hold a streamed data set (data.stream=true)"
-    if cfg.train.compile_mode != "default" and not cfg.train.compile:
-        return f"train.compile_mode = {cfg.train.compile_mode!r} has no effect without train.compile (--compile)"
-    if d.subset is None and d.test_subset is None and d.subset_seed != 0:
-        return "data.subset_seed has no effect without data.subset or data.test_subset"
-    default = AugmentCfg()
-    if a.policy != "randaugment":
-        for k in ("randaugment_ops", "randaugment_magnitude"):
-            if getattr(a, k) != getattr(default, k):
-                return f"augment.{k} = {getattr(a, k)} has no effect with augment.policy={a.policy!r} (needs randaugment)"
-    if a.mix == "none":
-        for k in ("mix_alpha", "mix_prob"):
-            if getattr(a, k) != getattr(default, k):
-                return f"augment.{k} = {getattr(a, k)} has no effect with augment.mix='none' (set mixup or cutmix)"
-    if sc.kind != "multistep" and sc.milestones:
-        return (f"schedule.milestones = {sc.milestones} have no effect with schedule.kind={sc.kind!r}; "
-                "drop them (schedule.milestones=[]) or use kind multistep")
-    if sc.kind != "multistep" and sc.gamma != ScheduleCfg().gamma:
-        return f"schedule.gamma = {sc.gamma} has no effect with schedule.kind={sc.kind!r} (needs multistep)"
-    if sc.kind != "cosine" and sc.min_lr != 0:
-        return f"schedule.min_lr = {sc.min_lr} has no effect with schedule.kind={sc.kind!r} (needs cosine)"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +331,8 @@ def build_config(*layers: dict[str, Any], source: str = "config", schema: type[S
     try:
         return (schema or Config).model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(source, err)) from None
+        idle = err.errors()[0].get("ctx", {}).get("error")
+        raise ConfigError(f"{source}: {idle}" if isinstance(idle, NoEffect) else format_validation_error(source, err)) from None
 
 
 def resolve(
@@ -301,5 +354,5 @@ def resolve(
     return build_config(*layers, schema=schema)
 
 
-def save_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def save_yaml(cfg: Schema) -> str:
+    return cfg.to_yaml()

@@ -27,7 +27,7 @@ from ..errors import ConfigError, SelfKDError
 from . import checkpoint as ckpt
 from . import rundir
 
-CSV = "metrics.csv"
+CSV = rundir.METRICS_CSV
 TB = "tb"
 
 

@@ -1,9 +1,10 @@
-"""Progress: a tqdm bar with ETA, loss and images/s on a terminal; plain log lines otherwise."""
+"""Progress of a run: per epoch a bar (:func:`selfkd.progress_bar.progress_bar`) with ETA, loss and images/s
+on a terminal, then one log line with the epoch's metrics."""
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
+from ..progress_bar import NoBar, progress_bar
 
 NOISE = ("corrupted_acc", "memorized", "clean_acc")
 
@@ -31,9 +32,9 @@ class Progress:
 
     def __init__(self, total_steps: int, enabled: bool | None, log: Callable[[str], None]):
         self.total_steps = total_steps
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.enabled = enabled
         self.log = log
-        self.bar = None
+        self.bar: Any = NoBar()
         self.epoch = self.epochs = 0
 
     def __enter__(self) -> "Progress":
@@ -43,24 +44,18 @@ class Progress:
         self._close()
 
     def _close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self.bar.close()
+        self.bar = NoBar()
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         self.epoch, self.epochs = epoch, epochs
-        if self.enabled:
-            from tqdm import tqdm
-
-            self._close()
-            self.bar = tqdm(total=self.total_steps, desc=f"epoch {epoch}/{epochs}", unit="step",
-                            leave=False, dynamic_ncols=True, file=sys.stderr)
+        self._close()
+        self.bar = progress_bar(self.total_steps, f"epoch {epoch}/{epochs}", unit="step", enabled=self.enabled)
 
     def update(self, step: int, loss: float, images_per_s: float) -> None:
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
-            self.bar.refresh()
+        self.bar.n = step
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+        self.bar.refresh()
 
     def end_epoch(self, m: dict[str, Any]) -> None:
         self._close()

@@ -18,11 +18,18 @@ from pathlib import Path
 from ..errors import SelfKDError
 
 LOCK = ".lock"
-# Files the engine writes into a run directory (atomically, through ``checkpoint._atomic``). Only
-# temp files of these names are ever removed.
-RUN_FILES = ("checkpoint.pt", "best.pt", "config.yaml", "metrics.jsonl", "metrics.csv", "data.json", "summary.json",
-             "label_noise.json",
-             "failed.json")
+# The files of a run directory; every layer above the engine names them through these constants.
+CHECKPOINT = "checkpoint.pt"  # everything needed to continue: model, optimiser, scheduler, RNGs, method state
+BEST = "best.pt"  # weights of the best scored epoch
+CONFIG = "config.yaml"  # the resolved config
+METRICS = "metrics.jsonl"  # one object per epoch
+METRICS_CSV = "metrics.csv"
+SUMMARY = "summary.json"  # written once the run has finished
+LABEL_NOISE = "label_noise.json"
+DATA_INFO = "data.json"  # class names and preprocessing, for `selfkd export`
+FAILED = "failed.json"  # a sweep's record of a run that failed
+# Files written atomically (:func:`selfkd.atomic.atomic_write`): only temp files of these names are ever removed.
+RUN_FILES = (CHECKPOINT, BEST, CONFIG, METRICS, METRICS_CSV, DATA_INFO, SUMMARY, LABEL_NOISE, FAILED)
 # ``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")``: 8 characters from [a-z0-9_]
 _TMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 
@@ -128,7 +135,7 @@ def check_new(run_dir: Path, flag: str = "--out") -> None:
     found = foreign_entries(run_dir) if run_dir.is_dir() else []
     if not found:
         return
-    if "config.yaml" in found or "checkpoint.pt" in found:
+    if CONFIG in found or CHECKPOINT in found:
         raise SelfKDError(f"{flag} {run_dir}: already holds a run; use --resume {run_dir} or choose another directory")
     shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
     raise SelfKDError(f"{flag} {run_dir}: folder is not empty ({shown}); a run starts only in a new or empty folder")

@@ -1,6 +1,6 @@
 """``selfkd finetune``: fine-tune a local Hugging Face model as a sequence classifier with a selfkd method.
 
-One run = one :class:`~selfkd.engine.finetune_config.FinetuneConfig` into one run directory, through
+One run = one :class:`~selfkd.integrations.finetune_config.FinetuneConfig` into one run directory, through
 :class:`~selfkd.integrations.hf.SelfKDTrainer` (the method's loss, its batches, its state in every
 checkpoint). The run directory holds what ``selfkd train`` writes, in the same formats:
 
@@ -42,14 +42,14 @@ import transformers  # noqa: E402
 from ..data.text import TextBundle, describe, load_text  # noqa: E402
 from ..engine import checkpoint as ckpt  # noqa: E402
 from ..engine import rundir  # noqa: E402
-from ..engine.finetune_config import FinetuneConfig, save_finetune_yaml  # noqa: E402
 from ..engine.metrics import classification_metrics, macro_f1, reliability  # noqa: E402
-from ..engine.trainer import CONFIG, METRICS, SUMMARY, select_device  # noqa: E402
+from ..engine.rundir import CONFIG, DATA_INFO, METRICS, SUMMARY  # noqa: E402
+from ..engine.setup import select_device  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..methods import Method, build_method  # noqa: E402
+from .finetune_config import FinetuneConfig  # noqa: E402
 from .hf import SelfKDTrainer, drop_incomplete, last_checkpoint  # noqa: E402
 
-DATA = "data.json"
 HF_DIR = "hf"
 MODEL_DIR = "model"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model",
@@ -145,6 +145,10 @@ def _lora(model: Any, cfg: FinetuneConfig) -> Any:
 def build_finetune(cfg: FinetuneConfig, log: Callable[[str], None]) -> FinetuneSetup:
     """Everything a run needs, built before any file is written."""
     device = select_device(cfg.train.device)
+    method = build_method(cfg.method.name, **cfg.method.params())
+    if not method.runs_on_logits:
+        raise ConfigError(f"method.name: '{cfg.method.name}' runs forward passes of its own ({method.describe()}); "
+                          "finetune runs the methods computed from the model's logits (ce, ls, dlb, pskd, ...)")
     d = cfg.data
     bundle = load_text(d.path, format=d.format, text_column=d.text_column, label_column=d.label_column,
                        encoding=d.encoding, classes=d.classes, test_fraction=d.test_fraction, split_seed=d.split_seed,
@@ -181,7 +185,6 @@ def build_finetune(cfg: FinetuneConfig, log: Callable[[str], None]) -> FinetuneS
         transformers.logging.set_verbosity(quiet)
     if cfg.model.lora.r > 0:
         model = _lora(model, cfg)
-    method = build_method(cfg.method.name, **cfg.method.params())
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return FinetuneSetup(cfg, device, bundle, tokenizer, model, method, train, test, max_length,
@@ -309,8 +312,8 @@ class _Run:
                 self.log(f"resumed {self.dir}: no complete checkpoint yet; starting again at epoch 0/"
                          f"{self.s.cfg.train.epochs}")
             else:
-                ckpt.write_text(self.dir / CONFIG, save_finetune_yaml(self.s.cfg))
-            ckpt.write_json(self.dir / DATA, {**describe(self.s.bundle), "max_length": self.s.max_length,
+                ckpt.write_text(self.dir / CONFIG, self.s.cfg.to_yaml())
+            ckpt.write_json(self.dir / DATA_INFO, {**describe(self.s.bundle), "max_length": self.s.max_length,
                                               "truncated": self.s.truncated})
             self.write_metrics()
         wall0 = time.perf_counter()

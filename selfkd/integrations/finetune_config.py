@@ -3,18 +3,18 @@
 Sections ``data`` (the text and its split), ``model`` (a local model folder, optional LoRA),
 ``method`` (any selfkd method computed from the logits: ce, ls, dlb, ...), ``optim`` (AdamW) and
 ``train``. Layers as for ``selfkd train``: defaults < YAML file < flags < ``--set key=value``; unknown
-keys and bad values are one-line errors naming the key. Nothing here imports transformers.
+keys and bad values are one-line errors naming the key. Nothing here imports transformers (the CLI
+reads a config before it imports :mod:`selfkd.integrations.finetune`).
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
+from ..engine.config import MethodCfg, Schema, Section, build_config, resolve
 from ..errors import ConfigError
 from ..methods import method_class
-from .config import MethodCfg, Section, build_config, resolve
 
 KIND = "finetune"
 
@@ -67,7 +67,7 @@ class LMTrainCfg(Section):
     save_model: bool = Field(True, description="write the final model (and tokenizer) to RUN/model")
 
 
-class FinetuneConfig(Section):
+class FinetuneConfig(Schema):
     kind: Literal["finetune"] = KIND
     data: TextDataCfg = TextDataCfg()
     model: LMModelCfg = LMModelCfg()
@@ -79,12 +79,8 @@ class FinetuneConfig(Section):
 
     @model_validator(mode="after")
     def _checks(self) -> "FinetuneConfig":
-        cls = method_class(self.method.name)
-        method = cls(**self.method.params())
-        if not method.runs_on_logits:
-            raise ValueError(f"method.name: '{self.method.name}' runs forward passes of its own ({method.describe()}); "
-                             "finetune runs the methods computed from the model's logits (ce, ls, dlb, pskd, ...)")
-        if cls.needs_teacher:
+        # whether the method runs on logits may depend on its parameters (DLB's forward): build_finetune checks it
+        if method_class(self.method.name).needs_teacher:
             raise ValueError(f"method.name: '{self.method.name}' needs a trained teacher; not supported by finetune")
         return self
 
@@ -103,7 +99,3 @@ def resolve_finetune(file: str | None = None, flags: dict[str, Any] | None = Non
         if not value:
             raise ConfigError(f"{key} is required (flag {'--data' if key == 'data.path' else '--model'} or --set {key}=...)")
     return cfg
-
-
-def save_finetune_yaml(cfg: FinetuneConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,72 @@
+"""What a run asks of the process: its peak memory, its thread count and the compiled forward."""
+from __future__ import annotations
+
+import contextlib
+import resource
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn_utils import DynamicBatch
+from .rundir import CHECKPOINT
+
+
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile(model)`` with a dynamic batch dimension (:class:`selfkd.nn_utils.DynamicBatch`)."""
+    return DynamicBatch(torch.compile(model, mode=None if mode == "default" else mode))
+
+
+def reset_peak_mem(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's allocator peak, or on Linux the process's peak resident set
+    (writing 5 to ``/proc/self/clear_refs`` resets VmHWM), so runs that share a process (sweeps) each
+    report their own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere: the process's lifetime peak
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB -> MiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's lifetime peak
+
+
+@contextlib.contextmanager
+def thread_scope() -> Iterator[None]:
+    """Restore torch's thread count after a run (a resumed run may set its recorded count)."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+def resume_threads(saved: Any, chosen: int | None, run_dir: Path, log: Callable[[str], None]) -> None:
+    """Bit-identical resume needs the thread count the run was started with: reuse the recorded ``saved``
+    unless the caller ``chosen`` a count, and say so when they differ."""
+    if not isinstance(saved, int) or saved < 1:
+        return
+    if chosen is None:
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
+            log(f"{run_dir}: resuming with {saved} thread{'s' if saved != 1 else ''} as recorded in "
+                f"{CHECKPOINT} (bit-identical results need the same count; --threads overrides)")
+    elif chosen != saved:
+        log(f"{run_dir}: resuming with {chosen} threads, the run started with {saved}: the "
+            "results will not be bit-identical to an uninterrupted run")

@@ -1,0 +1,249 @@
+"""The report's PNG plots (matplotlib imported here only: the Agg canvas, no pyplot, no global backend change)."""
+from __future__ import annotations
+
+import io
+import math
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from ...engine import checkpoint as ckpt
+from .collect import Group, _j, _noise_text, _noisy
+from .stats import pooled_reliability, stat
+
+
+PLOTS = {"curves": "acc_curves.png", "noise": "acc_vs_noise.png", "compute": "acc_vs_compute.png",
+         "reliability": "reliability.png"}
+
+
+# ---------------------------------------------------------------------------------------------
+# plots (matplotlib imported here only: the Agg canvas, no pyplot, no global backend change)
+def _figure(**kw):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(layout="constrained", **kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1)  # long legends stay whole
+    ckpt.write_bytes(path, buf.getvalue())
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _wrap(text: str, width: int = 38) -> str:
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def _panels(n_panels: int, width: float, height: float, entries: int, sharex: bool = False):
+    """A figure of ``n_panels`` side by side (``width`` x ``height`` inches each, taller for a long legend)."""
+    fig = _figure(figsize=(width * n_panels, height + 0.25 * math.ceil(entries / 3)))
+    return fig, fig.subplots(1, n_panels, squeeze=False, sharex=sharex)[0]
+
+
+def _finish(fig, axes, entries: int, path: Path) -> bool:
+    """The shared legend under the panels, then the PNG written atomically."""
+    _legend(fig, axes, entries)
+    _save(fig, path)
+    return True
+
+
+def _legend(fig, axes, n: int) -> None:
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(n, 3), fontsize=8, frameon=False)
+
+
+def plot_curves(groups: list[Group], colors: list, path: Path) -> bool:
+    """Test accuracy per epoch (and, with label noise, the noisy-label fit), mean and min-max band."""
+    series = []
+    for g, c in zip(groups, colors):
+        per_epoch: dict[int, list[dict[str, Any]]] = {}
+        for r in g.runs:
+            for m in r.metrics:
+                per_epoch.setdefault(int(m["epoch"]), []).append(m)
+        if per_epoch:
+            series.append((g, c, dict(sorted(per_epoch.items()))))
+    if not series:
+        return False
+    panels = [("test_acc", "test accuracy (%)", "Test accuracy per epoch"),
+              ("train_acc", "training accuracy (%)", "Training accuracy per epoch (augmented batches, given labels)")]
+    if any("train_memorized" in m for _, _, pe in series for ms in pe.values() for m in ms):
+        panels.append(("train_memorized", "noisy-label fit (%)",
+                       "Corrupted training samples predicted as their noisy label"))
+    fig, axes = _panels(len(panels), 6.2, 4.4, len(series))
+    longest = max(len(pe) for _, _, pe in series)
+    for ax, (key, ylabel, title) in zip(axes, panels):
+        for g, c, pe in series:
+            xs, mean, lo, hi = [], [], [], []
+            for ep, ms in pe.items():
+                vals = [m[key] for m in ms if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])]
+                if vals:
+                    xs.append(ep)
+                    mean.append(sum(vals) / len(vals))
+                    lo.append(min(vals))
+                    hi.append(max(vals))
+            if not xs:
+                continue
+            n = max(len(ms) for ms in pe.values())
+            ax.plot(xs, mean, color=c, lw=1.8, marker="o" if longest <= 25 else None, ms=3,
+                    label=f"{g.label} (n={n})")
+            ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if longest <= 12:
+            ax.set_xticks(range(1, longest + 1))
+    fig.suptitle("Mean over seeds; band: min–max over seeds", fontsize=9, color="0.35")
+    return _finish(fig, axes, len(series), path)
+
+
+def _points(pts: list[tuple[float, Group]], key: str, shift: float = 0.0
+            ) -> tuple[list[float], list[float], list[float], list[Group]]:
+    """(x, mean, std, group) of ``key`` over each group's finished runs, sorted by x; groups without a value
+    are left out."""
+    xs, ys, es, kept = [], [], [], []
+    for x, g in sorted(pts, key=lambda p: p[0]):
+        st = stat([r.summary.get(key) for r in g.finished])
+        if st["mean"] is not None:
+            xs.append(x + shift)
+            ys.append(st["mean"])
+            es.append(st["std"] or 0.0)
+            kept.append(g)
+    return xs, ys, es, kept
+
+
+def plot_noise(groups: list[Group], colors: list, path: Path) -> bool:
+    """Accuracy (last, best) and noisy-label fit against the noise rate, one line per method/setting."""
+    points = []
+    for g in groups:
+        if not g.flat or not g.finished:
+            continue
+        rate = float(g.flat.get("data.noise.rate") or 0) if _noisy(g.flat) else 0.0
+        kind = g.flat.get("data.noise.kind") if _noisy(g.flat) else None
+        name = ", ".join(f"{k}={v}" for k, v, is_noise in g.parts if not is_noise) or "runs"
+        points.append((name, kind, rate, g))
+    if len({p[2] for p in points}) < 2:
+        return False
+    kinds = sorted({p[1] for p in points if p[1] is not None})
+    lines: dict[str, list[tuple[float, Group]]] = {}
+    for name, kind, rate, g in points:
+        targets = [kind] if kind is not None else (kinds or [None])
+        for k in targets:
+            key = name if len(kinds) <= 1 else f"{name} ({k})"
+            lines.setdefault(key, []).append((rate, g))
+    panels = [("last_acc", "last-epoch test accuracy (%)"), ("best_acc", "best-epoch test accuracy (%)")]
+    if any(stat([r.summary.get("memorized") for r in g.finished])["n"] for *_, g in points):
+        panels.append(("memorized", "noisy-label fit (%, memorised)"))
+    palette = _colors(len(lines))
+    fig, axes = _panels(len(panels), 4.6, 4.2, len(lines), sharex=True)
+    top = max(p[2] for p in points)
+    for ax, (key, ylabel) in zip(axes, panels):
+        for i, ((name, pts), c) in enumerate(zip(lines.items(), palette)):
+            shift = (i - (len(lines) - 1) / 2) * 0.012 * top  # a small offset keeps error bars apart
+            xs, ys, es, _ = _points(pts, key, shift)
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, color=c, marker="o", ms=4, capsize=3, lw=1.6, label=name)
+        ax.set_xlabel("label-noise rate" + (f" ({kinds[0]})" if len(kinds) == 1 else ""))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Against label noise: mean over seeds, error bars ± std (lines slightly offset in x)", fontsize=10)
+    return _finish(fig, axes, len(lines), path)
+
+
+def plot_compute(groups: list[Group], colors: list, path: Path) -> bool:
+    """Accuracy (last, best) against forward passes per training sample over the run (the equal-compute
+    axis), one line per method (and noise setting), each point a group; drawn when the budgets differ."""
+    noise_varies = len({_j(_noise_text(g.flat)) for g in groups if g.flat}) > 1
+    lines: dict[str, list[tuple[float, Group]]] = {}
+    for g in groups:
+        passes = stat([r.summary.get("passes") for r in g.finished])["mean"] if g.flat else None
+        if passes is None:
+            continue
+        key = str(g.flat.get("method.name", "runs")) + (f" ({_noise_text(g.flat)})" if noise_varies else "")
+        lines.setdefault(key, []).append((passes, g))
+    if len({p for pts in lines.values() for p, _ in pts}) < 2:
+        return False
+    panels = [("last_acc", "last-epoch test accuracy (%)"), ("best_acc", "best-epoch test accuracy (%)")]
+    palette = _colors(len(lines))
+    fig, axes = _panels(len(panels), 6.2, 4.6, len(lines), sharex=True)
+    for ax, (key, ylabel) in zip(axes, panels):
+        for (name, pts), c in zip(lines.items(), palette):
+            xs, ys, es, kept = _points(pts, key)
+            labels = [", ".join(f"{k}={v}" for k, v, _ in g.parts if k != "method") or g.label for g in kept]
+            if not xs:
+                continue
+            ax.errorbar(xs, ys, yerr=es, color=c, marker="o", ms=4, capsize=3, lw=1.6, label=name)
+            for x, y, text in zip(xs, ys, labels):
+                ax.annotate(_wrap(text, 28), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6, color=c)
+        ax.set_xlabel("forward passes per training sample over the run")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Accuracy against compute: mean over seeds, error bars ± std", fontsize=10)
+    return _finish(fig, axes, len(lines), path)
+
+
+def plot_reliability(groups: list[Group], colors: list, path: Path) -> bool:
+    items = [(g, c, pooled_reliability(g.finished)) for g, c in zip(groups, colors)]
+    items = [(g, c, rel) for g, c, rel in items if rel is not None]
+    if not items:
+        return False
+    ncols = min(4, len(items))
+    nrows = math.ceil(len(items) / ncols)
+    fig = _figure(figsize=(3.4 * ncols, 4.0 * nrows + 0.4))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (g, c, rel) in zip(axes, items):
+        width = 1.0 / rel["bins"]
+        used = [b for b in range(rel["bins"]) if rel["count"][b]]
+        lefts = [b * width for b in used]
+        acc = [rel["acc"][b] for b in used]
+        gap = [rel["conf"][b] - rel["acc"][b] for b in used]
+        ax.bar(lefts, acc, width=width, align="edge", color=c, alpha=0.7, edgecolor="black", lw=0.5, label="accuracy")
+        # the gap from each bin's accuracy to its mean confidence: hatched, unfilled, so the bar top stays visible
+        ax.bar(lefts, gap, bottom=acc, width=width, align="edge", fill=False, edgecolor="0.1", lw=0.6,
+               hatch="///", label="gap to mean confidence")
+        ax.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("confidence", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.tick_params(labelsize=7)
+        seeds = rel["runs"]
+        ax.set_title(f"{_wrap(g.label)}\nECE {rel['ece']:.4f} (bins pooled over {seeds} run{'s' if seeds > 1 else ''})",
+                     fontsize=8)
+    for ax in axes[len(items):]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.suptitle("Reliability diagrams (test set, last epoch)", fontsize=10)
+    _save(fig, path)
+    return True
+
+
+def draw_plots(groups: list[Group], report_dir: Path) -> tuple[list[tuple[str, str]], str]:
+    """Every plot the groups allow, as ``(file name, caption)``; and a note when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return [], "Plots skipped: matplotlib is not installed (`pip install matplotlib`)."
+    colors = _colors(len(groups))
+    drawn = []
+    for key, draw, caption in (
+            ("curves", plot_curves, "Test accuracy per epoch: mean over seeds, band min–max"),
+            ("noise", plot_noise, "Accuracy against the label-noise rate: mean ± std over seeds"),
+            ("compute", plot_compute, "Accuracy against forward passes per training sample: mean ± std over seeds"),
+            ("reliability", plot_reliability, "Reliability diagrams: bins summed over seeds")):
+        if draw(groups, colors, report_dir / PLOTS[key]):
+            drawn.append((PLOTS[key], caption))
+    return drawn, ""
