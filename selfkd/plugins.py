@@ -2,7 +2,12 @@
 
 * ``selfkd --import my_pkg.my_module train ...`` (repeatable) and ``import: [my_pkg.my_module]`` in a
   sweep file import modules before anything is resolved, so their ``@selfkd.register_model`` /
-  ``@selfkd.register_method`` decorators run.
+  ``@selfkd.register_method`` decorators run. A module name is looked up on ``sys.path`` with the working
+  directory first (as ``python -m`` does, also under the ``selfkd`` console script); a name ending in
+  ``.py`` is a file, imported under its stem with its folder put on ``sys.path`` (as ``python FILE`` does).
+* The modules a run was trained with are recorded in its ``config.yaml`` (top-level ``imports``: module
+  names as given, ``.py`` files as absolute paths); ``--resume``, ``selfkd export`` and a sweep's check of
+  an existing run import them again (:func:`import_recorded`) before resolving names.
 * An installed package that declares entry points in the groups ``selfkd.models`` (name -> a factory
   ``(num_classes, in_channels) -> nn.Module``) or ``selfkd.methods`` (name -> a ``Method`` subclass)
   is found by name: the first lookup of a name that is not registered loads the entry point of that
@@ -13,9 +18,13 @@ Both registries are a :class:`Registry`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from .errors import ConfigError
@@ -33,16 +42,64 @@ def require(module: str, extra: str) -> Any:
         raise ConfigError(f"{module} is not installed ({err.msg}); install it with: pip install selfkd[{extra}]") from None
 
 
-def import_modules(names: Iterable[str], where: str = "--import") -> None:
-    """Import each module; one line naming it if it is missing, raises, or calls ``sys.exit`` (a
-    KeyboardInterrupt passes through: it is the user's Ctrl-C)."""
+HINT = ("it must be importable from the working directory or sys.path: run selfkd from its folder, "
+        "set PYTHONPATH=DIR, or give the file (--import path/to/my_mod.py)")
+
+
+def _cwd_on_path() -> None:
+    """``python -m selfkd`` puts the working directory first on ``sys.path``; the console script puts its
+    own bin folder there instead. Do as ``python -m`` does, so ``--import my_mod`` finds ./my_mod.py."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def _import_file(path: Path) -> None:
+    """Import ``path`` (a .py file) as the module named by its stem, once."""
+    name = path.stem
+    known = sys.modules.get(name)
+    if known is not None and getattr(known, "__file__", None) and Path(known.__file__).resolve() == path:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"cannot load {path} as a module", name=name)
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # its sibling modules, as `python FILE` finds them
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+def import_modules(names: Iterable[str], where: str = "--import", base: Path | None = None) -> list[str]:
+    """Import each module (a dotted name, or a path ending in ``.py``, relative to ``base`` or the working
+    directory); one line naming it if it is missing, raises, or calls ``sys.exit`` (a KeyboardInterrupt
+    passes through: it is the user's Ctrl-C). Returns the names to record in a run's config (files as
+    absolute paths)."""
+    recorded: list[str] = []
     for name in names:
         if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"{where}: expected a module name like my_pkg.my_module (got {name!r})")
+            raise ConfigError(f"{where}: expected a module name like my_pkg.my_module or a .py file (got {name!r})")
+        file = None
+        if name.endswith(".py"):
+            file = Path(name).expanduser()
+            file = (file if file.is_absolute() or base is None else base / file).resolve()
+            if not file.is_file():
+                raise ConfigError(f"{where} {name}: no such file ({file}); expected a .py file or a module name "
+                                  "like my_pkg.my_module")
         try:
-            importlib.import_module(name)
+            if file is not None:
+                _import_file(file)
+            else:
+                _cwd_on_path()
+                importlib.import_module(name)
         except ModuleNotFoundError as err:
-            raise ConfigError(f"{where} {name}: module not found ({err.msg})") from None
+            if file is None and err.name and (name == err.name or name.startswith(err.name + ".")):
+                raise ConfigError(f"{where} {name}: module not found ({err.msg}); {HINT}") from None
+            raise ConfigError(f"{where} {name}: importing it raised ModuleNotFoundError: {err.msg}") from None
         except Exception as err:  # the user's module raised while importing
             first = str(err).splitlines()[0] if str(err) else ""
             raise ConfigError(f"{where} {name}: importing it raised {type(err).__name__}: {first}") from None
@@ -54,6 +111,16 @@ def import_modules(names: Iterable[str], where: str = "--import") -> None:
         except BaseException as err:  # GeneratorExit or a BaseException subclass of the module's own
             raise ConfigError(f"{where} {name}: importing it raised {type(err).__name__} "
                               "(a BaseException that is not an Exception)") from None
+        recorded.append(str(file) if file is not None else name)
+    return list(dict.fromkeys(recorded))
+
+
+def import_recorded(raw: dict[str, Any], source: str) -> None:
+    """Import the modules a run recorded (``imports`` in its config.yaml, read as ``raw`` from ``source``)."""
+    names = raw.get("imports", []) if isinstance(raw, dict) else []
+    if not isinstance(names, list):
+        raise ConfigError(f"{source}: imports: expected a list of module names or .py files (got {names!r})")
+    import_modules(names, f"{source}: imports: the run was trained with")
 
 
 def entry_points(group: str) -> list[Any]:

@@ -17,7 +17,7 @@ import transformers.modeling_utils as modeling
 import transformers.trainer_utils as trainer_utils
 from safetensors.torch import save as safetensors_bytes
 
-point, _, nth = os.environ["SELFKD_KILL_AT"].partition(":")
+point, _, nth = os.environ.get("SELFKD_KILL_AT", "").partition(":")  # unset: a resume re-importing it (recorded in config.yaml)
 nth = int(nth or 1)
 seen = {"n": 0}
 

@@ -87,3 +87,74 @@ def test_export_safetensors_and_torchscript(run, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--format", "safetensors", "--out", str(tmp_path / "n")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_metrics_csv_keeps_integers_as_integers(run):
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    jsonl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # not 1.0, 2.0
+    for r, j in zip(rows, jsonl):
+        for k, v in j.items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                assert r[k] == str(v), k
+            elif isinstance(v, float):
+                assert "." in r[k] or "e" in r[k] or r[k] == "nan", (k, r[k])
+
+
+def _readme_snippet(name: str) -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split(f"<!-- load:{name} -->\n```python\n", 1)[1]
+    return block.split("```", 1)[0]
+
+
+def test_export_formats_load_without_selfkd(run, tmp_path):
+    """--format export (.pt2, dynamic batch), no torch.jit warnings from selfkd's own calls, and the README's
+    loading lines run in a Python where selfkd cannot be imported."""
+    import os
+    import subprocess
+    import sys
+    import warnings
+
+    import selfkd
+
+    for fmt, name in (("export", "r8.pt2"), ("safetensors", "r8.safetensors"), ("torchscript", "r8.pt")):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / name)]) == 0
+        assert not [w for w in said if "jit" in str(w.message)], [str(w.message) for w in said]
+    model = selfkd.build_model("cnn_small", 10, 1)
+    model.load_state_dict(ckpt.load(run / "best.pt")["model"])
+    model.eval()
+    x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    torch.save(x, tmp_path / "x.pt")
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    script = "\n".join([
+        "import importlib.util, sys",
+        f"sys.path.append({site!r})",
+        "assert importlib.util.find_spec('selfkd') is None, 'selfkd is importable'",
+        "import torch",
+        "x = torch.load('x.pt')",
+        _readme_snippet("export"), "torch.save(logits, 'export.out')",
+        _readme_snippet("safetensors"), "torch.save((state, classes, mean, std), 'safetensors.out')",
+        _readme_snippet("torchscript"), "torch.save(logits, 'torchscript.out')",
+    ])
+    res = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads((run / "data.json").read_text())
+    mean, std = (torch.tensor(info[k])[:, None, None] for k in ("mean", "std"))
+    with torch.no_grad():
+        want = model((x / 255 - mean) / std)
+    assert torch.allclose(torch.load(tmp_path / "export.out"), want, atol=1e-5)
+    assert torch.allclose(torch.load(tmp_path / "torchscript.out"), want, atol=1e-5)
+    state, classes, m, s = torch.load(tmp_path / "safetensors.out")
+    assert set(state) == set(model.state_dict()) and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert classes == info["classes"] and m == info["mean"] and s == info["std"]
+    # the .pt2 takes any batch size (dynamic batch dimension)
+    program = torch.export.load(str(tmp_path / "r8.pt2")).module()
+    for n in (1, 7):
+        z = torch.randn(n, 1, 8, 8)
+        with torch.no_grad():
+            assert torch.allclose(program(z), model(z), atol=1e-5)

@@ -107,7 +107,9 @@ def test_entry_points_find_an_installed_package(tmp_path, monkeypatch):
 def test_cli_import_errors_are_one_line(tmp_path, capsys):
     assert main(["--import", "no_such_pkg.mod", "models"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "selfkd: error: --import no_such_pkg.mod: module not found (No module named 'no_such_pkg')"
+    assert err == ("selfkd: error: --import no_such_pkg.mod: module not found (No module named 'no_such_pkg'); it must "
+                   "be importable from the working directory or sys.path: run selfkd from its folder, set "
+                   "PYTHONPATH=DIR, or give the file (--import path/to/my_mod.py)")
     (tmp_path / "raising_mod.py").write_text("raise RuntimeError('boom at import')\n")
     sys.path.insert(0, str(tmp_path))
     try:
@@ -164,3 +166,84 @@ def test_sweep_file_import_list(tmp_path, capsys):
     sweep.write_text("out: runs\nimport: [nope_mod]\nbase: {method: {name: ce}}\n")
     assert main(["sweep", str(sweep), "--plan"]) == 2
     assert "import: nope_mod: module not found" in capsys.readouterr().err
+
+
+SAT = EXAMPLE.read_text().replace('name = "cpen"', 'name = "sat"').replace("class ConfidencePenalty", "class Sat")
+
+
+def _selfkd(args, cwd, **kw):
+    import subprocess
+
+    script = Path(sys.executable).parent / "selfkd"  # the console script, not python -m
+    return subprocess.run([str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_console_script_imports_from_the_working_directory_and_py_paths(tmp_path):
+    plug = tmp_path / "plug"
+    plug.mkdir()
+    (plug / "sat_mod.py").write_text(SAT)
+    res = _selfkd(["--import", "sat_mod", "methods", "sat"], cwd=plug)  # as `python -m selfkd` finds it
+    assert res.returncode == 0 and "sat: CE(z, y)" in res.stdout, res.stderr
+    res = _selfkd(["--import", "./plug/sat_mod.py", "methods", "sat"], cwd=tmp_path)  # a .py path
+    assert res.returncode == 0 and "sat: CE(z, y)" in res.stdout, res.stderr
+    res = _selfkd(["--import", "./plug/missing.py", "methods"], cwd=tmp_path)
+    assert res.returncode == 2 and res.stdout == "" and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("selfkd: error: --import ./plug/missing.py: no such file (")
+    res = _selfkd(["--import", "sat_mod", "methods"], cwd=tmp_path)  # not on the path: the hint
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "PYTHONPATH" in res.stderr, res.stderr
+
+
+def test_imports_recorded_and_reimported_by_resume_and_export(tmp_path):
+    import yaml
+
+    plug = tmp_path / "plug"
+    plug.mkdir()
+    (plug / "sat_mod.py").write_text(SAT)
+    run = tmp_path / "run"
+    res = _selfkd(["train", "--import", "sat_mod", *BASE, "--method", "sat", "--epochs", "1", "--out", str(run)],
+                  cwd=plug)
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["imports"] == ["sat_mod"]
+    # elsewhere, with the module's folder on PYTHONPATH and no --import: export and resume import it again
+    env = {**__import__("os").environ, "PYTHONPATH": str(plug)}
+    res = _selfkd(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")],
+                  cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    (run / "summary.json").unlink()  # the last checkpoint is the last epoch: resume finishes the run
+    res = _selfkd(["train", "--resume", str(run)], cwd=tmp_path, env=env)
+    assert res.returncode == 0 and (run / "summary.json").is_file(), res.stderr
+    # a .py path is recorded absolute, so it works from any folder
+    run2 = tmp_path / "run2"
+    res = _selfkd(["train", "--import", "plug/sat_mod.py", *BASE, "--method", "sat", "--epochs", "1", "--out",
+                   str(run2)], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert yaml.safe_load((run2 / "config.yaml").read_text())["imports"] == [str(plug / "sat_mod.py")]
+    res = _selfkd(["export", str(run2), "--format", "export", "--out", str(tmp_path / "m.pt2")], cwd=run2)
+    assert res.returncode == 0, res.stderr
+    # a recorded module that cannot be imported: one line naming it, nothing written
+    res = _selfkd(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "n.safetensors")],
+                  cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "imports: the run was trained with sat_mod: module not found" in res.stderr
+    assert not (tmp_path / "n.safetensors").exists()
+    (run / "summary.json").unlink()
+    res = _selfkd(["train", "--resume", str(run)], cwd=tmp_path)
+    assert res.returncode == 2 and "sat_mod: module not found" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_imports_keep_config_hashes_and_sweeps_record_them(tmp_path):
+    from selfkd.engine.config import Config, build_config, config_hash
+    from selfkd.experiments.sweep import plan
+
+    # the hashes of configs without imports are those of selfkd before imports were recorded
+    assert config_hash(Config()) == "751fddbf0c1467677c03fcdcf123ec655c4bf91cfd4462e938dc5aa662f8009a"
+    cfg = build_config({"method": {"name": "dlb"}, "train": {"epochs": 3}})
+    assert config_hash(cfg) == "43319cda1b1e05df5807c0195db69a432fb803ef8776fcecbcda670eb56249ee"
+    assert "imports" not in cfg.to_dict()
+    with_imports = build_config({"method": {"name": "dlb"}, "train": {"epochs": 3}, "imports": ["x_mod"]})
+    assert with_imports.to_dict()["imports"] == ["x_mod"] and config_hash(with_imports) == config_hash(cfg)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("out: runs\nimport: [confidence_penalty]\nbase: {data: {name: digits}, model: {name: cnn_small}}\n"
+                     "grid: {method.name: [ce, cpen]}\n")
+    assert [r.cfg.imports for r in plan(sweep).runs] == [["confidence_penalty"]] * 2

@@ -77,6 +77,8 @@ def _flags(a: argparse.Namespace, table: dict[str, tuple[str, str | None, str | 
         value = getattr(a, attr)
         if section is not None and value is not None:
             out.setdefault(section, {})[key] = value
+    if getattr(a, "recorded", None):  # --import: recorded in RUN/config.yaml
+        out["imports"] = list(a.recorded)
     return out
 
 
@@ -96,6 +98,9 @@ def _saved_config(run: Path, command: str) -> dict[str, Any]:
     kind = "finetune" if raw.get("kind") == "finetune" else "train"
     if kind != command:
         raise ConfigError(f"--resume {run}: a {kind} run; resume it with selfkd {kind} --resume {run}")
+    from ..plugins import import_recorded
+
+    import_recorded(raw, str(run / CONFIG))
     return raw
 
 
@@ -419,10 +424,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
-    e = sub.add_parser("export", help="write a run's weights for deployment (safetensors or TorchScript)",
-                       parents=[common, imports])
+    e = sub.add_parser("export", help="write a run's weights for deployment (torch.export .pt2, safetensors or "
+                       "TorchScript)", parents=[common, imports])
     e.add_argument("run", metavar="RUN_DIR")
-    e.add_argument("--format", required=True, choices=["safetensors", "torchscript"])
+    e.add_argument("--format", required=True, choices=["export", "safetensors", "torchscript"],
+                   help="export: torch.export ExportedProgram (.pt2, dynamic batch; recommended)")
     e.add_argument("--out", required=True, metavar="FILE", help="a new file")
     e.add_argument("--weights", choices=["best", "last"], default="best", help="best epoch (default) or last checkpoint")
     e.set_defaults(func=cmd_export)
@@ -458,10 +464,11 @@ def main(argv: list[str] | None = None) -> int:
             from ..engine.rundir import check_no_dangling
 
             check_no_dangling(Path(args.out))
+        args.recorded = []
         if args.imports:
             from ..plugins import import_modules
 
-            import_modules(args.imports)
+            args.recorded = import_modules(args.imports)
         return args.func(args)
     except SelfKDError as err:
         if args.debug:

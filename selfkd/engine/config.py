@@ -247,6 +247,8 @@ class Config(Schema):
     optim: OptimCfg = OptimCfg()
     schedule: ScheduleCfg = ScheduleCfg()
     train: TrainCfg = TrainCfg()
+    imports: list[str] = Field(default_factory=list, description="modules imported for this run (--import, a sweep's "
+                               "import:); resume and export import them again. Not part of the config hash")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -259,11 +261,16 @@ class Config(Schema):
             raise NoEffect("data.on_device = true has no effect with train.device=cpu: the data set is already in host memory")
         return self
 
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=None if self.imports else {"imports"})  # absent when empty
+
 
 # ---------------------------------------------------------------------------------------------
 def config_hash(cfg: Config) -> str:
     """SHA-256 of the resolved config (canonical JSON): checkpoints carry it to detect edits before a resume."""
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+    d = cfg.to_dict()
+    d.pop("imports", None)  # where the code is found, not what is trained (a moved plugin file can resume)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -45,17 +45,25 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
 
 
 def write_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    """Every epoch's scalars, columns in order of first appearance (a part absent in a row stays empty)."""
+    """Every epoch's scalars, columns in order of first appearance (a part absent in a row stays empty);
+    integers stay integers. Units: README, section "metrics.csv"."""
     cols: list[str] = []
-    rows = [scalars(h) for h in history]
+    rows = [{k: v for k, v in h.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for h in history]
     for r in rows:
         cols += [k for k in r if k not in cols]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (repr(v) if not math.isnan(v) else "nan") for k, v in r.items()})
+        w.writerow({k: _cell(v) for k, v in r.items()})
     ckpt.write_text(path, buf.getvalue())
+
+
+def _cell(v: int | float) -> str:
+    """An int as written (``epoch`` is ``3``, not ``3.0``); a float at full precision (``repr``), NaN as ``nan``."""
+    if isinstance(v, int):
+        return str(v)
+    return "nan" if math.isnan(v) else repr(float(v))
 
 
 def check(mode: str) -> None:

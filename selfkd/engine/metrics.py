@@ -48,14 +48,19 @@ def reliability(logits: Tensor, target: Tensor, bins: int = 15) -> dict[str, lis
             "acc": (sum_acc / safe).tolist()}
 
 
+TOPK = 5
+
+
 def classification_metrics(logits: Tensor, target: Tensor, bins: int = 15) -> dict[str, float]:
+    """``acc`` and ``top5`` in percent, ``nll`` in nats per sample, ``ece`` a fraction in [0, 1]. ``top5`` only
+    with more than 5 classes: with 5 or fewer every label is among the top 5 and it would always be 100."""
     n = len(target)
-    return {
-        "acc": 100.0 * topk_correct(logits, target, 1) / n,
-        "top5": 100.0 * topk_correct(logits, target, 5) / n,
-        "nll": nll(logits, target),
-        "ece": ece(logits, target, bins),
-    }
+    out = {"acc": 100.0 * topk_correct(logits, target, 1) / n}
+    if logits.shape[1] > TOPK:
+        out[f"top{TOPK}"] = 100.0 * topk_correct(logits, target, TOPK) / n
+    out["nll"] = nll(logits, target)
+    out["ece"] = ece(logits, target, bins)
+    return out
 
 
 def macro_f1(logits: Tensor, target: Tensor, num_classes: int | None = None) -> float:

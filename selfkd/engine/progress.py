@@ -17,8 +17,10 @@ def _fmt(m: dict[str, Any]) -> str:
         parts[0] += " (" + ", ".join(extra) + ")"
     parts.append(f"train acc {m['train_acc']:.2f}")
     if "test_acc" in m:  # epochs between evaluations (train.eval_every) have no test metrics
-        parts += [f"test acc {m['test_acc']:.2f}", f"top5 {m['test_top5']:.2f}", f"nll {m['test_nll']:.4f}",
-                  f"ece {m['test_ece']:.4f}"]
+        parts.append(f"test acc {m['test_acc']:.2f}")
+        if "test_top5" in m:  # absent with 5 classes or fewer
+            parts.append(f"top5 {m['test_top5']:.2f}")
+        parts += [f"nll {m['test_nll']:.4f}", f"ece {m['test_ece']:.4f}"]
     parts += [f"{m['images_per_s']:.0f} img/s", f"{m['epoch_seconds']:.1f}s"]
     if "train_memorized" in m:
         parts.insert(2, f"noisy-label fit {m['train_memorized']:.1f}% (true-label acc {m['train_corrupted_acc']:.1f}%)")

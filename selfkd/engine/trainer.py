@@ -364,7 +364,8 @@ class Trainer:
             "data": self.cfg.data.name, "model": self.cfg.model.name, "method": self.method.describe(),
             "epochs": len(history), "seed": self.cfg.train.seed,
             "last_acc": last["test_acc"], "best_acc": best["test_acc"], "best_epoch": best["epoch"],
-            "last_top5": last["test_top5"], "ece": last["test_ece"], "nll": last["test_nll"],
+            **({"last_top5": last["test_top5"]} if "test_top5" in last else {}),  # absent with <= 5 classes
+            "ece": last["test_ece"], "nll": last["test_nll"],
             "reliability": last["test_reliability"],
             **{k: last[f"train_{k}"] for k in ("corrupted_acc", "memorized", "clean_acc") if f"train_{k}" in last},
             **{f"last_acc_exit{k}": last[f"test_acc_exit{k}"] for k in range(1, 16) if f"test_acc_exit{k}" in last},

@@ -74,6 +74,8 @@ class FinetuneConfig(Schema):
     method: MethodCfg = MethodCfg()
     optim: LMOptimCfg = LMOptimCfg()
     train: LMTrainCfg = LMTrainCfg()
+    imports: list[str] = Field(default_factory=list, description="modules imported for this run (--import); "
+                               "resume imports them again")
 
     @model_validator(mode="after")
     def _checks(self) -> "FinetuneConfig":
@@ -81,6 +83,9 @@ class FinetuneConfig(Schema):
         if method_class(self.method.name).needs_teacher:
             raise ValueError(f"method.name: '{self.method.name}' needs a trained teacher; not supported by finetune")
         return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=None if self.imports else {"imports"})  # absent when empty
 
 
 def build_finetune_config(*layers: dict[str, Any], source: str = "config") -> FinetuneConfig:

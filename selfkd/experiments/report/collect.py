@@ -16,7 +16,7 @@ from ..sweep import RUNS
 
 
 IGNORED = ("train.seed", "train.log_every", "train.eval_batch_size", "data.num_workers", "data.cache_dir",
-           "data.download")
+           "data.download", "imports")  # imports: where code is found, not a config difference
 NOISE = ("data.noise.kind", "data.noise.rate")
 SHORT = {"method.name": "method", "model.name": "model", "data.name": "data", "data.noise.seed": "noise seed",
          "schedule.kind": "schedule", "data.subset": "subset", "data.test_subset": "test subset", "data.dir": "data dir"}

@@ -340,12 +340,17 @@ def _check_existing(run: Run, where: str) -> None:
         old = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{where}: run {run.name}: {path} is not valid YAML") from None
+    if isinstance(old, dict):
+        from ...plugins import import_recorded
+
+        import_recorded(old, str(path))
     try:  # fill keys added to the config since the run started with their defaults
         old = build_config(old, source=str(path)).to_dict()
     except (ConfigError, TypeError, AttributeError):
         pass  # compare as written: the difference names the key
     a, b = _normal(old, run.dir), _normal(run.cfg.to_dict(), run.dir)
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    diff = sorted(k for k in a.keys() | b.keys()  # imports: where code is found, not what is trained
+                  if k != "imports" and a.get(k, "<unset>") != b.get(k, "<unset>"))
     if diff:
         k = diff[0]
         raise ConfigError(
@@ -368,10 +373,12 @@ def plan(path: str | Path, out: str | Path | None = None) -> Sweep:
         raise ConfigError(f"{where}: import: expected a list of module names (got {modules!r})")
     from ...plugins import import_modules
 
-    import_modules(modules, f"{where}: import:")  # user models/methods, before any config is resolved
+    recorded = import_modules(modules, f"{where}: import:", base=path.parent)  # before any config is resolved
     root = Path(out) if out is not None else _out_root(spec, path, where)
     preset = spec.get("preset")
     layers = _base_layers(spec, preset, where)
+    if recorded:  # in each run's config.yaml, for resume and export
+        layers.append({"imports": recorded})
     axes = _axes(spec, where)
     sweep = Sweep(path, root, preset, layers[-1], axes)
     seed_pos = next((i for i, a in enumerate(axes) if a.key == SEED_KEY), None)
