@@ -18,7 +18,8 @@ from selfkd.data import BatchView, load_dataset
 from selfkd.data.packed import PackedDataset, load_packed, pack
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine.config import build_config
-from selfkd.engine.trainer import TIMING_KEYS, train_run
+from selfkd.engine.stages import train_run
+from selfkd.engine.trainer import TIMING_KEYS
 from selfkd.errors import ConfigError, DataError
 
 
