@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.selfkd-installed
 
-.PHONY: install demo test bench clean gpu-pack gpu-smoke
+.PHONY: install demo test bench clean gpu-pack gpu-smoke lint
 
 install: $(STAMP)
 
@@ -51,6 +51,10 @@ gpu-pack:
 	echo "$(CIFAR10_JPEG_SHA256)  $(CIFAR10_JPEG)" | sha256sum --check --quiet
 	rm -f .gpudata/cifar10-jpeg.tar.gz && cp $(CIFAR10_JPEG) .gpudata/cifar10-jpeg.tar.gz
 	du -ch .whl .gpudata | tail -1
+
+lint: $(STAMP)
+	$(BIN)/python -m pip install --quiet ruff==0.17.6
+	$(BIN)/ruff check selfkd tests benchmarks examples
 
 gpu-smoke: $(STAMP)
 	PYTHON=$(BIN)/python bash benchmarks/gpu.sh --smoke

@@ -65,7 +65,8 @@ def accuracy_section(plan: dict | None, hists: dict[str, list[dict]]) -> list[st
     if plan is None:
         return ["Not run yet."]
     out = [f"{plan['model']} on {plan['n_train']:,} training / {plan['n_test']:,} test images of the CIFAR-10 JPEG archive "
-           f"({'data on the GPU: data.on_device' if plan['device'] == 'cuda' else 'CPU, data in host memory'}), {', '.join(plan['methods'])} at once in one process each, "
+           f"({'data on the GPU: data.on_device' if plan['device'] == 'cuda' else 'CPU, data in host memory'}), "
+           f"{', '.join(plan['methods'])} at once in one process each, "
            f"recipe {plan['recipe']} (SGD-Nesterov lr 0.05, cosine, 1 warm-up epoch, wd 5e-4, batch "
            f"{plan['batch_size']}), seed 0, {plan['epochs']} epochs ({plan['epochs_how']}). Images decoded in "
            f"{plan['decode_s']:.0f} s. Status: "

@@ -377,7 +377,7 @@ def test_trivialaugment_dispatch_matches_replay():
     neg = torch.randint(0, 2, (40,), generator=g).tolist()
     space = _space(pol, 16, 16)
     names = [OP_NAMES[o] for o in ops]
-    assert torch.equal(out, _replay(x, [(names, [_mag(space, n, l, s) for n, l, s in zip(names, lvl, neg)])]))
+    assert torch.equal(out, _replay(x, [(names, [_mag(space, n, lv, s) for n, lv, s in zip(names, lvl, neg)])]))
 
 
 def test_autoaugment_cifar10_table_and_dispatch():

@@ -175,7 +175,7 @@ def test_tfkd_reg_matches_official_formula():
     official = (1 - alpha) * mean(hand_ce(zi, yi) for zi, yi in zip(Z, Y)) + alpha * k * elementwise / (n * k)
     assert out.loss.item() == pytest.approx(official, rel=1e-6)
     # the official ResNet-18/CIFAR-100 teacher is nearly uniform: ≈0.0105 on the true class
-    zk, yk = torch.zeros(1, 100), torch.tensor([3])
+    yk = torch.tensor([3])
     teacher = torch.softmax(selfkd.methods.ls.peaked_target(yk, 100, 0.99) / 20, 1)
     assert teacher[0, 3].item() == pytest.approx(0.010502, abs=1e-6)
 

@@ -15,7 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from selfkd.cli import main
 from selfkd.data import BatchView, load_dataset
-from selfkd.data.packed import PackedDataset, load_packed, pack
+from selfkd.data.packed import load_packed, pack
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine.config import build_config
 from selfkd.engine.stages import train_run

@@ -88,7 +88,6 @@ def test_dlb_on_tokens_matches_hand_computation_with_padding_change():
 
     dlb = selfkd.DLB(temperature=T, alpha=0.5)
     it = iter(dlb.batch_sampler(range(4), 2))
-    step1 = {}
     idx1, z1, out1 = _step(dlb, it, lambda idx: torch.stack([table[i][:3] for i in idx]), lambda idx: labels(idx, 3))
     assert out1.parts["kd"].item() == 0.0
     # step 1's CE: mean over its 2 + 3 real tokens

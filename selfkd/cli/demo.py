@@ -78,7 +78,7 @@ def run_demo(out: str | None, epochs: int, seed: int, progress: bool | None, thr
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
         rows.append((method, noise, summary))
     print()
-    head = f"| method | label noise | last acc % | best acc % | ECE | NLL | seconds |"
+    head = "| method | label noise | last acc % | best acc % | ECE | NLL | seconds |"
     print(head)
     print("|---|---|---|---|---|---|---|")
     for method, noise, s in rows:

@@ -8,7 +8,6 @@ state, batches and warnings of the three fits. ``--orders`` adds a one-epoch CE 
 """
 import argparse
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
