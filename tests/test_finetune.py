@@ -17,6 +17,21 @@ import tinylm  # noqa: E402
 from handmath import hand_kl  # noqa: E402
 
 
+def interrupt_in_epoch_2(monkeypatch):
+    """A Ctrl-C at the start of the second epoch of the next finetune run in this process; returns the undo."""
+    from selfkd.integrations import finetune
+
+    begin = finetune._Epochs.on_epoch_begin
+
+    def stop_in_epoch_2(self, args, state, control, **kw):
+        if state.epoch >= 1:
+            raise KeyboardInterrupt
+        return begin(self, args, state, control, **kw)
+
+    monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", stop_in_epoch_2)
+    return lambda: monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", begin)
+
+
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
@@ -66,19 +81,10 @@ def test_resume_is_exact(parts, tmp_path, monkeypatch, lora):
         pytest.importorskip("peft")
     extra = ("--set", "method.schedule=entropy", "--set", "train.seed=3", "--set", f"model.lora.r={lora}")
     assert cli(parts, tmp_path / "whole", *extra, epochs=2) == 0
-    from selfkd.integrations import finetune
-
-    begin = finetune._Epochs.on_epoch_begin
-
-    def stop_in_epoch_2(self, args, state, control, **kw):
-        if state.epoch >= 1:
-            raise KeyboardInterrupt
-        return begin(self, args, state, control, **kw)
-
-    monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", stop_in_epoch_2)
+    resume_normally = interrupt_in_epoch_2(monkeypatch)
     assert cli(parts, tmp_path / "cut", *extra, epochs=2) == 130
     assert not (tmp_path / "cut" / "summary.json").exists()
-    monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", begin)
+    resume_normally()
     assert main(["finetune", "--resume", str(tmp_path / "cut")]) == 0
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -283,18 +289,9 @@ class _Payload:
 @pytest.mark.parametrize("name", ["rng_state.pth", "optimizer.pt", "scheduler.pt"])
 def test_malicious_trainer_file_in_a_checkpoint_is_one_line(parts, tmp_path, monkeypatch, capsys, name):
     """The Trainer refuses it (weights_only); the refusal names the file in one line, not a traceback."""
-    from selfkd.integrations import finetune
-
-    begin = finetune._Epochs.on_epoch_begin
-
-    def stop_in_epoch_2(self, args, state, control, **kw):
-        if state.epoch >= 1:
-            raise KeyboardInterrupt
-        return begin(self, args, state, control, **kw)
-
-    monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", stop_in_epoch_2)
+    resume_normally = interrupt_in_epoch_2(monkeypatch)
     assert cli(parts, tmp_path / "cut", epochs=2) == 130
-    monkeypatch.setattr(finetune._Epochs, "on_epoch_begin", begin)
+    resume_normally()
     (folder,) = (tmp_path / "cut" / "hf").glob("checkpoint-*")
     torch.save({"x": _Payload()}, folder / name)
     capsys.readouterr()

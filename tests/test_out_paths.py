@@ -7,25 +7,12 @@ import pytest
 import yaml
 
 from selfkd import models
-from selfkd.cli import main
+from test_safety import one_line_error, run_cli
 
 TINY = ["--data", "digits", "--model", "cnn_small", "--no-progress", "--set", "data.subset=100",
         "--set", "data.test_subset=50", "--batch-size", "32", "--epochs", "1", "--threads", "1"]
 BASE = {"data": {"name": "digits", "subset": 100, "test_subset": 50}, "model": {"name": "cnn_small"},
         "optim": {"batch_size": 32}, "train": {"epochs": 1, "device": "cpu"}}
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def one_line_error(code, err, *needles):
-    assert code == 2, err
-    assert err.startswith("selfkd: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def snapshot(root: Path) -> dict:
