@@ -3,16 +3,22 @@ intervals that count test sampling (a paired two-way bootstrap over the paired u
 
     selfkd sweep configs/cpu/evidence_core.yaml --threads 1     # the runs (resumable; --jobs 2 on an idle machine)
     selfkd sweep configs/cpu/evidence_rf.yaml --threads 1
-    python benchmarks/evidence.py [--core DIR] [--rf DIR] [--out benchmarks/results/evidence_cifar10]
+    python benchmarks/evidence.py [--core DIR] [--rf DIR] [--out benchmarks/results/evidence_cifar10] [--keep]
 
 Per finished run it scores the final weights (`checkpoint.pt`) on the test set once more and keeps each test
 image's correctness in `RUN/test_correct.npy` (checked against the run's own last-epoch accuracy), then writes
 `report.md` and `report.json`. A run not finished yet is left out and counted: partial results say so.
+
+`--keep` also copies each finished run's record (summary.json, config.yaml, metrics.jsonl, test_correct.npy; no
+weights) to `OUT/runs/{core,rf}/...`, committed with the report: the report recomputes from them
+(`--core OUT/runs/core --rf OUT/runs/rf`), and copying them into a sweep's `--out` (with its sweep.yaml and
+runs.json) lets `selfkd sweep` skip them, so a study cut off by the end of a session resumes where it stopped.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -90,6 +96,29 @@ def collect(root: Path) -> dict[str, dict[tuple[int, int], Path]]:
     return arms
 
 
+RECORD = ("summary.json", "config.yaml", "metrics.jsonl", "test_correct.npy")
+
+
+def keep(root: Path, runs: dict[str, dict[tuple[int, int], Path]], dest: Path) -> int:
+    """Copy each finished run's record (no weights) under dest, keeping its path below the sweep root."""
+    n = 0
+    for by_unit in runs.values():
+        for run in by_unit.values():
+            score(run)  # test_correct.npy exists before the record is copied
+            to = dest / run.relative_to(root)
+            if to.resolve() == run.resolve():
+                continue
+            to.mkdir(parents=True, exist_ok=True)
+            for name in RECORD:
+                if (run / name).exists():
+                    shutil.copy2(run / name, to / name)
+            n += 1
+    for name in ("sweep.yaml", "runs.json"):
+        if (root / name).exists() and (dest / name).resolve() != (root / name).resolve():
+            shutil.copy2(root / name, dest / name)
+    return n
+
+
 def curve(run: Path, key: str) -> dict[int, float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["epoch"]: r[key] for r in rows if key in r and r[key] is not None}
@@ -101,9 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rf", type=Path, default=ROOT / "benchmarks/runs/evidence_rf")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/evidence_cifar10")
     p.add_argument("--resamples", type=int, default=2000)
+    p.add_argument("--keep", action="store_true", help="copy each finished run's record (no weights) to OUT/runs/")
     a = p.parse_args(argv)
     arms = collect(a.core)
     rf = collect(a.rf) if a.rf.exists() else {}
+    if a.keep:
+        n = keep(a.core, arms, a.out / "runs" / "core") + (keep(a.rf, rf, a.out / "runs" / "rf") if rf else 0)
+        print(f"kept {n} run records under {a.out / 'runs'}", file=sys.stderr)
     # the rf study runs on subset draw 0 only: pair its arms with the core's units of that draw
     arms.update(rf)
     summaries = {arm: {u: json.loads((r / "summary.json").read_text()) for u, r in runs.items()} for arm, runs in arms.items()}
