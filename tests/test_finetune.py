@@ -49,7 +49,8 @@ def cli(parts, out, *extra, method="dlb", epochs=2):
 def test_dlb_run_directory_summary_and_report(parts, tmp_path, capsys):
     assert cli(parts, tmp_path / "runs" / "dlb", "--set", "method.schedule=confidence") == 0
     run = tmp_path / "runs" / "dlb"
-    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "summary.json", "model"}
+    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "metrics.csv",
+                                                         "tb", "summary.json", "model"}  # train.log=auto, tensorboard installed
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     s = json.loads((run / "summary.json").read_text())
