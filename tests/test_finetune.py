@@ -277,8 +277,8 @@ def test_killed_while_saving_resumes_bit_identical(parts, uninterrupted, tmp_pat
     a, b = weights(uninterrupted), weights(run)
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _metrics(run) == _metrics(uninterrupted)
-    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "summary.json",
-                                                           "model"}
+    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "metrics.csv",
+                                                           "tb", "summary.json", "model"}
 
 
 class _Payload:
