@@ -279,3 +279,32 @@ def test_readme_section_runs(digits_run, ft_run, parts, tmp_path, monkeypatch, c
     assert r["acc"] == json.loads(Path("runs/digits/summary.json").read_text())["last_acc"]
     assert json.loads(Path("all-best.json").read_text())["count"] == 1797
     assert json.loads(Path("bbc-2025.json").read_text())["kind"] == "finetune"
+
+
+def test_classes_in_another_order_are_mapped_to_the_run_s_labels(parts, tmp_path, capsys):  # noqa: F811
+    """A run that declared its classes in another order (label 0 = tech): the corpus's sorted labels are mapped."""
+    run = tmp_path / "ordered"
+    assert main(["finetune", "--data", str(parts["data"]), "--model", str(parts["model"]), "--method", "ce",
+                 "--epochs", "1", "--batch-size", "4", "--lr", "2e-3", "--set", "data.max_length=24",
+                 "--set", "data.classes=[tech,food,sport]", "--set", "train.log=csv", "--out", str(run)]) == 0
+    other = tinylm.make_corpus(tmp_path / "other", per_class=4)
+    for f in ("001", "002"):  # unbalanced: a near-constant prediction still scores a permutation differently
+        (other / "tech" / f"{f}.txt").unlink()
+    out = tmp_path / "o.json"
+    scored(capsys, run, "--data", other, "--split", "all", "--out", out)
+    r = json.loads(out.read_text())
+    assert r["classes"] == ["tech", "food", "sport"] and r["count"] == 10
+    tok = transformers.AutoTokenizer.from_pretrained(str(run / "model"))
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(run / "model")).eval()
+    texts, labels = [], []
+    for k, c in enumerate(["tech", "food", "sport"]):  # the run's label order
+        for f in sorted((other / c).glob("*.txt")):
+            texts.append(f.read_text())
+            labels.append(k)
+    with torch.no_grad():
+        z = torch.cat([model(**tok([t], truncation=True, max_length=24, return_tensors="pt")).logits for t in texts])
+    y = torch.tensor(labels)
+    assert r["nll"] == pytest.approx(nll(z, y), rel=1e-5)
+    assert r["acc"] == pytest.approx(100.0 * float((z.argmax(1) == y).double().mean()), abs=1e-12)
+    unmapped = torch.tensor([["food", "sport", "tech"].index(c) for c in ["tech", "food", "sport"]])[y]  # sorted order
+    assert nll(z, unmapped) != pytest.approx(r["nll"], rel=1e-4)  # the mapping mattered
