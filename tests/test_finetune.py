@@ -49,7 +49,8 @@ def cli(parts, out, *extra, method="dlb", epochs=2):
 def test_dlb_run_directory_summary_and_report(parts, tmp_path, capsys):
     assert cli(parts, tmp_path / "runs" / "dlb", "--set", "method.schedule=confidence") == 0
     run = tmp_path / "runs" / "dlb"
-    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "summary.json", "model"}
+    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "metrics.csv",
+                                                         "tb", "summary.json", "model"}  # train.log=auto, tensorboard installed
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     s = json.loads((run / "summary.json").read_text())
@@ -276,8 +277,8 @@ def test_killed_while_saving_resumes_bit_identical(parts, uninterrupted, tmp_pat
     a, b = weights(uninterrupted), weights(run)
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _metrics(run) == _metrics(uninterrupted)
-    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "summary.json",
-                                                           "model"}
+    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "metrics.csv",
+                                                           "tb", "summary.json", "model"}
 
 
 class _Payload:

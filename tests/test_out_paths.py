@@ -111,7 +111,7 @@ def test_export_never_replaces_a_file_written_meanwhile(tmp_path, capsys, monkey
 
 # ------------------------------------------------------------------------------------------------
 # dangling symbolic links
-@pytest.mark.parametrize("command", ["train", "sweep", "export", "demo", "finetune", "report"])
+@pytest.mark.parametrize("command", ["train", "sweep", "export", "demo", "finetune", "report", "eval"])
 def test_out_at_a_dangling_symlink_is_refused_and_the_link_kept(tmp_path, capsys, command):
     link = tmp_path / "out"
     link.symlink_to(tmp_path / "gone")
@@ -122,6 +122,7 @@ def test_out_at_a_dangling_symlink_is_refused_and_the_link_kept(tmp_path, capsys
         "demo": ["demo", "--epochs", "1", "--out", link, "--no-progress"],
         "finetune": ["finetune", "--data", tmp_path / "t.csv", "--model", tmp_path / "m", "--out", link],
         "report": ["report", tmp_path, "--out", link],
+        "eval": ["eval", tmp_path / "no-run", "--data", "digits", "--out", link],
     }[command]
     code, _, err = run_cli(capsys, *argv)
     one_line_error(code, err, f"--out {link}: {link} is a dangling symbolic link (to {tmp_path / 'gone'})")

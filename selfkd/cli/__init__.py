@@ -1,4 +1,4 @@
-"""Command line: ``selfkd train | pack | finetune | sweep | report | export | demo | methods | models | presets``.
+"""Command line: ``selfkd train | pack | finetune | sweep | report | export | eval | demo | methods | models | presets``.
 
 Errors a user can fix print one line (``selfkd: error: ...``) and exit 2; ``--debug`` shows the
 traceback instead.
@@ -329,6 +329,23 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .eval import eval_run
+
+    _check_threads(a)
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    r = eval_run(a.run, a.data, a.out, data_dir=a.data_dir, split=a.split, weights=a.weights, device=a.device,
+                 batch_size=a.batch_size)
+    top5 = f" | top5 {r['top5']:.2f}" if "top5" in r else ""
+    f1 = f" | macro-F1 {r['macro_f1']:.2f}" if "macro_f1" in r else ""
+    print(f"{a.out}: acc {r['acc']:.2f}{top5}{f1} | ece {r['ece']:.4f} | nll {r['nll']:.4f} | {r['count']} samples "
+          f"({r['split']} of {r['data']}; {r['weights']} weights, epoch {r['epoch']})")
+    return 0
+
+
 def cmd_methods(a: argparse.Namespace) -> int:
     from .catalog import method_lines
 
@@ -432,6 +449,20 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, metavar="FILE", help="a new file")
     e.add_argument("--weights", choices=["best", "last"], default="best", help="best epoch (default) or last checkpoint")
     e.set_defaults(func=cmd_export)
+    v = sub.add_parser("eval", help="score a run on a data set with the run's own preprocessing, into a JSON file",
+                       parents=[common, threads, imports])
+    v.add_argument("run", metavar="RUN_DIR", help="a train or finetune run directory")
+    v.add_argument("--data", required=True, metavar="NAME|PATH", help="train runs: digits | cifar10 | cifar100 | "
+                   "imagefolder | packed; finetune runs: a text folder or .csv/.tsv/.jsonl file")
+    v.add_argument("--data-dir", metavar="DIR", help="where the image data set lives (train runs)")
+    v.add_argument("--split", choices=["test", "train", "all"], default="test", help="which part to score (default: test)")
+    v.add_argument("--weights", choices=["best", "last"], help="last (default: the final weights, as summary.json) "
+                   "or best (best.pt; train runs)")
+    v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    v.add_argument("--batch-size", type=int, metavar="B", help="samples per forward pass (default: the run's "
+                   "train.eval_batch_size)")
+    v.add_argument("--out", required=True, metavar="FILE", help="a new JSON file (never overwritten)")
+    v.set_defaults(func=cmd_eval)
     m = sub.add_parser("methods", help="list methods, their hyper-parameters and formulas", parents=[imports])
     m.add_argument("names", nargs="*")
     m.set_defaults(func=cmd_methods)

@@ -114,6 +114,12 @@ class RunLogs:
         self.writer.add_scalar("step/lr", lr, global_step)
         self.writer.add_scalar("step/images_per_s", images_per_s, global_step)
 
+    def points(self, global_step: int, values: dict[str, float]) -> None:
+        """``step/<key>`` for values the caller has on the host already (the HF Trainer's logged window means)."""
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"step/{k}", v, global_step)
+
     def epoch(self, global_step: int, row: dict[str, Any]) -> None:
         """The finished epoch's scalars at its last global step; flushed (the trainer calls this before the
         checkpoint, and a resume purges from the checkpoint's step + 1)."""

@@ -6,7 +6,12 @@ checkpoint). The run directory holds what ``selfkd train`` writes, in the same f
 
 * ``config.yaml`` (resolved), ``data.json`` (classes, split, documents per class, truncation);
 * ``metrics.jsonl``: one object per epoch (``test_acc``, ``test_macro_f1``, ``test_ece``,
-  ``test_nll``, ``train_loss``, seconds), written atomically after each epoch;
+  ``test_nll``, ``train_loss``, seconds), written atomically after each epoch, and ``metrics.csv``, the
+  same scalars as a table (integers as integers), as ``selfkd train`` writes them;
+* ``tb/``: TensorBoard events under ``train.log`` as for ``selfkd train`` (``auto``: when tensorboard is
+  installed): ``step/loss``, ``step/<part>``, ``step/lr``, ``step/grad_norm`` at the Trainer's log points
+  (every ``train.log_every`` steps, means over the window) and ``epoch/<metric>`` per epoch, at the
+  global step; a resumed run purges the events after its checkpoint;
 * ``hf/checkpoint-N``: the Trainer's checkpoint of the last finished epoch (model, AdamW, scheduler,
   RNG, sampler position, the method's state): ``--resume`` continues exactly from it. It is written
   under ``hf/.selfkd-saving`` and renamed when complete, so a run killed while saving resumes from the
@@ -41,7 +46,9 @@ import transformers  # noqa: E402
 
 from ..data.text import TextBundle, describe, load_text  # noqa: E402
 from ..engine import checkpoint as ckpt  # noqa: E402
+from ..engine import logs as runlogs  # noqa: E402
 from ..engine import rundir  # noqa: E402
+from ..engine.logs import CSV, RunLogs, write_csv  # noqa: E402
 from ..engine.metrics import classification_metrics, macro_f1, reliability  # noqa: E402
 from ..engine.rundir import CONFIG, DATA_INFO, METRICS, SUMMARY  # noqa: E402
 from ..engine.setup import select_device  # noqa: E402
@@ -200,7 +207,7 @@ def _args(s: FinetuneSetup, out: Path) -> transformers.TrainingArguments:
         learning_rate=c.optim.lr, weight_decay=c.optim.weight_decay, lr_scheduler_type=c.optim.schedule,
         warmup_steps=int(math.ceil(c.optim.warmup_ratio * steps)), max_grad_norm=c.optim.max_grad_norm or None,
         save_strategy="epoch", save_total_limit=1, eval_strategy="no", logging_strategy="steps",
-        logging_steps=c.train.log_every, report_to=[], seed=c.train.seed, data_seed=c.train.seed,
+        logging_steps=c.train.log_every, report_to=[], seed=c.train.seed,  # selfkd's own sinks: _Epochs data_seed=c.train.seed,
         use_cpu=s.device.type == "cpu", bf16=bf16, disable_tqdm=True, dataloader_pin_memory=False,
     )
 
@@ -219,6 +226,9 @@ class _Epochs(transformers.TrainerCallback):
         if logs and "loss" in logs:
             parts = " | ".join(f"{k.removeprefix('selfkd/')} {v:.4g}" for k, v in logs.items() if k.startswith("selfkd/"))
             self.run.log(f"step {state.global_step}: loss {logs['loss']:.4f}" + (f" ({parts})" if parts else ""))
+            points = {"loss": logs["loss"], **{k.removeprefix("selfkd/"): v for k, v in logs.items() if k.startswith("selfkd/")}}
+            points.update({name: logs[key] for key, name in (("learning_rate", "lr"), ("grad_norm", "grad_norm")) if key in logs})
+            self.run.logs.points(state.global_step, points)  # host floats already: the Trainer read them to log
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         train_s = time.perf_counter() - self.t0
@@ -228,6 +238,7 @@ class _Epochs(transformers.TrainerCallback):
         m = {"epoch": int(round(state.epoch)), "step": state.global_step, "train_loss": loss, "train_seconds": train_s}
         m.update({f"test_{k}": v for k, v in self.run.evaluate().items()})
         m["epoch_seconds"] = time.perf_counter() - self.t0
+        self.run.logs.epoch(state.global_step, m)  # flushed before the Trainer's checkpoint, as selfkd train does
         self.run.history.append(m)
         self.run.write_metrics()
         self.run.log(f"epoch {m['epoch']}/{args.num_train_epochs}: test acc {m['test_acc']:.2f} | macro-F1 "
@@ -253,6 +264,7 @@ class _Run:
     def __init__(self, s: FinetuneSetup, run_dir: Path, log: Callable[[str], None]):
         self.s, self.dir, self.log = s, run_dir, log
         self.history: list[dict[str, Any]] = []
+        self.logs = RunLogs(run_dir, "csv")  # run() opens the configured sinks
         collator = transformers.DataCollatorWithPadding(s.tokenizer)
         self.collator = collator
         self.trainer = _Trainer(model=s.model, args=_args(s, run_dir / HF_DIR), train_dataset=s.train,
@@ -262,6 +274,7 @@ class _Run:
 
     def write_metrics(self) -> None:
         ckpt.write_text(self.dir / METRICS, "".join(json.dumps(h) + "\n" for h in self.history))
+        write_csv(self.dir / CSV, self.history)
 
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
@@ -289,7 +302,7 @@ class _Run:
 
     def run(self, resume: bool) -> dict[str, Any]:
         hf = self.dir / HF_DIR
-        last = None
+        last, step = None, 0
         if resume and hf.is_dir():
             gone = drop_incomplete(str(hf))  # a save a kill interrupted: its files are of no use
             if gone:
@@ -298,7 +311,8 @@ class _Run:
             last = last_checkpoint(str(hf))
         if last is not None:
             try:
-                done = json.loads((Path(last) / "trainer_state.json").read_text())["epoch"]
+                state = json.loads((Path(last) / "trainer_state.json").read_text())
+                done, step = state["epoch"], int(state["global_step"])
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise ConfigError(f"--resume {self.dir}: {last}/trainer_state.json cannot be read "
                                   f"({type(err).__name__}); it holds the epoch the run stopped at") from None
@@ -316,8 +330,11 @@ class _Run:
             ckpt.write_json(self.dir / DATA_INFO, {**describe(self.s.bundle), "max_length": self.s.max_length,
                                               "truncated": self.s.truncated})
             self.write_metrics()
+        self.log(self.startup_line())
         wall0 = time.perf_counter()
-        self.trainer.train(resume_from_checkpoint=last)
+        self.logs = RunLogs(self.dir, self.s.cfg.train.log, purge_step=step + 1 if step else None)
+        with self.logs:
+            self.trainer.train(resume_from_checkpoint=last)
         summary = self.summary()
         summary["wall_seconds_this_session"] = time.perf_counter() - wall0
         if self.s.cfg.train.save_model:
@@ -326,6 +343,16 @@ class _Run:
         ckpt.write_json(self.dir / SUMMARY, summary)
         shutil.rmtree(hf, ignore_errors=True)  # only needed to resume an unfinished run
         return summary
+
+    def startup_line(self) -> str:
+        """The line ``selfkd train`` prints before its first step, in the same format (tokens for the image shape)."""
+        s, c = self.s, self.s.cfg
+        n = torch.get_num_threads()
+        lora = f" ({s.trainable:,} trainable, LoRA r={c.model.lora.r})" if c.model.lora.r > 0 else ""
+        return (f"{'/'.join(Path(c.data.path).parts[-2:])}: {len(s.train)} train / {len(s.test)} test, "
+                f"{s.bundle.num_classes} classes, {s.max_length} tokens max | {'/'.join(Path(c.model.path).parts[-2:])}: "
+                f"{s.params:,} parameters{lora} | {s.method.describe()} | {s.device}, {n} thread{'s' if n != 1 else ''}"
+                f" | {self.dir}")
 
     def summary(self) -> dict[str, Any]:
         s, h = self.s, self.history
@@ -360,6 +387,8 @@ def finetune_run(cfg: FinetuneConfig, run_dir: str | Path, *, resume: bool = Fal
         rundir.check_writable(run, flag)  # cheap checks first: a bad --out fails before the model loads
         if not resume:
             rundir.check_new(run)
+        runlogs.check(cfg.train.log)
+        runlogs.check_dir(run, cfg.train.log)  # a resumed run's RUN/tb: before the model loads
         setup = build_finetune(cfg, say)
         with rundir.locked(run):  # one writer per run directory
             if not resume:

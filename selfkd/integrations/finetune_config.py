@@ -64,6 +64,10 @@ class LMTrainCfg(Section):
     bf16: Literal["auto", "on", "off"] = Field("auto", description="auto: on CUDA devices that support it")
     eval_batch_size: int = Field(64, ge=1)
     log_every: int = Field(20, ge=1, description="steps between log lines")
+    log: Literal["auto", "csv", "tensorboard"] = Field(
+        "auto", description="as selfkd train's: RUN/metrics.csv is always written; tensorboard: also RUN/tb event "
+        "files (needs selfkd[tensorboard]); auto: those when tensorboard is installed",
+    )
     save_model: bool = Field(True, description="write the final model (and tokenizer) to RUN/model")
 
 
