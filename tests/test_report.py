@@ -258,7 +258,7 @@ def test_a_finetune_run_gets_no_training_accuracy_panel(grid, tmp_path):  # noqa
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, fig = figure(plots_mod.plot_curves, root, tmp_path)
     assert [ax.get_ylabel() for ax in fig.axes] == ["test accuracy (%)", "test macro-F1 (%)",
-                                                    "training loss (nats per sample)"]
+                                                    "training loss (nats, the method's objective)"]
     assert [list(ax.lines[0].get_ydata()) for ax in fig.axes] == [[71.0, 72.0], [61.0, 62.0], [1.0, 0.5]]
 
 

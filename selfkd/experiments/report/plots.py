@@ -74,7 +74,7 @@ CURVES = [("test_acc", "test accuracy (%)", "Test accuracy per epoch"),
           ("test_macro_f1", "test macro-F1 (%)", "Test macro-F1 per epoch"),
           ("train_acc", "training accuracy (%)", "Training accuracy per epoch (augmented batches, given labels)"),
           ("train_memorized", "noisy-label fit (%)", "Corrupted training samples predicted as their noisy label")]
-LOSS_CURVE = ("train_loss", "training loss (nats per sample)", "Training loss per epoch (mean over steps)")
+LOSS_CURVE = ("train_loss", "training loss (nats, the method's objective)", "Training loss per epoch (mean over steps)")
 
 
 def plot_curves(groups: list[Group], colors: list, path: Path):
@@ -142,7 +142,7 @@ def _points(pts: list[tuple[float, Group]], key: str, shift: float = 0.0
     return xs, ys, es, kept
 
 
-BEST_LABEL = "best-epoch test accuracy (%, epoch picked on the test set)"
+BEST_LABEL = "best-epoch test accuracy (%, test-selected epoch)"
 
 
 def plot_noise(groups: list[Group], colors: list, path: Path):
