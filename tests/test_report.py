@@ -156,6 +156,37 @@ def test_a_baseline_method_is_paired_within_each_noise_value(noise_grid, tmp_pat
     assert "in the baseline group at the same values of the other axes" in md
 
 
+def test_a_baseline_noise_value_is_paired_within_each_method(noise_grid, tmp_path):
+    build_report([str(noise_grid)], out=str(tmp_path / "rep"), baseline="noise=clean")
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [(p["label"], p["baseline"], p["last_acc"]["mean"]) for p in data["paired"]] == [
+        ("method=ce, noise=symmetric 0.4", "method=ce, noise=clean", -9.0),
+        ("method=dlb, noise=symmetric 0.4", "method=dlb, noise=clean", -15.0)]
+
+
+def test_a_bad_or_ambiguous_baseline_is_one_line_and_writes_nothing(noise_grid, grid, tmp_path, capsys):  # noqa: F811
+    from selfkd.cli import main
+
+    for baseline, message in [
+            ("method", "report: --baseline 'method': 'method' is not name=value (the form of the group labels, e.g. "
+                       "'method=ce')"),
+            ("method=cee", "report: --baseline 'method=cee' is not a group; groups: 'method=ce, noise=clean', ")]:
+        assert main(["report", str(noise_grid), "--out", str(tmp_path / "rep"), "--baseline", baseline]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"selfkd: error: {message}") and err.count("\n") == 1, err
+    root = tmp_path / "ls"  # two CE groups that differ only in a CE hyper-parameter: which one is DLB's baseline?
+    for seed in (0, 1):
+        fake(real(grid, "ce", seed), root / f"ce-{seed}")
+        fake(real(grid, "ce", seed), root / f"ce-ls-{seed}", config={"method.label_smoothing": 0.1})
+        fake(real(grid, "dlb", seed), root / f"dlb-{seed}")
+    assert main(["report", str(root), "--out", str(tmp_path / "rep"), "--baseline", "method=ce"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("selfkd: error: report: --baseline 'method=ce' is ambiguous for 'method=dlb': "
+                   "'method=ce, label_smoothing=unset' and 'method=ce, label_smoothing=0.1' both match; "
+                   "name more of the label\n"), err
+    assert not (tmp_path / "rep").exists()
+
+
 def test_paired_differences_carry_the_intervals_of_intervals_py(noise_grid, tmp_path):
     """Without per-image correctness: paired_interval on the summaries; with RUN/test_correct.npy: the bootstrap."""
     build_report([str(noise_grid)], out=str(tmp_path / "rep"), baseline="method=ce")
@@ -248,18 +279,30 @@ def test_epoch_axes_have_integer_ticks(grid, tmp_path):  # noqa: F811
         assert len(ticks) > 2 and all(float(t).is_integer() for t in ticks), ticks
 
 
-def test_a_finetune_run_gets_no_training_accuracy_panel(grid, tmp_path):  # noqa: F811
-    """selfkd finetune logs test accuracy and macro-F1 (%) and the training loss, no training accuracy."""
+def test_a_finetune_run_gets_no_training_accuracy_panel(tmp_path):
+    """selfkd finetune logs test accuracy and macro-F1 (%) and the training loss, no training accuracy: those
+    three panels are drawn, and its summary counts its passes like selfkd train's."""
+    import tinylm
+    from selfkd.cli import main
+
+    torch.set_num_threads(1)
+    model, corpus = tinylm.make_model(tmp_path / "model"), tinylm.make_corpus(tmp_path / "corpus")
     root = tmp_path / "runs"
     for seed in (0, 1):
-        run = fake(real(grid, "ce", seed), root / f"ft-{seed}", summary={"kind": "finetune", "macro_f1": 60.0})
-        rows = [{"epoch": e, "step": 3 * e, "train_loss": 1.0 / e, "train_seconds": 1.0, "test_acc": 70.0 + e,
-                 "test_macro_f1": 60.0 + e, "test_ece": 0.1, "test_nll": 0.9, "epoch_seconds": 1.5} for e in (1, 2)]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert main(["finetune", "--data", str(corpus), "--model", str(model), "--method", "ce", "--epochs", "2",
+                     "--batch-size", "4", "--lr", "2e-3", "--seed", str(seed), "--out", str(root / f"ce-{seed}"),
+                     "--set", "data.max_length=24", "--set", "train.log_every=50"]) == 0
+    summary = json.loads((root / "ce-0" / "summary.json").read_text())
+    assert (summary["forward_passes"], summary["backward_passes"]) == (2.0, 2.0)
     _, fig = figure(plots_mod.plot_curves, root, tmp_path)
     assert [ax.get_ylabel() for ax in fig.axes] == ["test accuracy (%)", "test macro-F1 (%)",
                                                     "training loss (nats, the method's objective)"]
-    assert [list(ax.lines[0].get_ydata()) for ax in fig.axes] == [[71.0, 72.0], [61.0, 62.0], [1.0, 0.5]]
+    rows = [[json.loads(line) for line in (root / f"ce-{s}" / "metrics.jsonl").read_text().splitlines()] for s in (0, 1)]
+    for ax, key in zip(fig.axes, ("test_acc", "test_macro_f1", "train_loss")):
+        assert list(ax.lines[0].get_ydata()) == pytest.approx([statistics.mean(r[e][key] for r in rows) for e in (0, 1)],
+                                                              rel=1e-12)
+        assert list(ax.lines[0].get_xdata()) == [1, 2]
+    assert all(ax.get_ylim()[1] > 1.0 for ax in fig.axes[:2])  # percent axes, not an empty 0-1 frame
 
 
 def test_compute_plot_spreads_groups_at_one_compute_and_prints_no_labels(grid, tmp_path):  # noqa: F811

@@ -76,7 +76,7 @@ def baselines(groups: list[Group], baseline: str) -> list[tuple[Group, Group | N
     method = "method.name" in free
     out = []
     for g in groups:
-        if g in bases or not g.flat:
+        if any(g is b for b in bases) or not g.flat:
             continue
         match = [b for b in bases if _rest(b, free, method) == _rest(g, free, method)]
         if len(match) > 1:
