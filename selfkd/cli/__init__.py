@@ -432,8 +432,9 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="tables and plots (mean ± std over seeds) from run directories", parents=[common])
     r.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding them (searched recursively)")
     r.add_argument("--out", metavar="REPORT_DIR", help="where report.md and the plots go (default: FIRST_DIR/report)")
-    r.add_argument("--baseline", metavar="GROUP", help="a group label (e.g. 'method=ce'): add each group's "
-                   "differences to it, paired by seed")
+    r.add_argument("--baseline", metavar="GROUP", help="a group label, or some of its parts (e.g. 'method=ce'): "
+                   "add each group's differences to it (at the same values of the other axes), paired by seed, "
+                   "with 95%% intervals")
     r.set_defaults(func=cmd_report)
     d = sub.add_parser("demo", help="CE vs DLB on digits, clean and 40%% symmetric noise", parents=[common, threads])
     d.add_argument("--out", metavar="DIR", help="keep the runs here (default: a temporary directory)")

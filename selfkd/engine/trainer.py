@@ -374,6 +374,7 @@ class Trainer:
             "samples_per_s": len(self.setup.train) * len(history) / train_s if train_s else math.nan,
             "peak_mem_mb": max(r["peak_mem_mb"] for r in history),
             "forwards_per_sample": self.method.forwards_per_sample,
+            **dict(zip(("forward_passes", "backward_passes"), self.method.passes(len(history)))),  # per sample, run
             "params": sum(p.numel() for p in self.model.parameters()),
             "train_images": len(self.setup.train), "test_images": len(self.setup.test), "threads": torch.get_num_threads(),
             "world_size": self.world, "batch_size": self.cfg.optim.batch_size,

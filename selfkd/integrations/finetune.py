@@ -367,7 +367,9 @@ class _Run:
             "macro_f1": last["test_macro_f1"], "ece": last["test_ece"], "nll": last["test_nll"],
             "reliability": last["test_reliability"], "seconds": sum(r["epoch_seconds"] for r in h),
             "train_seconds": train_s, "samples_per_s": len(s.train) * len(h) / train_s if train_s else math.nan,
-            "forwards_per_sample": s.method.forwards_per_sample, "params": s.params, "trainable_params": s.trainable,
+            "forwards_per_sample": s.method.forwards_per_sample,
+            **dict(zip(("forward_passes", "backward_passes"), s.method.passes(len(h)))),  # per sample, whole run
+            "params": s.params, "trainable_params": s.trainable,
             "lora_r": s.cfg.model.lora.r, "train_docs": len(s.train), "test_docs": len(s.test),
             "max_length": s.max_length, "truncated_train": s.truncated["train"], "truncated_test": s.truncated["test"],
             "threads": torch.get_num_threads(), "device": str(s.device), "torch": torch.__version__,

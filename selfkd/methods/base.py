@@ -110,8 +110,20 @@ class Method:
     # -- cost accounting -------------------------------------------------------------------
     @property
     def forwards_per_sample(self) -> float:
-        """Forward passes per training sample per epoch (for equal-compute comparisons)."""
+        """Forward passes per training sample per epoch (for equal-compute comparisons), no-grad ones (a
+        teacher's, a partner's, a snapshot's) included."""
         return 1.0
+
+    @property
+    def backwards_per_sample(self) -> float:
+        """Backward passes per training sample per epoch: the forwards that carry a gradient (a no-grad
+        forward counts in :attr:`forwards_per_sample` only)."""
+        return self.forwards_per_sample
+
+    def passes(self, epochs: int) -> tuple[float, float]:
+        """``(forward, backward)`` passes per training sample over the ``epochs`` epochs trained so far
+        (what ``summary.json`` reports as ``forward_passes`` / ``backward_passes``)."""
+        return self.forwards_per_sample * epochs, self.backwards_per_sample * epochs
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, *, num_samples: int, num_classes: int, epochs: int) -> None:

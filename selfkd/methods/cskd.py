@@ -123,7 +123,8 @@ class CSKD(Method):
     * Defaults T=4, λ=1 (official CIFAR/TinyImageNet; the README uses λ=3 for CUB-200).
     * ``batch_size`` counts the *anchors*, as the official ``--batch-size`` does: a step loads
       ``2·batch_size`` images. Every sample is forwarded twice per epoch on average, once without
-      backward (``forwards_per_sample`` = 2).
+      backward (``forwards_per_sample`` = 2,
+      ``backwards_per_sample`` = 1).
 
     Use the sampler from :meth:`batch_sampler` (it needs ``labels``). The loss checks that the batch
     has an even row count and that the partners carry their anchors' labels. In a plain loop,
@@ -151,6 +152,10 @@ class CSKD(Method):
     @property
     def forwards_per_sample(self) -> float:
         return 2.0
+
+    @property
+    def backwards_per_sample(self) -> float:
+        return 1.0  # the partners' forward is no-grad
 
     def batch_sampler(
         self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = False,

@@ -131,7 +131,22 @@ class MrKD(Method):
 
     @property
     def forwards_per_sample(self) -> float:
+        """Once the pool is full: the student's forward and one no-grad forward per snapshot."""
         return 1.0 + self.hp.copies
+
+    @property
+    def backwards_per_sample(self) -> float:
+        return 1.0
+
+    def passes(self, epochs: int) -> tuple[float, float]:
+        """The snapshots' forwards counted only at the steps they existed: step ``t`` (of :attr:`steps`)
+        forwards ``min(copies, (t - 1) // interval)`` of them; per sample, steps are taken as equal batches."""
+        if self.steps == 0:
+            return float(epochs), float(epochs)
+        i, c, m = self.hp.interval, self.hp.copies, self.steps - 1  # sum over u = t - 1 in [0, m) of min(c, u // i)
+        q = min(m // i, c)
+        teacher = i * q * (q - 1) // 2 + q * (m - q * i) if q == c else i * q * (q - 1) // 2 + q * (m % i)
+        return epochs * (1.0 + teacher / self.steps), float(epochs)
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, *, num_samples: int, num_classes: int, epochs: int) -> None:

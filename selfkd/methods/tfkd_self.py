@@ -107,6 +107,10 @@ class TfKDSelf(Method):
     def forwards_per_sample(self) -> float:
         return 2.0
 
+    @property
+    def backwards_per_sample(self) -> float:
+        return 1.0  # the teacher's forward is no-grad
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Load the frozen teacher (a copy of ``model``'s architecture); return ``model`` unchanged."""
         if self.hp.teacher is None:

@@ -12,16 +12,20 @@ stderr), and a ``runs.json`` written by ``selfkd sweep`` adds planned runs that 
 directory yet.
 
 ``REPORT_DIR`` (default ``<first dir>/report``) gets ``report.md``, ``report.json`` (the same numbers,
-unformatted) and PNG plots (matplotlib on the Agg canvas, no global backend change): test accuracy per
-epoch (mean line, min-max band over seeds), accuracy against the label-noise rate per method (when the
-runs vary it; error bars: std over seeds) and reliability diagrams (bins summed over seeds). Cost
-columns: seconds, seconds per epoch, peak memory, and forward passes per training sample over the run
-(a method's ``forwards_per_sample`` x epochs, plus its auto-trained teacher's): groups with equal passes
-had equal compute.
+unformatted) and PNG plots (matplotlib on the Agg canvas, no global backend change): the per-epoch metrics the
+runs logged (mean line, min-max band over seeds; integer epochs), accuracy against the label-noise rate per
+method (when the runs vary it; error bars: std over seeds), accuracy against compute, and reliability diagrams
+(bins summed over seeds, the test images per bin under each, the title's ECE the table's). Cost columns:
+wall-clock seconds and peak memory (measured, possibly on a shared machine), and forward and backward passes per
+training sample over the run (``forward_passes`` / ``backward_passes`` of ``summary.json``, counted by the method;
+older runs: ``forwards_per_sample`` x epochs and no backward count; plus an auto-trained teacher's).
+``--baseline``: a group label, or some of its ``name=value`` parts (each group is then paired with the baseline
+group at the same values of the other axes); the last-epoch accuracy difference gets a 95% interval with
+test-sampling error (:mod:`selfkd.experiments.intervals`).
 """
 from .render import build_report
 from .collect import find_runs, group_runs, RunInfo, Group, IGNORED
-from .stats import stat, paired, pooled_reliability
+from .stats import stat, paired, pooled_reliability, baselines, interval
 from .plots import PLOTS
 
-__all__ = ['build_report', 'find_runs', 'group_runs', 'stat', 'paired', 'pooled_reliability', 'RunInfo', 'Group', 'IGNORED', 'PLOTS']
+__all__ = ['build_report', 'find_runs', 'group_runs', 'stat', 'paired', 'pooled_reliability', 'baselines', 'interval', 'RunInfo', 'Group', 'IGNORED', 'PLOTS']

@@ -53,6 +53,7 @@ class Group:
     runs: list[RunInfo]
     label: str = ""
     parts: list[tuple[str, str, bool]] = field(default_factory=list)  # (short key, value, is noise)
+    part_keys: list[tuple[str, ...]] = field(default_factory=list)  # the config keys of each part
 
     @property
     def finished(self) -> list[RunInfo]:
@@ -122,20 +123,39 @@ def _read_run(path: Path, name: str) -> RunInfo:
     return RunInfo(path, name, config, status, summary, metrics, error)
 
 
+def _passes(summary: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Forward and backward passes per training sample over a run: ``forward_passes`` / ``backward_passes``
+    (counted by the method), or for older runs ``forwards_per_sample`` x epochs and no backward count."""
+    num = (int, float)
+    if isinstance(summary.get("forward_passes"), num):
+        bwd = summary.get("backward_passes")
+        return float(summary["forward_passes"]), float(bwd) if isinstance(bwd, num) else None
+    epochs, fwd = summary.get("epochs"), summary.get("forwards_per_sample")
+    if isinstance(epochs, num) and isinstance(fwd, num):
+        return fwd * epochs, None
+    return None, None
+
+
 def _cost(path: Path, summary: dict[str, Any]) -> dict[str, float]:
-    """Derived cost: seconds per epoch, and forward passes per training sample over the whole run
-    (``forwards_per_sample`` x epochs, plus those of an auto-trained ``RUN/teacher``): the equal-compute axis."""
+    """Derived cost: seconds per epoch, and forward (``passes``) and backward (``backward_passes``) passes per
+    training sample over the whole run, those of an auto-trained ``RUN/teacher`` included: the equal-compute
+    axes. A no-grad forward (a teacher's, a partner's, a snapshot's) is a forward without a backward."""
     out: dict[str, float] = {}
-    epochs, seconds, fwd = summary.get("epochs"), summary.get("seconds"), summary.get("forwards_per_sample")
+    epochs, seconds = summary.get("epochs"), summary.get("seconds")
     if isinstance(epochs, (int, float)) and epochs > 0 and isinstance(seconds, (int, float)):
         out["seconds_per_epoch"] = seconds / epochs
-    if isinstance(epochs, (int, float)) and isinstance(fwd, (int, float)):
-        out["passes"] = fwd * epochs
-        teacher = _read_json(path / "teacher" / SUMMARY) if (path / "teacher" / SUMMARY).is_file() else None
-        if isinstance(teacher, dict):
-            t_fwd, t_epochs = teacher.get("forwards_per_sample"), teacher.get("epochs")
-            if isinstance(t_fwd, (int, float)) and isinstance(t_epochs, (int, float)):
-                out["passes"] += t_fwd * t_epochs
+    fwd, bwd = _passes(summary)
+    if fwd is None:
+        return out
+    teacher = _read_json(path / "teacher" / SUMMARY) if (path / "teacher" / SUMMARY).is_file() else None
+    if isinstance(teacher, dict):
+        t_fwd, t_bwd = _passes(teacher)
+        if t_fwd is not None:
+            fwd += t_fwd
+            bwd = bwd + t_bwd if bwd is not None and t_bwd is not None else None
+    out["passes"] = fwd
+    if bwd is not None:
+        out["backward_passes"] = bwd
     return out
 
 
@@ -250,7 +270,8 @@ def _label(groups: list[Group]) -> None:
     first = [k for k in ("method.name",) if k in plain]
     rest = [k for k in shown if k not in first]
     for g in groups:
-        g.parts = _parts(g, first, rest, noise, method_keys.get(str(g.flat.get("method.name")), []), shown)
+        keyed = _parts(g, first, rest, noise, method_keys.get(str(g.flat.get("method.name")), []), shown)
+        g.parts, g.part_keys = [p[:3] for p in keyed], [p[3] for p in keyed]
         g.label = _unconfigured_label(g) if not g.flat else ", ".join(f"{k}={v}" for k, v, _ in g.parts)
     order = first + [k for k in NOISE if noise] + rest
     groups.sort(key=lambda g: (not g.flat, tuple(
@@ -286,18 +307,18 @@ def _unconfigured_label(g: Group) -> str:
 
 
 def _parts(g: Group, first: list[str], rest: list[str], noise: bool, own: list[str],
-           shown: list[str]) -> list[tuple[str, str, bool]]:
-    """``(name, value, is_noise)`` of the group's label: the method, the noise, then the other keys that
-    vary (of the hyper-parameters, only ``own``: those of this group's method)."""
+           shown: list[str]) -> list[tuple[str, str, bool, tuple[str, ...]]]:
+    """``(name, value, is_noise, config keys)`` of the group's label: the method, the noise, then the other
+    keys that vary (of the hyper-parameters, only ``own``: those of this group's method)."""
     if not g.flat:
-        return [("run", g.runs[0].name, False)]
-    parts = [(_short(k, shown), fmt_value(g.flat.get(k)), False) for k in first]
+        return [("run", g.runs[0].name, False, ())]
+    parts = [(_short(k, shown), fmt_value(g.flat.get(k)), False, (k,)) for k in first]
     if noise:
-        parts.append(("noise", _noise_text(g.flat), True))
-    parts += [(_short(k, shown), fmt_value(g.flat.get(k)) if k in g.flat else "unset", False)
+        parts.append(("noise", _noise_text(g.flat), True, NOISE))
+    parts += [(_short(k, shown), fmt_value(g.flat.get(k)) if k in g.flat else "unset", False, (k,))
               for k in rest if not k.startswith("method.") or k in own]
     if not parts:  # one group: name the method (and the noise)
-        parts = [("method", fmt_value(g.flat.get("method.name")), False)]
+        parts = [("method", fmt_value(g.flat.get("method.name")), False, ("method.name",))]
         if _noisy(g.flat):
-            parts.append(("noise", _noise_text(g.flat), True))
+            parts.append(("noise", _noise_text(g.flat), True, NOISE))
     return parts

@@ -12,17 +12,18 @@ from ...engine import rundir
 from ...engine.rundir import CONFIG
 from .collect import Group, RunInfo, SHORT, _j, _noise_text, find_runs, fmt_value, group_runs
 from .plots import draw_plots
-from .stats import PAIRED, fmt_stat, paired, stat
+from .stats import INTERVAL_FROM, PAIRED, fmt_stat, paired, stat
 
 
 COMMON = ("data.name", "model.name", "train.epochs", "optim.batch_size", "optim.lr", "schedule.kind", "data.subset",
           "data.test_subset", "method.name")
 # (summary key, column title, decimals)
-COLUMNS = [("last_acc", "last acc %", 2), ("best_acc", "best acc %", 2), ("ece", "ECE", 4), ("nll", "NLL", 4)]
+COLUMNS = [("last_acc", "last acc %", 2), ("best_acc", "best-epoch acc % (test-selected)", 2), ("ece", "ECE", 4),
+           ("nll", "NLL", 4)]
 F1_COLUMNS = [("macro_f1", "macro-F1 %", 2)]  # text runs (selfkd finetune)
 NOISE_COLUMNS = [("corrupted_acc", "true-label acc on corrupted %", 1), ("memorized", "noisy-label fit %", 1)]
-TAIL_COLUMNS = [("seconds", "seconds", 1), ("seconds_per_epoch", "s/epoch", 1), ("peak_mem_mb", "peak MiB", 0),
-                ("passes", "fwd passes/sample", 1)]
+TAIL_COLUMNS = [("seconds", "wall s (measured)", 1), ("seconds_per_epoch", "wall s/epoch (measured)", 1),
+                ("peak_mem_mb", "peak MiB", 0), ("passes", "fwd passes/sample", 2), ("backward_passes", "bwd passes/sample", 2)]
 
 
 def _md(text: str) -> str:
@@ -165,7 +166,16 @@ def _results(groups: list[Group], data_groups: list[dict[str, Any]], columns: li
     for g, d in zip(groups, data_groups):
         finished, notes = _counts(g)
         rows.append([_md(g.label), finished] + [fmt_stat(d["stats"][key], dec) for key, _, dec in columns] + [_md(notes)])
-    return ["## Results", ""] + _table(head, rows) + [""]
+    return ["## Results", ""] + _table(head, rows) + ["", _COST_NOTE, ""]
+
+
+_COST_NOTE = ("*last acc*: the last epoch's test accuracy, the headline; *best-epoch acc* picks its epoch on the test "
+              "set itself, so it is optimistic. ECE: 15 equal-width confidence bins, each bin's |accuracy − mean "
+              "confidence| weighted by its share of the test images (Guo et al., 2017), a fraction; NLL in nats. "
+              "*fwd/bwd passes/sample*: forward and backward passes per training sample over the run (an auto-trained "
+              "teacher's included), counted, not measured: a no-grad forward (a teacher's, a partner's, a snapshot's) "
+              "is a forward without a backward. *wall s*, *wall s/epoch* and *peak MiB* are measured where each run "
+              "ran, on a machine possibly shared with other work: compare them only between runs made side by side.")
 
 
 def _paired_cell(st: dict[str, Any], dec: int) -> str:
@@ -175,13 +185,36 @@ def _paired_cell(st: dict[str, Any], dec: int) -> str:
     return f"{st['mean']:+.{dec}f}{spread} ({st['better']}/{st['n']} better)"
 
 
+def _interval_cells(st: dict[str, Any]) -> list[str]:
+    ci = st.get("interval")
+    if ci is None:
+        return [_md(st.get("interval_note", "–")), "–"]
+    return [f"[{ci['lo']:+.2f}, {ci['hi']:+.2f}]", "bootstrap" if ci["method"] == "bootstrap" else "t + binomial"]
+
+
 def _paired_section(baseline: str, pairs: list[dict[str, Any]]) -> list[str]:
-    rows = [[_md(row["label"]), str(row["pairs"])] + [_paired_cell(row[key], dec) for key, _, dec in PAIRED]
+    head = (["group", "seeds", PAIRED[0][1], "95% interval of Δ last acc", "interval from"]
+            + [t for _, t, _ in PAIRED[1:]] + ["baseline group", "groups vs this baseline"])
+    rows = [[_md(row["label"]), str(row["pairs"]), _paired_cell(row["last_acc"], 2), *_interval_cells(row["last_acc"])]
+            + [_paired_cell(row[key], dec) for key, _, dec in PAIRED[1:]]
+            + [_md(row["baseline"]) if row["baseline"] is not None else "none at these values", str(row["compared"])]
             for row in pairs]
-    return ([f"## Against `{_md(baseline)}`, paired by seed", "",
-             "Each run minus the baseline's run with the same seed; mean ± std over the pairs, and in how "
-             "many pairs the group was better (higher accuracy, lower ECE or NLL).", ""]
-            + _table(["group", "pairs"] + [t for _, t, _ in PAIRED], rows) + [""])
+    methods = sorted({row["last_acc"]["interval"]["method"] for row in pairs if row["last_acc"].get("interval")})
+    most = max((row["compared"] for row in pairs), default=0)
+    per_axis = any(row["baseline"] != baseline for row in pairs)
+    text = ["Each run minus the baseline's run with the same seed"
+            + (" in the baseline group at the same values of the other axes" if per_axis else "")
+            + "; mean ± std over the pairs (*seeds*), and in how many pairs the group was better (higher accuracy, "
+            "lower ECE or NLL). The 95% interval of Δ last acc (points) includes test-sampling error: "
+            + "; ".join(f"*{'bootstrap' if m == 'bootstrap' else 't + binomial'}*: {INTERVAL_FROM[m]}" for m in methods)
+            + ("" if methods else "none could be computed") + "."]
+    if most > 1:
+        text.append(f"Up to {most} groups are compared with one baseline group (*groups vs this baseline*): the best "
+                    f"of {most} differences is biased upwards, and the intervals are not adjusted for the number "
+                    "of comparisons.")
+    text.append("Best-epoch accuracy picks its epoch on the test set: its difference is not a result.")
+    return ([f"## Against `{_md(baseline)}`, paired by seed", "", " ".join(text), ""]
+            + _table(head, rows) + [""])
 
 
 def _run_cells(r: RunInfo, columns: list[tuple[str, str, int]]) -> list[str]:
