@@ -1,6 +1,7 @@
 """Errors that the CLI reports as one line (no traceback unless --debug), and :func:`integer`, the one check
 of an integer argument."""
 import operator
+from typing import SupportsIndex
 
 
 class SelfKDError(Exception):
@@ -23,7 +24,7 @@ def integer(value: object, what: str, minimum: int | None = None) -> int:
     """``value`` as an int (a Python or NumPy integer or a 0-d integer tensor, not a bool) that is at least
     ``minimum``; ConfigError naming ``what`` otherwise."""
     try:
-        number = None if isinstance(value, bool) else operator.index(value)  # type: ignore[arg-type]
+        number = operator.index(value) if isinstance(value, SupportsIndex) and not isinstance(value, bool) else None
     except TypeError:
         number = None
     if number is None or (minimum is not None and number < minimum):

@@ -35,7 +35,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.compiled
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
+        elif isinstance(orig := getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = orig
         else:
             return model

@@ -57,8 +57,8 @@ def _cwd_on_path() -> None:
 def _import_file(path: Path) -> None:
     """Import ``path`` (a .py file) as the module named by its stem, once."""
     name = path.stem
-    known = sys.modules.get(name)
-    if known is not None and getattr(known, "__file__", None) and Path(known.__file__).resolve() == path:
+    known = getattr(sys.modules.get(name), "__file__", None)
+    if known and Path(known).resolve() == path:
         return
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:

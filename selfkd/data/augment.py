@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,8 @@ from ..errors import ConfigError, DataError
 from ._util import draw_device
 
 
-def _floats(v: Sequence[float] | float, what: str) -> tuple[float, ...]:
+def _floats(v: Any, what: str) -> tuple[float, ...]:
+    """``v`` as floats: a sequence of numbers, or one number (a 0-d array too); any other value is a ConfigError."""
     try:
         out = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else list(v)))
     except TypeError:

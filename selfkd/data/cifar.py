@@ -81,7 +81,8 @@ def _np_reconstruct() -> Any:
     try:
         from numpy._core.multiarray import _reconstruct  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct as _reconstruct_1x
+        return _reconstruct_1x
     return _reconstruct
 
 

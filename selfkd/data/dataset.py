@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -76,7 +76,8 @@ class ArrayDataset(Dataset):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of every image."""
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+        _, c, h, w = self.images.shape
+        return c, h, w
 
     def batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(images[idx], labels[idx], idx)`` for a list of indices: one gather per tensor, no per-sample
@@ -123,6 +124,23 @@ class ArrayDataset(Dataset):
         return f"ArrayDataset(n={n}, shape=({c}, {h}, {w}), num_classes={self.num_classes})"
 
 
+class Split(Protocol):
+    """What a :class:`DataBundle` split offers, read by batches: :class:`ArrayDataset`, ``PackedDataset``
+    (data.packed) and ``StreamDataset`` (data.stream) alike."""
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+    @property
+    def num_classes(self) -> int | None: ...
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int, /) -> tuple[torch.Tensor, torch.Tensor, int]: ...
+    def batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def subset(self, indices: Any) -> Split: ...
+    def with_labels(self, new_labels: Any) -> Split: ...
+
+
 @dataclass
 class DataBundle:
     """A loaded data set: the two splits and what a trainer needs to know about them.
@@ -132,8 +150,8 @@ class DataBundle:
     """
 
     name: str
-    train: ArrayDataset  # or a StreamDataset (data.stream): the same batch interface
-    test: ArrayDataset
+    train: Split  # an ArrayDataset, a PackedDataset or a StreamDataset
+    test: Split
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -170,13 +188,13 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Te
 
 
 class BatchView(Dataset):
-    """A batch-level view of an :class:`ArrayDataset`: ``view[list_of_indices]`` is the whole batch.
+    """A batch-level view of a :class:`Split` (e.g. an :class:`ArrayDataset`): ``view[list_of_indices]`` is the whole batch.
 
     Use it with ``DataLoader(BatchView(ds), sampler=batch_sampler, batch_size=None)``: each step is
     one indexing operation per tensor instead of ``B`` calls of ``__getitem__`` and a collate.
     """
 
-    def __init__(self, data: ArrayDataset) -> None:
+    def __init__(self, data: Split) -> None:
         self.data = data
 
     def __len__(self) -> int:

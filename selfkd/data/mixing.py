@@ -69,9 +69,10 @@ class Mix:
             raise ConfigError(f"Mix: a box (y0, y1, x0, x1) is needed for kind 'cutmix' and only for it "
                               f"(got kind={self.kind!r}, box={self.box!r})")
         if self.box is not None:
-            self.box = tuple(int(v) for v in self.box)  # type: ignore[assignment]
-            if len(self.box) != 4:
-                raise ConfigError(f"Mix: box must be (y0, y1, x0, x1) (got {self.box!r})")
+            box = tuple(int(v) for v in self.box)
+            if len(box) != 4:
+                raise ConfigError(f"Mix: box must be (y0, y1, x0, x1) (got {box!r})")
+            self.box = box
 
 
 @dataclass
@@ -215,7 +216,8 @@ def remix(x: Tensor, mix: Mix) -> Tensor:
         return x.mul(mix.lam).add_(x.index_select(0, index), alpha=1.0 - mix.lam)
     if x.dim() != 4:
         raise DataError(f"remix: CutMix needs a float batch [B, C, H, W], got shape {tuple(x.shape)}")
-    y0, y1, x0, x1 = mix.box  # type: ignore[misc]
+    assert mix.box is not None  # kind "cutmix" has one (Mix.__post_init__)
+    y0, y1, x0, x1 = mix.box
     mixed = x.clone()
     mixed[:, :, y0:y1, x0:x1] = x[index, :, y0:y1, x0:x1]
     return mixed
@@ -233,7 +235,7 @@ def mix_from_state(state: dict) -> Mix:
     """The inverse of :func:`mix_state`."""
     box = state.get("box")
     return Mix(index=state["index"].to(torch.int64), lam=float(state["lam"]), kind=str(state["kind"]),
-               box=None if box is None else tuple(int(v) for v in box))
+               box=None if box is None else tuple(box))  # Mix makes them ints and checks there are 4
 
 
 # ==================================================================================================

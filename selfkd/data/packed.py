@@ -31,6 +31,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -207,9 +208,9 @@ def _manifest(root: Path) -> dict[str, Any]:
             sp = m["splits"][s]
             if sum(int(e["count"]) for e in sp["shards"]) != int(sp["count"]) or int(sp["labels"]["count"]) != int(sp["count"]):
                 raise ValueError(f"{s}: shard counts do not add up to {sp['count']}")
-            for e in (*sp["shards"], sp["labels"]):
-                if Path(e["file"]).name != e["file"]:
-                    raise ValueError(f"file {e['file']!r} is not a plain name")
+            for entry in (*sp["shards"], sp["labels"]):
+                if Path(entry["file"]).name != entry["file"]:
+                    raise ValueError(f"file {entry['file']!r} is not a plain name")
         m["mean"], m["std"] = [float(x) for x in m["mean"]], [float(x) for x in m["std"]]
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
@@ -221,13 +222,14 @@ def _manifest(root: Path) -> dict[str, Any]:
 class PackedDataset(Dataset):
     """Images gathered per batch from memory-mapped ``.npy`` shards; labels held in memory."""
 
-    def __init__(self, paths: list[str], counts: list[int], labels: Any, num_classes: int,
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], counts: list[int], labels: Any, num_classes: int,
                  shape: tuple[int, int, int], rows: np.ndarray | None = None) -> None:
         self.paths, self.counts = [str(p) for p in paths], [int(c) for c in counts]
         self.starts = np.cumsum([0, *self.counts]).astype(np.int64)
         self.labels = torch.as_tensor(labels, dtype=torch.int64).contiguous()
         self.num_classes = int(num_classes)
-        self.shape = tuple(int(x) for x in shape)
+        c, h, w = (int(x) for x in shape)
+        self.shape = (c, h, w)
         self.rows = rows  # global shard rows of this (sub)set; None: all, in order
         self._maps: list[np.ndarray] | None = None
 
@@ -244,7 +246,7 @@ class PackedDataset(Dataset):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self.shape  # type: ignore[return-value]
+        return self.shape
 
     def batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
@@ -297,7 +299,8 @@ def load_packed(root: str | os.PathLike, image_size: int | None = None, verify: 
     module docstring). ``image_size`` must be None or the packed size (packs are not resized)."""
     base = Path(root).expanduser()
     m = _manifest(base)
-    shape = tuple(int(x) for x in m["image_shape"])
+    c, h, w = (int(x) for x in m["image_shape"])  # three: _manifest checked
+    shape = (c, h, w)
     size = check_image_size(image_size)
     if size is not None and (size, size) != shape[1:]:
         raise ConfigError(f"data.image_size={size}: {base} was packed at {shape[2]}x{shape[1]}; drop --image-size "

@@ -21,6 +21,7 @@ FORMAT = 1
 
 def rng_state(gens: dict[str, torch.Generator]) -> dict[str, Any]:
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy global generator, MT19937: its state is a tuple
     state = {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],

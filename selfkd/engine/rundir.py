@@ -204,7 +204,7 @@ def disk_full(path: Path, err: OSError) -> SelfKDError:
 def remove_leftovers(run_dir: Path) -> list[str]:
     """Delete the temp files of interrupted atomic writes in ``run_dir``: ``.NAME.XXXXXXXX.tmp`` for the
     run's own file names only (never anything else). Returns the names removed."""
-    gone = []
+    gone: list[str] = []
     try:
         entries = list(run_dir.iterdir())
     except OSError:

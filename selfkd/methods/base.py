@@ -94,7 +94,7 @@ class Method:
 
     def __init__(self, **params: Any) -> None:
         try:
-            self.hp = self.Params(**params)
+            self.hp: Params = self.Params(**params)  # a subclass redeclares ``hp: ItsParams`` for the type checker
         except ValidationError as err:
             known = ", ".join(self.Params.model_fields) or "none"
             msg = format_validation_error(f"method '{self.name}'", err)
@@ -183,7 +183,8 @@ class Method:
         """Raise ConfigError if these hyper-parameters cannot be combined with ``mixer`` (checked when a
         batch is mixed; a trainer may call it up front). Default: any mixer."""
 
-    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> StepOutput:
+    def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None, *,
+             mix: Mix | MixBlocks | None = None) -> StepOutput:
         raise NotImplementedError
 
     def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -232,6 +233,7 @@ class PlannedBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
 
     def __len__(self) -> int:
+        # as torch's BatchSampler: Sampler declares no __len__ (it is optional), a sized sampler has one
         return batch_count(len(self.sampler), self.batch_size, self.drop_last)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
@@ -259,13 +261,15 @@ class EpochPlan:
     def begin(self, sampler: Iterable[int], batch_size: int, drop_last: bool) -> tuple[Tensor, int]:
         """``(order, first batch)`` of the epoch a batch sampler starts: the rest of a resumed one, else a
         new pass over ``sampler``."""
-        if self.resuming(batch_size, drop_last):
+        order = self.order
+        if order is not None and self.resuming(batch_size, drop_last):
             start = self.position
         else:
-            self.order, self.position, start = as_index_tensor(sampler), 0, 0
+            order = self.order = as_index_tensor(sampler)
+            self.position, start = 0, 0
             self.epoch += 1
         self.resume = False
-        return self.order, start  # type: ignore[return-value]
+        return order, start
 
     def resumes_at(self) -> int | None:
         return self.position if self.resume and self.order is not None else None

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,17 @@ class Exit(nn.Module):
         return self.fc(torch.flatten(self.pool(f), 1))
 
 
+def _stages(net: nn.Module, x: Tensor) -> list[Tensor]:
+    """``net.features(x)``: the outputs of the stages of a model that has them (a method of the model's
+    class, which nn.Module's typing cannot see; :class:`MultiExit` checks it is there)."""
+    return getattr(net, "features")(x)
+
+
+def _pooled(net: nn.Module, f: Tensor) -> Tensor:
+    """``flatten(net.pool(f), 1)``: the model's pooling before its head (a submodule, typed Tensor | Module by torch)."""
+    return torch.flatten(getattr(net, "pool")(f), 1)
+
+
 def _model_label(model: nn.Module) -> str:
     """The registry name ``build_model`` gave ``model`` (e.g. ``cnn_small``), else its class name."""
     return getattr(model, "registry_name", type(model).__name__)
@@ -211,7 +222,7 @@ class MultiExit(nn.Module):
         net.eval()
         try:
             with torch.no_grad():
-                feats = net.features(x)
+                feats = _stages(net, x)
                 deep = self._deep(feats[-1])[1]
                 plain = net(x)
         except Exception as err:
@@ -232,7 +243,7 @@ class MultiExit(nn.Module):
         if isinstance(norm, nn.Module):
             f = norm(f)
         head = getattr(self.net, self._head_name)
-        return f, head(torch.flatten(self.net.pool(f), 1))
+        return f, head(_pooled(self.net, f))
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor, exits: bool = False, with_features: bool = False) -> Any:
@@ -240,16 +251,16 @@ class MultiExit(nn.Module):
         (the way in through a DistributedDataParallel wrapper, which only wraps ``forward``)."""
         if exits:
             return self.forward_exits(x, with_features=with_features)
-        return self._deep(self.net.features(x)[-1])[1]
+        return self._deep(_stages(self.net, x)[-1])[1]
 
     def forward_exits(self, x: Tensor, with_features: bool = False) -> Any:
         """All exits' logits, shallow to deep (the last equals ``forward(x)``).
 
         With ``with_features=True`` returns ``(logits, features)``: the tensors each exit pools.
         """
-        stages = self.net.features(x)
+        stages = _stages(self.net, x)
         logits, feats = [], []
-        for ex, s in zip(self.exits, stages[:-1]):
+        for ex, s in zip(cast("list[Exit]", self.exits), stages[:-1]):  # nn.ModuleList is not generic
             f = ex.features(s)
             feats.append(f)
             logits.append(ex.classify(f))
@@ -266,8 +277,8 @@ class MultiExit(nn.Module):
             raise TrainingError("byot: hint='journal' needs the wrapper built with adapt=True (method.prepare_model)")
         out: list[Tensor | None] = [None] * (len(feats) - 1)
         for a, i in zip(self.adapt, journal_hinted(len(feats) - 1)):
-            out[i] = a(torch.flatten(self.exits[i].pool(feats[i]), 1))
-        out.append(torch.flatten(self.net.pool(feats[-1]), 1))
+            out[i] = a(_pooled(self.exits[i], feats[i]))
+        out.append(_pooled(self.net, feats[-1]))
         return out
 
     @property
@@ -337,6 +348,8 @@ def byot_loss(
                 f"byot: hint_weight > 0 needs one feature map per exit ({len(exits)}), "
                 f"got {None if features is None else len(features)}"
             )
+        if features[-1] is None:
+            raise TrainingError("byot: the hint needs the deepest exit's features (the last entry of features is None)")
         f_deep = features[-1].detach().float()
         hint_sum = ce.new_zeros(())
         for f in features[:-1]:
@@ -347,7 +360,7 @@ def byot_loss(
                 hint_sum = hint_sum + torch.linalg.vector_norm(f - f_deep)
                 continue
             if f.shape[-2:] != f_deep.shape[-2:]:
-                f = F.adaptive_avg_pool2d(f, f_deep.shape[-2:])
+                f = F.adaptive_avg_pool2d(f, (f_deep.shape[-2], f_deep.shape[-1]))
             hint_sum = hint_sum + (f - f_deep).pow(2).flatten(1).sum(1).mean()
         loss = loss + hint_weight * hint_sum
         parts["hint"] = hint_sum.detach()
@@ -404,6 +417,7 @@ class BYOT(Method):
     needs_stages = True
     formula = "CE(z_S, y) + Σ_{i<S} [c·H(softmax(z_S/T).detach(), softmax(z_i/T)) + (1−c)·CE(z_i, y)]"
     Params = BYOTParams
+    hp: BYOTParams
     supports_mix = True
 
     @property
@@ -425,16 +439,17 @@ class BYOT(Method):
             else:
                 exits, feats = model(batch.x, exits=True), None
             return self._score(exits, batch.y, feats, batch.mix)
-        if not callable(getattr(model, "forward_exits", None)):
+        forward_exits = getattr(model, "forward_exits", None)
+        if not callable(forward_exits):
             raise TrainingError(
                 "byot: the model has no forward_exits(); train the model returned by method.prepare_model(model)"
             )
         if self.hp.hint_weight > 0:
-            exits, feats = model.forward_exits(batch.x, with_features=True)
+            exits, feats = forward_exits(batch.x, with_features=True)
             if self.hp.hint == "journal":
-                feats = model.journal_features(feats)
+                feats = getattr(model, "journal_features")(feats)
         else:
-            exits, feats = model.forward_exits(batch.x), None
+            exits, feats = forward_exits(batch.x), None
         return self._score(exits, batch.y, feats, batch.mix)
 
     def loss(self, logits: Any, target: Tensor, index: Tensor | None = None,

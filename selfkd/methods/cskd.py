@@ -138,6 +138,7 @@ class CSKD(Method):
     own_forward = True
     formula = "CE(z_a, y) + λ·T²·KL(softmax(z_p/T) ‖ softmax(z_a/T))"
     Params = CSKDParams
+    hp: CSKDParams
     supports_mix = True
 
     def __init__(self, **params: Any) -> None:
@@ -180,7 +181,9 @@ class CSKD(Method):
                                 "cskd.set_train_labels(labels) or cskd.batch_sampler(..., labels=train_labels)")
         order, start = self.plan.begin(sampler, batch_size, drop_last)
         if new:
+            assert self._classes is not None  # checked above
             self._partners = self._classes.partners(order, self._gen, self.hp.partner)
+        assert self._partners is not None  # drawn now, or loaded with the resumed epoch's order
         return order, self._partners, start
 
     # -- training ----------------------------------------------------------------------------
@@ -266,6 +269,7 @@ class CSKD(Method):
         """The partner generator, and the sampler's position (epoch order, partners, consumed batches)."""
         state: dict[str, Any] = {"steps": self.steps, "generator": self._gen.get_state(), **self.plan.state_dict()}
         if self.plan.order is not None:
+            assert self._partners is not None  # drawn with every order
             state["partners"] = self._partners.clone()
         return state
 

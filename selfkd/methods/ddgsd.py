@@ -71,6 +71,7 @@ class DDGSD(Method):
         "CE(z1,y) + CE(z2,y) + λ·T²·[KL(softmax(z2/T) ‖ softmax(z1/T)) + KL(softmax(z1/T) ‖ softmax(z2/T))]"
     )
     Params = DDGSDParams
+    hp: DDGSDParams
     supports_mix = True
 
     @property

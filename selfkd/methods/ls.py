@@ -68,6 +68,7 @@ class LS(Method):
     name = "ls"
     formula = "(1−ε)·CE(z, y) + ε·H(v, softmax(z)); v = 1/K (uniform) or 1/(K−1) off the target (offtarget)"
     Params = LSParams
+    hp: LSParams
     supports_mix = True
 
     def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,

@@ -6,6 +6,8 @@ Distillation" (LSR-OS, Appl. Sci. 11(10) 4699, 2021).
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 from torch import Tensor
 
@@ -41,7 +43,8 @@ class LsrKD(Method):
 
     name = "lsrkd"
     formula = "(1−α)·CE(z, y) + α·T²·KL(u ‖ softmax(z/T)), u = 1/K"
-    Params = LsrKDParams
+    Params: ClassVar[type[LsrKDParams]] = LsrKDParams
+    hp: LsrKDParams
     supports_mix = True
 
     def teacher_logits(self, logits: Tensor, target: Tensor) -> Tensor:

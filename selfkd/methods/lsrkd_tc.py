@@ -57,6 +57,7 @@ class LsrKDTC(LsrKD):
     formula = ("(1−α)·CE(z, y) + α·T²·KL(p^c ‖ softmax(z/T)), p^c = a on y, (1−a)/(K−1) elsewhere "
                "(soften_teacher: softmax(log p^c / T) as teacher)")
     Params = LsrKDTCParams
+    hp: LsrKDTCParams
 
     def setup(self, *, num_samples: int, num_classes: int, epochs: int) -> None:
         check_share(self.name, self.hp.a, num_classes)

@@ -8,7 +8,7 @@ choices (class docstring; README "Sources"), each one a knob.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -103,7 +103,8 @@ class MrKD(Method):
     name = "mrkd"
     own_forward = True
     formula = "CE(z, y) + α·T²·KL(softmax(z_b/T) ‖ softmax(z/T)), z_b: past snapshots of the model"
-    Params = MrKDParams
+    Params: ClassVar[type[MrKDParams]] = MrKDParams
+    hp: MrKDParams
     supports_mix = True
 
     def __init__(self, **params: Any) -> None:
@@ -208,7 +209,7 @@ class MrKD(Method):
             self._fcn_opt.zero_grad(set_to_none=True)
             ce.backward()
             # DDP: the layer is trained on every rank's batch alike (averaged gradients), so ranks do not drift
-            distributed.all_reduce_mean_([p.grad for p in self._fcn.parameters()])
+            distributed.all_reduce_mean_([p.grad for p in self._fcn.parameters() if p.grad is not None])  # weight and bias: both have one
             self._fcn_opt.step()
         return z.detach(), ce.detach()
 
@@ -287,6 +288,7 @@ class MrKD(Method):
             snaps = [_cpu_clone(s.state_dict()) for s in self._snapshots]
         state: dict[str, Any] = {"steps": self.steps, "snapshots": snaps}
         if self._fcn is not None:
+            assert self._fcn_opt is not None  # built with the layer
             state["fcn"] = _cpu_clone(self._fcn.state_dict())
             state["fcn_optimizer"] = _cpu_clone(self._fcn_opt.state_dict())
         return state
@@ -314,6 +316,7 @@ class MrKD(Method):
                     f"snapshots (got copies={self.hp.copies})"
                 )
             self._build_fcn(k)
+            assert self._fcn is not None and self._fcn_opt is not None
             self._fcn.load_state_dict(state["fcn"])
             self._fcn_opt.load_state_dict(state["fcn_optimizer"])
         self.steps = int(state["steps"])

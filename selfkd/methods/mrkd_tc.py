@@ -79,6 +79,7 @@ class MrKDTC(MrKD):
     name = "mrkd-tc"
     formula = "CE(z, y) + α·T²·KL(a·onehot(y) + (1−a)·softmax(z_b/T) ‖ softmax(z/T)), z_b: past snapshots"
     Params = MrKDTCParams
+    hp: MrKDTCParams
 
     def distill(self, logits: Tensor, teacher: Tensor, target: Tensor,
                 mix: Mix | MixBlocks | None = None) -> Tensor:

@@ -76,6 +76,7 @@ class PSKD(Method):
     name = "pskd"
     formula = "−Σ ŷ·log softmax(z), ŷ = (1−α_t)·onehot(y) + α_t·P_prev[i], α_t = α_T·(e+1)/E"
     Params = PSKDParams
+    hp: PSKDParams
     supports_mix = True
 
     def __init__(self, **params: Any) -> None:

@@ -59,6 +59,7 @@ class TfKDReg(Method):
     formula = ("(1−α)·CE(z, y) + α·T_s²·KL(softmax(p^d/T) ‖ softmax(z/T_s)), "
                "p^d = a on y, (1−a)/(K−1) elsewhere")
     Params = TfKDRegParams
+    hp: TfKDRegParams
     supports_mix = True
 
     def setup(self, *, num_samples: int, num_classes: int, epochs: int) -> None:

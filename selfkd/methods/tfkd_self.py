@@ -93,6 +93,7 @@ class TfKDSelf(Method):
     own_forward = True
     formula = "(1−α)·CE(z, y) + α·T²·KL(softmax(z_t/T) ‖ softmax(z/T)), z_t: a CE-trained copy"
     Params = TfKDSelfParams
+    hp: TfKDSelfParams
     needs_teacher: ClassVar[bool] = True
     supports_mix = True
 
@@ -152,7 +153,7 @@ class TfKDSelf(Method):
         if self._placed != where:  # the trainer moves the student after prepare_model
             self.teacher.to(x.device)
             if channels_last:
-                self.teacher.to(memory_format=torch.channels_last)
+                self.teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's overloads of Module.to omit it
             self._placed = where
         return self.teacher
 

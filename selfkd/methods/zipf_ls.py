@@ -126,6 +126,7 @@ class ZipfLS(Method):
     name = "zipf-ls"
     formula = "CE(z, y) + λ·KL(zipf(rank of own prediction) ‖ softmax(z_non-target))"
     Params = ZipfLSParams
+    hp: ZipfLSParams
     supports_mix = True
 
     def __init__(self, **params: Any) -> None:

@@ -79,9 +79,10 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """
     if isinstance(name, str) and name.startswith(TIMM):
         model = _timm(name, integer(num_classes, "num_classes", 2), integer(in_channels, "in_channels", 1))
-        model.registry_name = name
+        model.registry_name = name  # type: ignore[assignment]  # as below
         return model
     factory = MODELS.get(name)
     model = factory(integer(num_classes, "num_classes", 2), integer(in_channels, "in_channels", 1))
-    model.registry_name = name  # lets error messages name the model as the user spelled it
+    # lets error messages name the model as the user spelled it; torch's stub types Module.__setattr__ for tensors and modules only
+    model.registry_name = name  # type: ignore[assignment]
     return model
