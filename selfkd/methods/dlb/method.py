@@ -57,6 +57,10 @@ class DLB(Method):
     * Mixed samples (:meth:`mix`): the repeated rows re-apply the previous step's mixing
       (:mod:`~selfkd.methods.dlb.mixing`). Token logits ``[B, T, V]``: a per-token ``T²·KL`` averaged over
       the repeated rows' non-ignored tokens, re-aligned under dynamic padding (:mod:`~selfkd.methods.dlb.cache`).
+    * The cache (``B·K``, or ``B·T·V`` float32 for tokens): ``cache_dtype`` bfloat16/float16 halves it;
+      ``cache_topk=K`` keeps each row's K largest logits and the tail's mass, and the distillation term is
+      ``T²·KL`` over K+1 buckets (:func:`~selfkd.methods.losses.kd_kl_topk`; ``K = V`` is the full cache
+      exactly; T must stay fixed). Rounding bound and sources: docs/methods.md.
 
     Use the sampler from :meth:`batch_sampler`: the loss checks each batch against the layout that
     :meth:`plan_epoch` gave the sampler, and the repeated rows' labels against the cached ones, on CPU tensors.
