@@ -13,7 +13,8 @@ N, K, B = 48, 4, 8
 METHODS = [
     ("ce", {}), ("dlb", {}), ("dlb", {"schedule": "confidence"}), ("dlb", {"schedule": "entropy"}), ("dlb", {"schedule": "margin"}),
     ("dlb", {"schedule": "linear", "ramp_epochs": 1}),
-    ("dlb", {"forward": "split", "ce_rows": "new"}), ("cskd", {}), ("pskd", {}), ("pskd", {"memory_device": "cpu"}),
+    ("dlb", {"forward": "split", "ce_rows": "new"}), ("dlb", {"cache_topk": 2, "cache_dtype": "bfloat16"}),
+    ("dlb", {"cache_topk": 3, "schedule": "margin", "cache_dtype": "float16"}), ("cskd", {}), ("pskd", {}), ("pskd", {"memory_device": "cpu"}),
     ("ddgsd", {}), ("byot", {}), ("mrkd", {"interval": 2, "ensemble": "fcn", "copies": 2, "knowledge_adjustment": True}),
     ("mrkd-tc", {"interval": 2}), ("zipf-ls", {}), ("ls", {}), ("lsrkd", {}), ("lsrkd-tc", {}), ("tfkd-reg", {}),
 ]

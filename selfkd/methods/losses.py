@@ -77,6 +77,75 @@ def kd_kl(student: Tensor, teacher: Tensor, temperature: float | Tensor, mask: T
     return _masked_mean(per_token, m) * (t * t)
 
 
+def topk_logits(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A teacher's ``[..., V]`` logits compressed for :func:`kd_kl_topk`: ``(values, index, tail)``, the ``k``
+    largest logits per row and their vocabulary indices (``[..., k]``, int64, in vocabulary order: ``k = V``
+    keeps the logits exactly as they were) and the tail's log-mass at temperature ``T``,
+    ``log Σ_{j ∉ top-k} exp(z_j/T)`` (``[...]`` float32; None when ``k = V``: no tail). Ties at the k-th
+    value keep the indices ``torch.topk`` picks."""
+    z = logits.detach().float()
+    v = z.shape[-1]
+    if not 0 < k <= v:
+        raise ValueError(f"topk_logits: k={k} must be in 1..{v} (the last dimension)")
+    index = torch.topk(z, k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    values = z.gather(-1, index)
+    if k == v:
+        return values, index, None
+    rest = (z / temperature).scatter(-1, index, -math.inf)
+    return values, index, torch.logsumexp(rest, dim=-1)
+
+
+def kd_kl_topk(student: Tensor, values: Tensor, index: Tensor, tail: Tensor | None, temperature: float | Tensor,
+               mask: Tensor | None = None, weight: Tensor | None = None) -> Tensor:
+    """:func:`kd_kl` against a top-K teacher (:func:`topk_logits`): ``T² · KL`` over ``K+1`` buckets, the
+    teacher's K kept tokens and one bucket for the rest of the vocabulary,
+
+    ``KL_{K+1} = Σ_{k∈S} p_k log(p_k/q_k) + p_tail log(p_tail/q_tail)``, with ``p_k = exp(z_k/T − n)``,
+    ``p_tail = exp(tail − n)``, ``n = logaddexp(logsumexp(z_S/T), tail)`` (the teacher's full
+    normaliser: the kept probabilities are not renormalised), and the student's ``q = softmax(s/T)`` over
+    the whole vocabulary, ``q_tail = Σ_{j∉S} q_j``. ``tail`` must be the tail's log-mass at this ``T``.
+
+    By the chain rule of KL, ``KL = KL_{K+1} + p_tail · KL(p(·|tail) ‖ q(·|tail))``: the bucket form is the
+    exact KL of the two distributions coarsened to {each kept token, the rest}, a lower bound of the full
+    KL, equal to it when ``K = V`` (``tail`` None: then this *is* :func:`kd_kl`, value and gradient bit for
+    bit). Unlike renormalised top-K caching, which biases the teacher's probabilities upwards (Anshumann
+    et al. 2025, "Sparse Logit Sampling", arXiv 2503.16870), the tail keeps its mass and the student is
+    pulled to put the teacher's tail mass, not zero, outside the kept tokens; splitting the teacher into
+    its top-K and its tail follows Dasgupta et al. 2026 ("Don't Ignore the Tail", arXiv 2602.20816); the
+    single tail bucket is our form. ``mask``, ``weight``, the reductions and zero rows are :func:`kd_kl`'s.
+    """
+    if values.shape != index.shape or tuple(values.shape[:-1]) != tuple(student.shape[:-1]):
+        raise ValueError(f"kd_kl_topk: values {tuple(values.shape)} and index {tuple(index.shape)} must be "
+                         f"{tuple(student.shape[:-1])} x K")
+    if (tail is None) != (values.shape[-1] == student.shape[-1]):
+        raise ValueError(f"kd_kl_topk: a tail is needed exactly when K={values.shape[-1]} < V={student.shape[-1]}")
+    if mask is not None and tuple(mask.shape) != tuple(student.shape[:-1]):
+        raise ValueError(f"kd_kl_topk: mask {tuple(mask.shape)} must have the shape {tuple(student.shape[:-1])}")
+    if weight is not None and tuple(weight.shape) != tuple(student.shape[:-1]):
+        raise ValueError(f"kd_kl_topk: weight {tuple(weight.shape)} must have the shape {tuple(student.shape[:-1])}")
+    if student.shape[0] == 0:
+        return student.float().sum() * 0.0
+    t = temperature
+    s, m = _tokens(student, mask)
+    idx = index.reshape(s.shape[0], -1).to(device=s.device, dtype=torch.int64)
+    log_q = F.log_softmax(s.float() / t, dim=1)
+    a = values.detach().reshape(idx.shape).to(s.device).float() / t
+    if tail is None:  # K = V: the K+1-th bucket is empty
+        log_p, log_b = F.log_softmax(a, dim=1), log_q.gather(1, idx)
+    else:
+        rest = tail.detach().reshape(-1, 1).to(s.device).float()
+        n = torch.logaddexp(torch.logsumexp(a, dim=1, keepdim=True), rest)
+        log_p = torch.cat([a - n, rest - n], dim=1)
+        q_rest = torch.logsumexp(log_q.scatter(1, idx, -math.inf), dim=1, keepdim=True)  # never all -inf: K < V
+        log_b = torch.cat([log_q.gather(1, idx), q_rest], dim=1)
+    if student.dim() == 2 and mask is None and weight is None:  # as kd_kl's fused batchmean
+        return F.kl_div(log_b, log_p, reduction="batchmean", log_target=True) * (t * t)
+    per_token = F.kl_div(log_b, log_p, reduction="none", log_target=True).sum(dim=1)
+    if weight is not None:
+        per_token = per_token * weight.detach().reshape(-1).to(per_token)
+    return _masked_mean(per_token, m) * (t * t)
+
+
 def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, *,
                   mix: Mix | MixBlocks | None = None) -> Tensor:
     """Hard-label cross-entropy in float32, mean over rows (``[B, K]``) or over the non-ignored tokens

@@ -14,7 +14,7 @@ Semantics pinned to the official code (github.com/Meta-knowledge-Lab/DLB, dlb.py
 holds up to ``batch_size`` repeated rows plus ``batch_size`` new ones, so the paper's mini-batch of
 ``n`` rows is ``batch_size = n/2``. Every sample is forwarded twice per epoch.
 
-Only the last step's logits (``batch_size x K``) and labels are kept. Beside the class:
+Only the last step's logits (``batch_size x K``, in ``cache_dtype``, or their top ``cache_topk``) and labels are kept. Beside the class:
 :mod:`~selfkd.methods.dlb.method` (the class and its sampler), :mod:`~selfkd.methods.dlb.params`,
 :mod:`~selfkd.methods.dlb.schedules` (α and T over training, per-row weights),
 :mod:`~selfkd.methods.dlb.mixing` (DLB with mixup/CutMix) and :mod:`~selfkd.methods.dlb.cache`

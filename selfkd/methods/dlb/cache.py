@@ -14,6 +14,21 @@ Token logits (``[B, T, V]`` with ``[B, T]`` labels, -100 ignored): the cache hol
 padded to another length: its cached logits are re-laid by position (``padding_side``: ``right``
 aligns the first positions, ``left`` the last; :func:`~selfkd.methods.losses.align_tokens`) and the
 labels must then agree token by token, else TrainingError. ``[B, K]`` logits are unchanged.
+
+What is cached (``DLB(cache_dtype=..., cache_topk=...)``; :attr:`LastBatch.nbytes` counts it), per row
+(``[B, K]``) or token (``[B, T, V]``), with ``V`` the last dimension and ``s`` the bytes of ``cache_dtype``:
+
+* full (default): the ``V`` logits in ``cache_dtype``, ``V·s`` bytes (float32: 4, bfloat16/float16: 2);
+  the teacher is the rounded logits upcast to float32; every schedule reads it as before;
+* ``cache_topk=K``: the ``K`` largest logits (``cache_dtype``), their vocabulary indices (int32) and the
+  tail's log-mass at T (float32), ``K·(s + 4) + 4`` bytes, and the distillation term is
+  :func:`~selfkd.methods.losses.kd_kl_topk` over ``K+1`` buckets (``K = V``: equal to the full cache).
+  The tail's mass is taken at the distillation temperature, so T must not move during training (the
+  ``confidence`` schedule and a ``linear`` T ramp are refused); the ``entropy``/``margin`` weights are
+  computed from the full float32 logits when they are cached (4 more bytes), as the full cache would give them.
+
+float16 holds ``|z| <= 65504``: larger logits are clamped to that before the cast (a logit that large is
+saturated at any usual T); bfloat16 has float32's range.
 """
 from __future__ import annotations
 
@@ -26,12 +41,16 @@ import torch
 from torch import Tensor
 
 from ...data.mixing import Mix, MixBlocks, mix_from_state, mix_state
-from ...errors import TrainingError
+from ...errors import ConfigError, TrainingError
 from ..base import EpochPlan, batch_count, host_equal
-from ..losses import align_tokens, token_mask
+from ..losses import align_tokens, token_mask, topk_logits
 
-#: the keys of DLB's state_dict
-KEYS = ("steps", "prev_new", "position", "epoch", "order", "cache_logits", "cache_labels", "last_mix")
+#: the keys of DLB's state_dict (the last three only with ``cache_topk``)
+KEYS = ("steps", "prev_new", "position", "epoch", "order", "cache_logits", "cache_labels", "last_mix",
+        "cache_index", "cache_tail", "cache_weight")
+#: ``cache_dtype`` names
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOAT16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -82,20 +101,45 @@ class Layouts:
         return len(self._queue)
 
 
-class LastBatch:
-    """The last consumed step: its new rows (dataset indices, logits, labels, Mix), the teacher of the next."""
+@dataclass
+class Teacher:
+    """The repeated rows' cached teacher on the step's device: ``logits`` float32 (the full logits, or the
+    top-K values with their ``index`` and the ``tail``'s log-mass), ``mask`` the token mask (None for
+    ``[B, K]``) and ``weight`` the per-row weights cached with a top-K teacher (None otherwise)."""
 
-    def __init__(self) -> None:
+    logits: Tensor
+    mask: Tensor | None
+    index: Tensor | None = None
+    tail: Tensor | None = None
+    weight: Tensor | None = None
+
+
+class LastBatch:
+    """The last consumed step: its new rows (dataset indices, logits, labels, Mix), the teacher of the next.
+
+    ``dtype``/``topk``/``temperature``: how the logits are cached (module docstring)."""
+
+    def __init__(self, dtype: str = "float32", topk: int | None = None, temperature: float = 1.0) -> None:
+        self.dtype, self.topk, self.temperature = DTYPES[dtype], topk, temperature
         self.prev_new = torch.empty(0, dtype=torch.int64)  # last consumed new rows
         self.steps = 0  # steps consumed
-        self.logits: Tensor | None = None  # the last consumed step's new rows' logits (float32, detached)
+        self.logits: Tensor | None = None  # the last step's new rows' logits (detached; top-K: their K largest)
+        self.index: Tensor | None = None  # top-K: the vocabulary indices of ``logits`` (int32)
+        self.tail: Tensor | None = None  # top-K with K < V: the tail's log-mass at ``temperature`` (float32)
+        self.weight: Tensor | None = None  # top-K: per-row weights of a per-sample schedule (float32)
         self.labels: Tensor | None = None  # and their labels
         self.mix: Mix | None = None  # how those rows were mixed (None: not mixed)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached teacher holds (logits, indices, tail, weights; labels not counted)."""
+        return sum(t.numel() * t.element_size() for t in (self.logits, self.index, self.tail, self.weight)
+                   if t is not None)
+
     def teacher(self, layout: Layout, logits: Tensor, target: Tensor, host: Tensor | None, index: Tensor | None,
-                padding_side: str) -> tuple[Tensor, Tensor | None]:
-        """The cached logits of the ``layout.repeat`` repeated rows, on ``logits``' device, and their token
-        mask (None for ``[B, K]``), once those rows are checked to be the cached samples with their labels."""
+                padding_side: str) -> Teacher:
+        """The cached teacher of the ``layout.repeat`` repeated rows on ``logits``' device, once those rows
+        are checked to be the cached samples with their labels."""
         r = layout.repeat
         cached = self.logits
         if cached is None or cached.shape[0] < r:
@@ -104,12 +148,16 @@ class LastBatch:
         cached_labels = self.labels
         if cached_labels.device != labels.device:  # a plain loop switched between host and device labels
             cached_labels = cached_labels.to(labels.device)
+        extra = [self.index, self.tail, self.weight]
         if logits.dim() == 3:  # tokens: re-lay the cache at the current positions (dynamic padding)
             teacher, same = align_tokens(cached[:r], cached_labels[:r], labels[:r], padding_side)
+            extra = [None if x is None else align_tokens(x[:r], cached_labels[:r], labels[:r], padding_side)[0]
+                     for x in extra]
             mask = token_mask(target[:r])
             same = bool(same)  # on the host with host labels: no device sync
         else:
             teacher, mask = cached[:r], None
+            extra = [None if x is None else x[:r] for x in extra]
             same = (host_equal(cached_labels[:r], labels[:r]) if labels.device.type == "cpu"
                     else torch.equal(cached_labels[:r], labels[:r]))  # device labels only: one sync
         if not same:
@@ -120,11 +168,22 @@ class LastBatch:
             )
         if index is not None and not host_equal(self.prev_new[:r], index[:r].cpu()):
             raise TrainingError("DLB: the repeated rows are not the previous step's new samples")
-        return teacher.to(logits.device), mask
+        dev = logits.device
+        at, tail, weight = (None if x is None else x.to(dev) for x in extra)
+        return Teacher(teacher.to(dev).float(), mask, at, tail, weight)
 
-    def commit(self, layout: Layout, logits: Tensor, labels: Tensor, mix: Mix | None) -> None:
-        """The consumed step's new rows (their logits, labels and Mix) become the next step's teacher."""
-        self.logits = logits.detach().float()
+    def commit(self, layout: Layout, logits: Tensor, labels: Tensor, mix: Mix | None,
+               weight: Tensor | None = None) -> None:
+        """The consumed step's new rows (their logits, labels and Mix) become the next step's teacher;
+        ``weight``: the per-row weights to keep with a top-K teacher."""
+        z = logits.detach().float()
+        if self.topk is not None:
+            z, index, self.tail = topk_logits(z, self.topk, self.temperature)
+            self.index = index.to(torch.int32)
+            self.weight = None if weight is None else weight.detach().float()
+        if self.dtype == torch.float16:
+            z = z.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+        self.logits = z.to(self.dtype)
         self.labels = labels.detach().clone()
         self.mix = mix
         self.prev_new = layout.new_index
@@ -135,17 +194,33 @@ class LastBatch:
         if self.logits is not None:
             state["cache_logits"] = self.logits.cpu().clone()
             state["cache_labels"] = self.labels.cpu().clone()
+            for key, x in (("cache_index", self.index), ("cache_tail", self.tail), ("cache_weight", self.weight)):
+                if x is not None:
+                    state[key] = x.cpu().clone()
         if self.mix is not None:
             state["last_mix"] = mix_state(self.mix)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        logits, index = state.get("cache_logits"), state.get("cache_index")
+        if logits is not None:
+            self.check_cache(logits, index)
         self.steps = int(state["steps"])
         self.prev_new = state["prev_new"].to(torch.int64)
-        self.logits = state.get("cache_logits")
+        self.logits, self.index = logits, index
+        self.tail, self.weight = state.get("cache_tail"), state.get("cache_weight")
         self.labels = state.get("cache_labels")
         last = state.get("last_mix")
         self.mix = None if last is None else mix_from_state(last)
+
+    def check_cache(self, logits: Tensor, index: Tensor | None) -> None:
+        """ConfigError unless a checkpoint's cache was made with this ``cache_dtype`` and ``cache_topk``."""
+        name = {v: k for k, v in DTYPES.items()}
+        saved = (name.get(logits.dtype, str(logits.dtype)), None if index is None else index.shape[-1])
+        if saved != (name[self.dtype], self.topk):
+            raise ConfigError(f"method 'dlb' state: the checkpoint's cache has cache_dtype={saved[0]}, "
+                              f"cache_topk={saved[1]} but this DLB has cache_dtype={name[self.dtype]}, "
+                              f"cache_topk={self.topk}")
 
 
 def plan_layouts(epoch: EpochPlan, last: LastBatch, layouts: Layouts, sampler: Iterable[int], batch_size: int,

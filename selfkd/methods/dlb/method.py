@@ -11,11 +11,12 @@ from torch.utils.data import Sampler
 
 from ...data.mixing import Mix, MixBlocks, Mixer
 from ..base import Batch, EpochPlan, Method, PlannedBatchSampler, StepOutput
-from ..losses import cross_entropy, kd_kl
+from ...errors import ConfigError
+from ..losses import cross_entropy, kd_kl, kd_kl_topk
 from ..registry import register_method
 from . import mixing, schedules
 from .cache import KEYS, LastBatch, Layout, Layouts, check_batch, plan_layouts
-from .params import DLBParams
+from .params import PER_SAMPLE, DLBParams
 
 
 class DLBBatchSampler(PlannedBatchSampler):
@@ -56,6 +57,10 @@ class DLB(Method):
     * Mixed samples (:meth:`mix`): the repeated rows re-apply the previous step's mixing
       (:mod:`~selfkd.methods.dlb.mixing`). Token logits ``[B, T, V]``: a per-token ``T²·KL`` averaged over
       the repeated rows' non-ignored tokens, re-aligned under dynamic padding (:mod:`~selfkd.methods.dlb.cache`).
+    * The cache (``B·K``, or ``B·T·V`` float32 for tokens): ``cache_dtype`` bfloat16/float16 halves it;
+      ``cache_topk=K`` keeps each row's K largest logits and the tail's mass, and the distillation term is
+      ``T²·KL`` over K+1 buckets (:func:`~selfkd.methods.losses.kd_kl_topk`; ``K = V`` is the full cache
+      exactly; T must stay fixed). Rounding bound and sources: docs/methods.md.
 
     Use the sampler from :meth:`batch_sampler`: the loss checks each batch against the layout that
     :meth:`plan_epoch` gave the sampler, and the repeated rows' labels against the cached ones, on CPU tensors.
@@ -73,7 +78,8 @@ class DLB(Method):
         super().__init__(**params)
         self.layouts = Layouts()  # planned by the sampler, consumed by the loss
         self.plan = EpochPlan()  # the epoch's order and position
-        self.last = LastBatch()  # the last step's new rows: the next step's teacher
+        hp = self.hp
+        self.last = LastBatch(hp.cache_dtype, hp.cache_topk, hp.temperature)  # the last step's new rows: the next teacher
 
     @property
     def runs_on_logits(self) -> bool:
@@ -126,20 +132,30 @@ class DLB(Method):
         hp, last = self.hp, self.last
         layout = self.layouts.next()
         host = check_batch(layout, logits, target, target_host, mix)
+        if hp.cache_topk is not None and hp.cache_topk > logits.shape[-1]:
+            raise ConfigError(f"method 'dlb': cache_topk={hp.cache_topk} is larger than the logits' last dimension "
+                              f"V={logits.shape[-1]}: expected 1 <= cache_topk <= {logits.shape[-1]}")
         r = layout.repeat
         rep_mix, new_mix = mixing.split_mix(mix, r, r + layout.new, last.mix)
         alpha, parts = hp.alpha, {}
         if r > 0:
-            teacher, mask = last.teacher(layout, logits, target, host, index, hp.padding_side)
-            alpha, temp, weight = schedules.for_step(hp, layout.progress, teacher, target[:r], rep_mix)
-            kd = kd_kl(logits[:r], teacher, temp, mask=mask, weight=weight)
+            t = last.teacher(layout, logits, target, host, index, hp.padding_side)
+            mask = t.mask
+            alpha, temp, weight = schedules.for_step(hp, layout.progress, t.logits, target[:r], rep_mix, weight=t.weight)
+            if t.index is None:
+                kd = kd_kl(logits[:r], t.logits, temp, mask=mask, weight=weight)
+            else:  # T is fixed with a top-K cache (DLBParams), the temperature of the cached tail
+                kd = kd_kl_topk(logits[:r], t.logits, t.index, t.tail, temp, mask=mask, weight=weight)
             parts = schedules.logged(hp.schedule, alpha, temp, weight, mask)
         else:
             kd = logits.float().sum() * 0.0
         ce_from = r if hp.ce_rows == "new" else 0
         ce = cross_entropy(logits[ce_from:], target[ce_from:], hp.label_smoothing, mix=new_mix if ce_from else mix)
         self.layouts.pop()
-        last.commit(layout, logits[r:], (host if host is not None else target)[r:], new_mix)  # the next teacher
+        # a top-K cache cannot give the per-sample weights later: they are taken from the full logits now
+        keep = (schedules.row_weight(hp.schedule, logits[r:])
+                if hp.cache_topk is not None and hp.schedule in PER_SAMPLE else None)
+        last.commit(layout, logits[r:], (host if host is not None else target)[r:], new_mix, keep)  # the next teacher
         self.plan.position = layout.position + 1
         return StepOutput(ce + alpha * kd, {"ce": ce.detach(), "kd": kd.detach(), **parts}, logits, target)
 
@@ -158,8 +174,14 @@ class DLB(Method):
 
     @property
     def cached_logits(self) -> Tensor | None:
-        """The last step's new rows' logits (float32, detached): the next step's teacher."""
+        """The last step's new rows' logits (detached, in ``cache_dtype``; with ``cache_topk`` their K largest,
+        in vocabulary order): the next step's teacher."""
         return self.last.logits
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the cached teacher (logits; with ``cache_topk`` also indices, tail and weights)."""
+        return self.last.nbytes
 
     @property
     def last_mix(self) -> Mix | None:

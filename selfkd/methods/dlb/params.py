@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..base import Params
 
@@ -41,6 +41,33 @@ class DLBParams(Params):
         "right", description="token logits [B, T, V]: where the collator pads, to align a repeated row's positions "
         "with its cached ones when its padded length changed",
     )
+
+    cache_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the cached teacher logits: bfloat16/float16 halve the cache (the rounding "
+        "bound is in docs/methods.md)",
+    )
+    cache_topk: int | None = Field(
+        None, gt=0, description="cache only the K largest teacher logits per row (token) and the tail's mass: the "
+        "distillation term over K+1 buckets (selfkd.methods.losses.kd_kl_topk); K <= V, checked at the first step; "
+        "None: all V",
+    )
+
+    @model_validator(mode="after")
+    def _fixed_temperature(self) -> "DLBParams":
+        moves = self.schedule == "confidence" or (
+            self.schedule == "linear" and self.temperature_start not in (None, self.temperature))
+        if self.cache_topk is not None and moves:
+            what = "schedule 'confidence'" if self.schedule == "confidence" else "a linear temperature ramp"
+            raise ValueError(f"cache_topk={self.cache_topk} keeps the tail's mass at one temperature, but {what} "
+                             "moves T during training: use cache_topk=None or a fixed T")
+        return self
+
+    @field_validator("cache_topk", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("expected an integer K >= 1 or None")
+        return v
 
     @field_validator("schedule", mode="before")
     @classmethod

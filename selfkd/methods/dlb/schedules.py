@@ -52,12 +52,14 @@ def confidence(teacher: Tensor, labels: Tensor, alpha: float, temperature: float
     return alpha * conf, temperature * (2.0 - conf)
 
 
-def for_step(hp: DLBParams, progress: float, teacher: Tensor, labels: Tensor,
-             mix: Mix | None = None) -> tuple[float | Tensor, float | Tensor, Tensor | None]:
+def for_step(hp: DLBParams, progress: float, teacher: Tensor, labels: Tensor, mix: Mix | None = None,
+             weight: Tensor | None = None) -> tuple[float | Tensor, float | Tensor, Tensor | None]:
     """``(α, T, row weight)`` for a step at ``progress`` epochs under DLB's hyper-parameters ``hp``, given
     the teacher logits of the repeated rows and how those rows were mixed: α and T from the ``linear``
-    ramp, :func:`confidence` or as given; the weight from :func:`row_weight` (``entropy``, ``margin``), else None."""
-    weight = row_weight(hp.schedule, teacher) if hp.schedule in PER_SAMPLE else None
+    ramp, :func:`confidence` or as given; the weight from :func:`row_weight` (``entropy``, ``margin``), else None.
+    ``weight``: the rows' weights already taken (a top-K cache keeps them from the full logits)."""
+    if weight is None and hp.schedule in PER_SAMPLE:
+        weight = row_weight(hp.schedule, teacher)
     if hp.schedule == "linear":
         f = min(progress / hp.ramp_epochs, 1.0) if hp.ramp_epochs > 0 else 1.0
         t0 = hp.temperature if hp.temperature_start is None else hp.temperature_start
