@@ -84,6 +84,19 @@ class SaveAt(transformers.TrainerCallback):
         control.should_save = state.global_step in self.steps
 
 
+class Counted(SelfKDTrainer):
+    """Records the token count (num_items_in_batch) each training step's loss is divided by."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.items = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.items.append(int(num_items_in_batch))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
 def run(out, name, method, resume=None, trainer_cls=SelfKDTrainer, save_at=(), kind="seq", **kw):
     """Train; returns (trainer, the indices of every step)."""
     m = METHODS[method]()
@@ -108,13 +121,14 @@ def main(out):
         torch.save({"world": t.args.world_size, "batches": seen, "state": t.method.state_dict(),
                     "weights": t.model.state_dict(), "log": t.state.log_history}, Path(out) / name / f"rank{r}.pt")
     # token logits, ranks with unequal token counts (plain SGD, no clipping: the step is the gradient)
-    for name, method, accumulate in [("tok-ce", "ce", 1), ("tok-dlb", "dlb", 1), ("tok-dlb-ga2", "dlb", 2)]:
-        t, seen = run(out, name, method, kind="tok", save_strategy="no", max_grad_norm=0.0,
-                      gradient_accumulation_steps=accumulate)
+    for name, method, accumulate, across in [("tok-ce", "ce", 1, True), ("tok-dlb", "dlb", 1, True),
+                                             ("tok-dlb-ga2", "dlb", 2, True), ("tok-ce-local", "ce", 1, False)]:
+        t, seen = run(out, name, method, trainer_cls=Counted, kind="tok", save_strategy="no", max_grad_norm=0.0,
+                      gradient_accumulation_steps=accumulate, average_tokens_across_devices=across)
         r = t.args.process_index
         sampler = type(t.get_train_dataloader().batch_sampler).__name__  # the rank's own batches, no accelerate shard
-        torch.save({"world": t.args.world_size, "batches": seen, "weights": t.model.state_dict(), "sampler": sampler},
-                   Path(out) / name / f"rank{r}.pt")
+        torch.save({"world": t.args.world_size, "batches": seen, "weights": t.model.state_dict(), "sampler": sampler,
+                    "items": t.items}, Path(out) / name / f"rank{r}.pt")
     try:  # accelerate splitting the method's batches across ranks: refused on every rank
         run(out, "split", "dlb", accelerator_config={"split_batches": True})
         msg = "trained"

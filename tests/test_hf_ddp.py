@@ -149,3 +149,14 @@ def test_token_losses_on_two_ranks_with_unequal_token_counts_are_the_union_batch
         gap = (a[k].double() - b[k].double()).norm()
         assert gap <= 1e-4 * moved + 1e-9, (name, k, float(gap), float(moved))
     assert [g["sampler"] for g in got] == ["_MethodBatches", "_MethodBatches"]  # no accelerate BatchSamplerShard
+
+
+@pytest.mark.parametrize("name, across", [("tok-ce", True), ("tok-ce-local", False)])
+def test_the_token_count_is_the_ranks_or_the_rank_s_own_as_the_trainer_has_it(ddp, name, across):
+    """num_items_in_batch, as compute_loss receives it: both ranks' tokens with average_tokens_across_devices (the
+    default), each rank's own without it (the Trainer's two semantics)."""
+    got = ranks(ddp, name)
+    data = hf_worker.examples(kind="tok")
+    tokens = [[sum(len(data[i]["labels"]) - 1 for i in step) for step in g["batches"]] for g in got]
+    want = [[a + b for a, b in zip(*tokens)]] * 2 if across else tokens
+    assert [g["items"] for g in got] == want

@@ -13,6 +13,13 @@ What the subclass changes, and nothing else:
   (logit ``t`` predicts label ``t+1``, as the models' own loss). Evaluation (the model in eval mode)
   scores plain cross-entropy, so a method's state only moves on training steps. The method's
   parts are logged beside ``loss`` as ``selfkd/<part>`` (means over the logging window).
+* **reduction**: token labels reduce as the Trainer reduces a model's own token loss (``num_items_in_batch``):
+  a token weighs ``1/N``, ``N`` the non-ignored tokens of the whole gradient-accumulation window, summed
+  over the ranks with ``args.average_tokens_across_devices`` (the default), so accumulation and ranks train as
+  one process on the union batch (tested); DLB's distillation term is averaged alike over the window's
+  repeated tokens on every rank (``Method.token_counts``; a method without it is taken as one mean over the
+  non-ignored tokens, CE's form). ``[B]`` labels keep a mean per batch, divided by the accumulation steps, as
+  the Trainer does for a model that takes no loss kwargs.
 * **data**: the training loader's batches come from ``method.batch_sampler`` (DLB's
   ``[repeated | new]`` batches) over a ``DistributedSampler`` seeded with ``args.data_seed`` (else
   ``args.seed``) and re-shuffled per epoch (one process: one replica; several: below). Every example carries its
@@ -28,12 +35,14 @@ What the subclass changes, and nothing else:
 * **several processes** (``torchrun``; DDP, tested on CPU with gloo): each rank's ``DistributedSampler``
   draws its shard of every epoch (the shards are disjoint; ``DistributedSampler`` pads the last one) and
   the method batches that shard by itself: DLB's batch on rank ``r`` is ``[rank r's previous new rows |
-  rank r's new rows]``, so cached logits never cross ranks. Accelerate's batch sharding is turned off
-  for this loader (it would deal the batches out again and hold back those not ``batch_size`` long),
-  so ``accelerator_config`` ``split_batches``/``dispatch_batches`` are refused. DDP averages the
-  gradients: with equal row counts per rank (``DistributedSampler`` sees to it) a step equals one
-  process whose batch is the union of the ranks' batches (tested: same weights up to float32
-  summation order). Method state is per rank (one file each, above); PS-KD's memory is made the same
+  rank r's new rows]``, so cached logits never cross ranks. Accelerate places this loader's batches on the
+  device without sharding them (``prepare_data_loader`` for one process: a shard would deal the batches out
+  again and hold back those not ``batch_size`` long), so ``accelerator_config``
+  ``split_batches``/``dispatch_batches`` are refused. DDP averages the gradients: with equal row counts per
+  rank (``DistributedSampler`` sees to it) for ``[B]`` labels, and with the ranks' token count (above) for
+  token labels however many tokens each rank holds, a step equals one process whose batch is the union of
+  the ranks' batches (tested: same weights up to float32 summation order; not DLB's ``confidence``
+  schedule, whose ``c`` is each rank's). Method state is per rank (one file each, above); PS-KD's memory is made the same
   on every rank at each epoch's end, and its writes not yet synced travel in the checkpoint, so a run
   resumed from a mid-epoch checkpoint, or one the Trainer saved just before the epoch's end, continues
   exactly (tested: bit-identical weights and per-rank state). Resume with the world size that saved
@@ -42,6 +51,11 @@ What the subclass changes, and nothing else:
 Methods whose step runs forward passes of their own (CS-KD's partners, DDGSD's second view, BYOT's
 exits, DLB with ``forward="split"``) are refused: ``method.runs_on_logits`` must be true. So is
 ``args.label_smoothing_factor`` (use the ``ls`` method, or DLB's ``label_smoothing``).
+
+The Trainer's private methods this subclass wraps or calls (the staged checkpoint save, the column removal) and
+the public ones whose semantics it mirrors are checked when a trainer is built (:func:`_surfaces`): a transformers
+or accelerate that changed them fails there, in one line naming its version, not with a wrong loss scale or a
+half-written checkpoint later.
 """
 from __future__ import annotations
 
