@@ -273,11 +273,12 @@ def test_token_loss_over_an_accumulation_window_is_one_step_on_the_doubled_batch
         assert gap <= 1e-4 * moved + 1e-9, (k, float(gap), float(moved))
 
 
-def test_dlb_token_terms_are_means_over_the_window_tokens(tmp_path):
+@pytest.mark.parametrize("ce_rows", ["all", "new"])
+def test_dlb_token_terms_are_means_over_the_window_tokens(tmp_path, ce_rows):
     """DLB on token logits with gradient_accumulation_steps=2: each micro-batch backpropagates
-    sum(its CE tokens) / N_ce + α·T²·sum(its repeated tokens' KL) / N_kd, N_ce the window's non-ignored tokens and N_kd
-    its repeated rows' non-ignored tokens (by hand)."""
-    dlb = Recorder(selfkd.DLB(temperature=2.0, alpha=0.5))
+    sum(its CE tokens) / N_ce + α·T²·sum(its repeated tokens' KL) / N_kd, N_ce the window's non-ignored tokens (of the
+    new rows with ce_rows="new") and N_kd its repeated rows' non-ignored tokens (by hand)."""
+    dlb = Recorder(selfkd.DLB(temperature=2.0, alpha=0.5, ce_rows=ce_rows))
     t = token_trainer(tmp_path, dlb.method, "dlb", 4, 2, cls=Backprop, data=examples(14, kind="tok", seed=2),
                       num_train_epochs=2)
     t.train()
@@ -286,10 +287,11 @@ def test_dlb_token_terms_are_means_over_the_window_tokens(tmp_path):
     for z, y, idx, _ in dlb.calls:
         r = 0 if prev is None else len(prev[2])
         tokens = [(i, p) for i in range(len(y)) for p in range(y.shape[1]) if y[i, p] != IGNORE]
-        ce = sum(hand_ce(z[i, p].tolist(), int(y[i, p])) for i, p in tokens)
+        scored = [(i, p) for i, p in tokens if ce_rows == "all" or i >= r]
+        ce = sum(hand_ce(z[i, p].tolist(), int(y[i, p])) for i, p in scored)
         rep = [(i, p) for i, p in tokens if i < r]
         kd = sum(hand_kl(prev[0][i, p].tolist(), z[i, p].tolist(), 2.0) for i, p in rep) * 4.0
-        terms.append((ce, len(tokens), kd, len(rep)))
+        terms.append((ce, len(scored), kd, len(rep)))
         prev = (z[r:], y[r:], idx[r:])
     for w in range(0, 8, 2):
         n_ce = sum(c[1] for c in terms[w : w + 2])
@@ -298,6 +300,31 @@ def test_dlb_token_terms_are_means_over_the_window_tokens(tmp_path):
         for j in (w, w + 1):
             want = terms[j][0] / n_ce + 0.5 * terms[j][2] / n_kd
             assert t.backprop[j] == pytest.approx(want, rel=1e-4), (j, t.backprop[j], want)
+
+
+def test_the_token_reduction_reads_no_device_value(tmp_path):
+    """Counting the window's tokens, the method's loss and the rescaling: no host sync (tests/syncs.py), DLB's
+    distillation term and CE's."""
+    from syncs import SyncCounter
+
+    calls = []
+
+    class Counted(SelfKDTrainer):
+        def _count_window(self, *a):
+            with SyncCounter() as c:
+                out = super()._count_window(*a)
+            calls.append(c.calls)
+            return out
+
+        def _window_share(self, *a):
+            with SyncCounter() as c:
+                out = super()._window_share(*a)
+            calls.append(c.calls)
+            return out
+
+    for method in (selfkd.build_method("ce"), selfkd.DLB(ce_rows="new")):
+        token_trainer(tmp_path, method, method.name, 4, 2, cls=Counted, num_train_epochs=1).train()
+    assert len(calls) == 2 * (2 + 4) and all(c == [] for c in calls), calls
 
 
 def test_sequence_classification_keeps_its_mean_per_batch_under_accumulation(tmp_path):

@@ -139,11 +139,12 @@ def _check_host() -> None:
             got = "has none"
         elif params is not None:
             try:
-                names = set(inspect.signature(found).parameters)
+                sig = inspect.signature(found).parameters
             except (TypeError, ValueError):
-                names = set()
-            if not set(params) <= names:
-                got = f"has {name}({', '.join(sorted(names - {'self'}))})"
+                sig = {}
+            open_ended = any(v.kind in (v.VAR_POSITIONAL, v.VAR_KEYWORD) for v in sig.values())  # a wrapper's (*a, **kw)
+            if not open_ended and not set(params) <= set(sig):
+                got = f"has {name}({', '.join(n for n in sig if n != 'self')})"
         if got is not None:
             want = where if params is None else f"{where}({', '.join(params)})"
             raise ConfigError(f"SelfKDTrainer needs {want} (selfkd {why}); {package} {versions[package]} {got}; "
@@ -289,7 +290,8 @@ class SelfKDTrainer(transformers.Trainer):
                               f"({method.describe()}); only methods computed from the model's logits run here")
         _check_host()
         super().__init__(*args, **kwargs)
-        if not isinstance(getattr(self, "_train_batch_size", None), int):  # private: the Trainer's own (per device)
+        # private, must stay: the per-device batch size the Trainer's own loader uses (auto_find_batch_size moves it)
+        if not isinstance(getattr(self, "_train_batch_size", None), int):
             raise ConfigError(f"SelfKDTrainer needs the Trainer's _train_batch_size (the per-device batch size its own "
                               f"loader uses); transformers {transformers.__version__} has none; selfkd is tested "
                               f"with {TESTED}")
@@ -393,6 +395,10 @@ class SelfKDTrainer(transformers.Trainer):
         self._window.clear()
         if not batches or not all(self._tokens(b.get("labels")) for b in batches):
             return batches, num_items
+        return batches, self._count_window(batches, device)
+
+    def _count_window(self, batches: list[dict[str, Any]], device: Any) -> torch.Tensor:
+        """Count the window's tokens per term (:attr:`_window`, :attr:`_totals`); the CE term's total."""
         targets = [b["labels"][:, 1:] if self.causal_lm else b["labels"] for b in batches]
         counts = self.method.token_counts(targets) or [{"tokens": (y != IGNORE).sum()} for y in targets]
         keys = list(counts[0])
@@ -401,7 +407,7 @@ class SelfKDTrainer(transformers.Trainer):
             total = self.accelerator.gather(total[None]).sum(0)  # as the Trainer sums num_items_in_batch
         self._window.extend(counts)
         self._totals = dict(zip(keys, total))
-        return batches, self._totals[keys[0]]
+        return self._totals[keys[0]]
 
     def _window_share(self, out: StepOutput, num_items_in_batch: Any) -> torch.Tensor:
         """This batch's loss as its share of the window's: each term's mean times its tokens here over its tokens in
@@ -466,7 +472,9 @@ class SelfKDTrainer(transformers.Trainer):
         renamed to OUTPUT_DIR/checkpoint-N once every rank has written its files; then the older ones
         are rotated out. The Trainer writes file by file into the final folder and deletes the older
         checkpoints before the method state exists: a kill in between left only a folder that cannot be
-        resumed. (Hub pushes read the folder in the background: with ``push_to_hub`` it is written in place.)"""
+        resumed. (Hub pushes read the folder in the background: with ``push_to_hub`` it is written in place.)
+        Not the public ``on_save``: it runs after the Trainer has written the final folder and rotated (see
+        :func:`_surfaces`)."""
         from ..engine import checkpoint as ckpt
 
         name = f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -555,8 +563,8 @@ class _EpochHook(transformers.TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         epochs = max(1, math.ceil(state.num_train_epochs or args.num_train_epochs))
         epoch = int(math.floor(state.epoch + 1e-9))  # the Trainer's epoch (a resumed one: the checkpoint's)
-        # the Trainer's own set_epoch does not reach the sampler through accelerate's shard and skip
-        # wrappers in a resumed epoch of a multi-process run: set it here, before the epoch is iterated
+        # the Trainer's own set_epoch need not reach the sampler through accelerate's wrappers (its skip
+        # wrapper in a resumed epoch): set it here, before the epoch is iterated
         self.trainer.set_sampler_epoch(epoch)
         self.trainer.method.on_epoch_start(min(epoch, epochs - 1), epochs)
 
