@@ -96,6 +96,7 @@ TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last
 __all__ = ["SelfKDTrainer", "STATE", "last_checkpoint", "drop_incomplete"]
 
 TESTED = "transformers 5.24.0, accelerate 1.15.0"  # the versions the surfaces below were read from and tested with
+# (Trainer.loss_is_scaled_for_ga, which the token reduction needs, came with transformers 5.19: pyproject's floor)
 
 
 def _surfaces() -> list[tuple[str, Any, str, tuple[str, ...] | None, str]]:
@@ -376,10 +377,10 @@ class SelfKDTrainer(transformers.Trainer):
     _resume_skip = 0
 
     # -- loss ------------------------------------------------------------------------------
-    # Token labels ([B, T], -100 ignored) reduce as the Trainer reduces a model's own token loss (transformers >= 4.46;
-    # as read in 5.24's trainer.py): get_batch_samples fetches the accumulation window's batches and counts their
-    # tokens, summed over the ranks when args.average_tokens_across_devices (default True); compute_loss divides by
-    # that count (num_items_in_batch), the Trainer then does not divide by the accumulation steps
+    # Token labels ([B, T], -100 ignored) reduce as the Trainer reduces a model's own token loss (a global token mean
+    # since transformers 4.46; as read in 5.24's trainer.py): get_batch_samples fetches the accumulation window's
+    # batches and counts their tokens, summed over the ranks when args.average_tokens_across_devices (default True);
+    # compute_loss divides by that count (num_items_in_batch), the Trainer then does not divide by the accumulation steps
     # (loss_is_scaled_for_ga), and with the ranks' count it multiplies by the world size, because DDP averages the
     # gradients. So a token weighs 1/N, N the tokens of the whole window on every rank: one process on the union
     # batch. Here each term of the method's loss (StepOutput.terms: DLB's CE and distillation terms) is rescaled by
