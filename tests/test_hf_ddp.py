@@ -127,3 +127,36 @@ def test_refusals_across_ranks(ddp, tmp_path):
                                           r"the same world size"):
         t.train(resume_from_checkpoint=str(ddp / "dlb" / "checkpoint-4"))
     assert t.state.global_step == 0
+
+
+@pytest.mark.parametrize("name, method, accumulate", [("tok-ce", "ce", 1), ("tok-dlb", "dlb", 1), ("tok-dlb-ga2", "dlb", 2)])
+def test_token_losses_on_two_ranks_with_unequal_token_counts_are_the_union_batch(ddp, tmp_path, name, method, accumulate):
+    """Token classification: the ranks' batches hold unequal token counts; with the Trainer's global token count
+    (average_tokens_across_devices, accumulation window included; DLB's distillation term over the repeated tokens
+    of every rank) 2 ranks train as one process on the union batch. A mean per rank would weigh a token 1/(2 n_rank)."""
+    got = ranks(ddp, name)
+    assert all(torch.equal(got[0]["weights"][k], got[1]["weights"][k]) for k in got[0]["weights"])
+    data = hf_worker.examples(kind="tok")
+    tokens = [[sum(len(data[i]["labels"]) - 1 for i in step) for step in g["batches"]] for g in got]
+    assert any(a != b for a, b in zip(*tokens)), tokens  # unequal per rank at some step
+    twin, seen = hf_worker.run(tmp_path, "twin", method, trainer_cls=Twin, batch=2 * BATCH, kind="tok",
+                               save_strategy="no", max_grad_norm=0.0, gradient_accumulation_steps=accumulate)
+    assert [sorted(s) for s in seen] == [sorted(a + b) for a, b in zip(got[0]["batches"], got[1]["batches"])]
+    a, b = got[0]["weights"], twin.model.state_dict()
+    init = hf_worker.tiny_bert("tok").state_dict()
+    for k in a:  # float32 summation order apart (see the test above); a wrong token weighting moves them by ~10%
+        moved = (b[k].double() - init[k].double()).norm()
+        gap = (a[k].double() - b[k].double()).norm()
+        assert gap <= 1e-4 * moved + 1e-9, (name, k, float(gap), float(moved))
+    assert [g["sampler"] for g in got] == ["_MethodBatches", "_MethodBatches"]  # no accelerate BatchSamplerShard
+
+
+@pytest.mark.parametrize("name, across", [("tok-ce", True), ("tok-ce-local", False)])
+def test_the_token_count_is_the_ranks_or_the_rank_s_own_as_the_trainer_has_it(ddp, name, across):
+    """num_items_in_batch, as compute_loss receives it: both ranks' tokens with average_tokens_across_devices (the
+    default), each rank's own without it (the Trainer's two semantics)."""
+    got = ranks(ddp, name)
+    data = hf_worker.examples(kind="tok")
+    tokens = [[sum(len(data[i]["labels"]) - 1 for i in step) for step in g["batches"]] for g in got]
+    want = [[a + b for a, b in zip(*tokens)]] * 2 if across else tokens
+    assert [g["items"] for g in got] == want

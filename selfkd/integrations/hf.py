@@ -13,6 +13,13 @@ What the subclass changes, and nothing else:
   (logit ``t`` predicts label ``t+1``, as the models' own loss). Evaluation (the model in eval mode)
   scores plain cross-entropy, so a method's state only moves on training steps. The method's
   parts are logged beside ``loss`` as ``selfkd/<part>`` (means over the logging window).
+* **reduction**: token labels reduce as the Trainer reduces a model's own token loss (``num_items_in_batch``):
+  a token weighs ``1/N``, ``N`` the non-ignored tokens of the whole gradient-accumulation window, summed
+  over the ranks with ``args.average_tokens_across_devices`` (the default), so accumulation and ranks train as
+  one process on the union batch (tested); DLB's distillation term is averaged alike over the window's
+  repeated tokens on every rank (``Method.token_counts``; a method without it is taken as one mean over the
+  non-ignored tokens, CE's form). ``[B]`` labels keep a mean per batch, divided by the accumulation steps, as
+  the Trainer does for a model that takes no loss kwargs.
 * **data**: the training loader's batches come from ``method.batch_sampler`` (DLB's
   ``[repeated | new]`` batches) over a ``DistributedSampler`` seeded with ``args.data_seed`` (else
   ``args.seed``) and re-shuffled per epoch (one process: one replica; several: below). Every example carries its
@@ -28,12 +35,14 @@ What the subclass changes, and nothing else:
 * **several processes** (``torchrun``; DDP, tested on CPU with gloo): each rank's ``DistributedSampler``
   draws its shard of every epoch (the shards are disjoint; ``DistributedSampler`` pads the last one) and
   the method batches that shard by itself: DLB's batch on rank ``r`` is ``[rank r's previous new rows |
-  rank r's new rows]``, so cached logits never cross ranks. Accelerate's batch sharding is turned off
-  for this loader (it would deal the batches out again and hold back those not ``batch_size`` long),
-  so ``accelerator_config`` ``split_batches``/``dispatch_batches`` are refused. DDP averages the
-  gradients: with equal row counts per rank (``DistributedSampler`` sees to it) a step equals one
-  process whose batch is the union of the ranks' batches (tested: same weights up to float32
-  summation order). Method state is per rank (one file each, above); PS-KD's memory is made the same
+  rank r's new rows]``, so cached logits never cross ranks. Accelerate places this loader's batches on the
+  device without sharding them (``prepare_data_loader`` for one process: a shard would deal the batches out
+  again and hold back those not ``batch_size`` long), so ``accelerator_config``
+  ``split_batches``/``dispatch_batches`` are refused. DDP averages the gradients: with equal row counts per
+  rank (``DistributedSampler`` sees to it) for ``[B]`` labels, and with the ranks' token count (above) for
+  token labels however many tokens each rank holds, a step equals one process whose batch is the union of
+  the ranks' batches (tested: same weights up to float32 summation order; not DLB's ``confidence``
+  schedule, whose ``c`` is each rank's). Method state is per rank (one file each, above); PS-KD's memory is made the same
   on every rank at each epoch's end, and its writes not yet synced travel in the checkpoint, so a run
   resumed from a mid-epoch checkpoint, or one the Trainer saved just before the epoch's end, continues
   exactly (tested: bit-identical weights and per-rank state). Resume with the world size that saved
@@ -42,14 +51,21 @@ What the subclass changes, and nothing else:
 Methods whose step runs forward passes of their own (CS-KD's partners, DDGSD's second view, BYOT's
 exits, DLB with ``forward="split"``) are refused: ``method.runs_on_logits`` must be true. So is
 ``args.label_smoothing_factor`` (use the ``ls`` method, or DLB's ``label_smoothing``).
+
+The Trainer's private methods this subclass wraps or calls (the staged checkpoint save, the column removal) and
+the public ones whose semantics it mirrors are checked when a trainer is built (:func:`_surfaces`): a transformers
+or accelerate that changed them fails there, in one line naming its version, not with a wrong loss scale or a
+half-written checkpoint later.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import re
 import shutil
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,14 +74,17 @@ from . import require
 require("transformers", "hf")
 require("accelerate", "hf")
 
+import accelerate  # noqa: E402
+import accelerate.data_loader  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler  # noqa: E402
 
 from .. import distributed  # noqa: E402
-from ..errors import ConfigError  # noqa: E402
+from ..errors import ConfigError, TrainingError  # noqa: E402
 from ..methods import Method  # noqa: E402
-from ..methods.losses import cross_entropy  # noqa: E402
+from ..methods.base import StepOutput  # noqa: E402
+from ..methods.losses import IGNORE, cross_entropy  # noqa: E402
 
 INDEX = "selfkd_index"
 STATE = "selfkd_method.pt"
@@ -75,6 +94,65 @@ _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last
 
 __all__ = ["SelfKDTrainer", "STATE", "last_checkpoint", "drop_incomplete"]
+
+TESTED = "transformers 5.24.0, accelerate 1.15.0"  # the versions the surfaces below were read from and tested with
+# (Trainer.loss_is_scaled_for_ga, which the token reduction needs, came with transformers 5.19: pyproject's floor)
+
+
+def _surfaces() -> list[tuple[str, Any, str, tuple[str, ...] | None, str]]:
+    """``(package, owner, name, parameters it is called with (None: an attribute), why)`` of every host surface whose
+    change would not fail by itself, or would fail late and obscurely (a wrong loss scale, a checkpoint half written).
+    Looked up when a trainer is built, so that is where a changed transformers or accelerate fails, in one line."""
+    trainer = transformers.Trainer
+    return [
+        # private, must stay: the Trainer writes a checkpoint file by file into its final folder and rotates the older
+        # ones out inside _save_checkpoint, and the public on_save runs only after it: a kill in between left no
+        # checkpoint to resume. Wrapping _save_checkpoint and pointing _get_output_dir at OUTPUT_DIR/.selfkd-saving is
+        # the one way to write the whole folder, method state included, and rename it into place before rotation and
+        # before any on_save callback reads it
+        ("transformers", trainer, "_save_checkpoint", ("model", "trial"), "wraps it to write each checkpoint whole"),
+        ("transformers", trainer, "_get_output_dir", ("trial",), "points it at the staging folder while saving"),
+        ("transformers", transformers.trainer_utils, "rotate_checkpoints",
+         ("output_dir", "save_total_limit", "best_model_checkpoint", "use_mtime"), "rotates after the rename"),
+        # private, must stay: the public get_train_dataloader builds its loader in _get_dataloader from a batch size
+        # and a sampler, which cannot carry the method's batches; these two apply the Trainer's own column removal
+        ("transformers", trainer, "_remove_unused_columns", ("dataset", "description"), "removes unused columns"),
+        ("transformers", trainer, "_get_collator_with_removed_columns", ("data_collator", "description"),
+         "removes unused columns"),
+        # public, and their semantics are what the token reduction mirrors (compute_loss below)
+        ("transformers", trainer, "get_batch_samples", ("epoch_iterator", "num_batches", "device"),
+         "counts the accumulation window's tokens"),
+        ("transformers", trainer, "loss_is_scaled_for_ga", None, "says its token loss is scaled for accumulation"),
+        ("accelerate", accelerate.data_loader, "prepare_data_loader",
+         ("device", "num_processes", "process_index", "put_on_device", "rng_types", "dispatch_batches",
+          "non_blocking", "use_stateful_dataloader"), "places the rank's own batches on the device"),
+    ]
+
+
+def _check_host() -> None:
+    """ConfigError, one line naming the installed version, if a surface of :func:`_surfaces` changed."""
+    versions = {"transformers": transformers.__version__, "accelerate": accelerate.__version__}
+    for package, owner, name, params, why in _surfaces():
+        where = f"{owner.__name__}.{name}"
+        found = getattr(owner, name, _MISSING)
+        got = None
+        if found is _MISSING:
+            got = "has none"
+        elif params is not None:
+            try:
+                sig = inspect.signature(found).parameters
+            except (TypeError, ValueError):
+                sig = {}
+            open_ended = any(v.kind in (v.VAR_POSITIONAL, v.VAR_KEYWORD) for v in sig.values())  # a wrapper's (*a, **kw)
+            if not open_ended and not set(params) <= set(sig):
+                got = f"has {name}({', '.join(n for n in sig if n != 'self')})"
+        if got is not None:
+            want = where if params is None else f"{where}({', '.join(params)})"
+            raise ConfigError(f"SelfKDTrainer needs {want} (selfkd {why}); {package} {versions[package]} {got}; "
+                              f"selfkd is tested with {TESTED}")
+
+
+_MISSING = object()
 
 
 def _complete(folder: str) -> bool:
@@ -211,7 +289,13 @@ class SelfKDTrainer(transformers.Trainer):
         if not method.runs_on_logits:
             raise ConfigError(f"SelfKDTrainer: method '{method.name}' runs forward passes of its own "
                               f"({method.describe()}); only methods computed from the model's logits run here")
+        _check_host()
         super().__init__(*args, **kwargs)
+        # private, must stay: the per-device batch size the Trainer's own loader uses (auto_find_batch_size moves it)
+        if not isinstance(getattr(self, "_train_batch_size", None), int):
+            raise ConfigError(f"SelfKDTrainer needs the Trainer's _train_batch_size (the per-device batch size its own "
+                              f"loader uses); transformers {transformers.__version__} has none; selfkd is tested "
+                              f"with {TESTED}")
         if self.args.label_smoothing_factor:
             raise ConfigError("SelfKDTrainer: args.label_smoothing_factor has no effect here; use the 'ls' method "
                               "or DLB's label_smoothing")
@@ -220,7 +304,11 @@ class SelfKDTrainer(transformers.Trainer):
                               "while the method continues; leave it False")
         self.method = method
         self.causal_lm = causal_lm
-        self.model_accepts_loss_kwargs = False  # our loss is a mean per step: let the Trainer divide by accumulation
+        # the model gets no labels (the method computes the loss), so the Trainer must not count its tokens for it:
+        # get_batch_samples below counts the tokens each term of the method's loss averages over
+        self.model_accepts_loss_kwargs = False
+        self._window: deque[dict[str, torch.Tensor]] = deque()  # this accumulation window's per-batch token counts
+        self._totals: dict[str, torch.Tensor] = {}  # and their sums over the window (and the ranks)
         self._parts: dict[str, torch.Tensor] = {}
         self._part_steps = 0
         self._batches: _MethodBatches | None = None
@@ -270,14 +358,14 @@ class SelfKDTrainer(transformers.Trainer):
         if acc.num_processes > 1 and (acc.split_batches or acc.dispatch_batches):
             raise ConfigError("SelfKDTrainer: accelerator_config split_batches/dispatch_batches would split the "
                               "method's batches across ranks; each rank already draws its own shard: leave them False")
-        prepared = acc.prepare(loader)
-        shard = getattr(prepared, "batch_sampler", None)
-        if shard is not None and getattr(shard, "batch_sampler", None) is self._batches:
-            # already one stream per rank: accelerate's BatchSamplerShard must neither deal the batches out
-            # again nor hold back (or pad) a batch whose length is not batch_size (DLB's [repeated | new]
-            # batches, a short last batch, the resume placeholders): batch_size None passes every batch as is
-            shard.num_processes, shard.process_index, shard.batch_size = 1, 0, None
-        return prepared
+        # already one stream per rank: accelerate's documented prepare_data_loader for one process places the batches
+        # on the device (as Accelerator.prepare does) without a BatchSamplerShard, which would deal them out again and
+        # hold back (or pad) those not batch_size long (DLB's [repeated | new] batches, a short last one, the resume
+        # placeholders). No generator to synchronise: the order is the DistributedSampler's (seed + epoch)
+        return accelerate.data_loader.prepare_data_loader(
+            loader, acc.device, num_processes=1, process_index=0, put_on_device=acc.device_placement,
+            rng_types=list(acc.rng_types or []), dispatch_batches=False, non_blocking=acc.non_blocking,
+            use_stateful_dataloader=acc.use_stateful_dataloader)
 
     def _index_sampler(self, data: Any) -> Any:
         """This rank's sample order, which the method's batch sampler batches: a ``DistributedSampler``
@@ -289,6 +377,56 @@ class SelfKDTrainer(transformers.Trainer):
     _resume_skip = 0
 
     # -- loss ------------------------------------------------------------------------------
+    # Token labels ([B, T], -100 ignored) reduce as the Trainer reduces a model's own token loss (a global token mean
+    # since transformers 4.46; as read in 5.24's trainer.py): get_batch_samples fetches the accumulation window's
+    # batches and counts their tokens, summed over the ranks when args.average_tokens_across_devices (default True);
+    # compute_loss divides by that count (num_items_in_batch), the Trainer then does not divide by the accumulation steps
+    # (loss_is_scaled_for_ga), and with the ranks' count it multiplies by the world size, because DDP averages the
+    # gradients. So a token weighs 1/N, N the tokens of the whole window on every rank: one process on the union
+    # batch. Here each term of the method's loss (StepOutput.terms: DLB's CE and distillation terms) is rescaled by
+    # its own count (Method.token_counts: DLB's repeated tokens for its distillation term). [B] labels (sequence
+    # classification) keep the per-batch mean, divided by the accumulation steps, as the Trainer does for a model
+    # that takes no loss kwargs.
+    @staticmethod
+    def _tokens(labels: Any) -> bool:
+        return torch.is_tensor(labels) and labels.dim() >= 2 and not labels.is_floating_point()
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: Any) -> tuple[list, Any]:
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._window.clear()
+        if not batches or not all(self._tokens(b.get("labels")) for b in batches):
+            return batches, num_items
+        return batches, self._count_window(batches, device)
+
+    def _count_window(self, batches: list[dict[str, Any]], device: Any) -> torch.Tensor:
+        """Count the window's tokens per term (:attr:`_window`, :attr:`_totals`); the CE term's total."""
+        targets = [b["labels"][:, 1:] if self.causal_lm else b["labels"] for b in batches]
+        counts = self.method.token_counts(targets) or [{"tokens": (y != IGNORE).sum()} for y in targets]
+        keys = list(counts[0])
+        total = torch.stack([sum(c[k] for c in counts) for k in keys]).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total[None]).sum(0)  # as the Trainer sums num_items_in_batch
+        self._window.extend(counts)
+        self._totals = dict(zip(keys, total))
+        return self._totals[keys[0]]
+
+    def _window_share(self, out: StepOutput, num_items_in_batch: Any) -> torch.Tensor:
+        """This batch's loss as its share of the window's: each term's mean times its tokens here over its tokens in
+        the window (``num_items_in_batch`` for the first, the CE term), times the world size when the count is the
+        ranks' (DDP averages the gradients)."""
+        counts, totals = self._window.popleft(), dict(self._totals)
+        first = next(iter(counts))
+        if num_items_in_batch is not None:
+            totals[first] = torch.as_tensor(num_items_in_batch, device=counts[first].device)
+        terms = out.terms if out.terms is not None else {first: out.loss}
+        if terms.keys() != counts.keys():
+            raise TrainingError(f"SelfKDTrainer: method '{self.method.name}' returned loss terms {sorted(terms)} but "
+                                f"token_counts for {sorted(counts)}; they must name the same terms")
+        loss = sum(terms[k] * (counts[k] / totals[k].clamp_min(1)) for k in counts)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes
+        return loss
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         labels = inputs.pop("labels")
@@ -301,7 +439,9 @@ class SelfKDTrainer(transformers.Trainer):
             loss = cross_entropy(logits, labels)
         else:
             out = self.method.loss(logits, labels, index=index)
-            loss = out.loss
+            windowed = bool(self._window) and self._tokens(labels)
+            loss = self._window_share(out, num_items_in_batch) if windowed else out.loss
+            self.loss_is_scaled_for_ga = windowed  # read by training_step right after this call
             for k, v in out.parts.items():
                 self._parts[k] = self._parts.get(k, 0) + v.detach().float()
             self._part_steps += 1
@@ -333,7 +473,9 @@ class SelfKDTrainer(transformers.Trainer):
         renamed to OUTPUT_DIR/checkpoint-N once every rank has written its files; then the older ones
         are rotated out. The Trainer writes file by file into the final folder and deletes the older
         checkpoints before the method state exists: a kill in between left only a folder that cannot be
-        resumed. (Hub pushes read the folder in the background: with ``push_to_hub`` it is written in place.)"""
+        resumed. (Hub pushes read the folder in the background: with ``push_to_hub`` it is written in place.)
+        Not the public ``on_save``: it runs after the Trainer has written the final folder and rotated (see
+        :func:`_surfaces`)."""
         from ..engine import checkpoint as ckpt
 
         name = f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -363,12 +505,9 @@ class SelfKDTrainer(transformers.Trainer):
             os.rename(os.path.join(stage, name), final)
             with contextlib.suppress(OSError):
                 os.rmdir(stage)  # empty now
-            rotate = getattr(transformers.trainer_utils, "rotate_checkpoints", None)
-            if rotate is not None:  # transformers >= 5
-                rotate(output_dir=root, save_total_limit=self.args.save_total_limit,
-                       best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-            else:
-                self._rotate_checkpoints(use_mtime=True, output_dir=root)
+            transformers.trainer_utils.rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit,
+                                                          best_model_checkpoint=self.state.best_model_checkpoint,
+                                                          use_mtime=True)
         self.accelerator.wait_for_everyone()  # no rank goes on (on_save callbacks) before the folder is there
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -425,8 +564,8 @@ class _EpochHook(transformers.TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         epochs = max(1, math.ceil(state.num_train_epochs or args.num_train_epochs))
         epoch = int(math.floor(state.epoch + 1e-9))  # the Trainer's epoch (a resumed one: the checkpoint's)
-        # the Trainer's own set_epoch does not reach the sampler through accelerate's shard and skip
-        # wrappers in a resumed epoch of a multi-process run: set it here, before the epoch is iterated
+        # the Trainer's own set_epoch need not reach the sampler through accelerate's wrappers (its skip
+        # wrapper in a resumed epoch): set it here, before the epoch is iterated
         self.trainer.set_sampler_epoch(epoch)
         self.trainer.method.on_epoch_start(min(epoch, epochs - 1), epochs)
 

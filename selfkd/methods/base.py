@@ -56,12 +56,18 @@ class Batch:
 
 @dataclass
 class StepOutput:
-    """A step's loss (with grad), its named parts (detached scalars) and the rows it scored."""
+    """A step's loss (with grad), its named parts (detached scalars) and the rows it scored.
+
+    ``terms`` (token logits, methods that define :meth:`Method.token_counts`): the loss as a sum of terms
+    with grad, keyed as ``token_counts`` keys them, each a mean over its own tokens; an integration that
+    averages over several batches (Hugging Face's accumulation window and ranks) rescales each by its
+    share of that term's tokens. None: the loss is one term, a mean over the non-ignored tokens."""
 
     loss: Tensor
     parts: dict[str, Tensor] = field(default_factory=dict)
     logits: Tensor | None = None
     target: Tensor | None = None
+    terms: dict[str, Tensor] | None = None
 
 
 def format_validation_error(owner: str, err: ValidationError) -> str:
@@ -144,6 +150,13 @@ class Method:
         """Batches of dataset indices. Methods that shape their batches override this;
         ``labels`` (the training labels, indexed like the data set) serve class-aware samplers."""
         return BatchSampler(sampler, batch_size, drop_last)
+
+    def token_counts(self, targets: list[Tensor]) -> list[dict[str, Tensor]] | None:
+        """For token labels (``[B, T]``, -100 ignored): how many tokens each term of :meth:`loss` averages over,
+        for each of the next ``len(targets)`` batches the loss will get (their labels, in loader order; the
+        batches the sampler has yielded and the loss has not consumed). Keys as in ``StepOutput.terms``, the
+        first the cross-entropy term. None (default): the loss is one term, a mean over the non-ignored tokens."""
+        return None
 
     def resumes_at(self) -> int | None:
         """After ``load_state_dict``: the batch of the current epoch at which this method's own batch sampler

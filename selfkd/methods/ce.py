@@ -14,7 +14,9 @@ class CE(Method):
     """Cross-entropy with hard labels. ``L = CE(z, y)``. No hyper-parameters.
 
     * **Mixed samples** (mixup/CutMix, ``batch.mix``): ``lam·CE(z, y) + (1−lam)·CE(z, y[index])``.
-    * **Distributed** (DDP): per rank; DDP averages the gradients, which equals one process on the union batch.
+    * **Distributed** (DDP): per rank. ``[B, K]`` logits, equal rows per rank: DDP's average of the ranks' means
+      equals one process on the union batch. Token logits: each rank's mean is over its own tokens, so with
+      unequal counts it does not; the Hugging Face integration divides by the ranks' token count, which does.
     """
 
     name = "ce"

@@ -8,8 +8,10 @@ dimension is the last one:
 * ``[B, T, V]`` logits (token classification, language modelling) with ``[B, T]`` labels reduce
   **per token**: a sum over the vocabulary, a mean over the tokens that count, i.e. those whose
   label is not :data:`IGNORE` (-100, the Hugging Face convention) or that ``mask`` selects. A batch
-  with no such token gives 0 (not NaN). Every token weighs the same, wherever its row is and however
-  long that row is (Hugging Face's own token-level mean).
+  with no such token gives 0 (not NaN). Within one call every token weighs the same, wherever its row
+  is and however long that row is; over the micro-batches of an accumulation window or over ranks such
+  means weigh tokens unequally, so ``SelfKDTrainer`` rescales them to Hugging Face's token-level mean
+  (one count over the window and the ranks).
 
 Mixed rows (mixup/CutMix, a :class:`~selfkd.data.mixing.Mix` or ``MixBlocks`` from the data layer) get
 their targets here too: ``cross_entropy(logits, y, mix=mix)`` is the one call for mixed and unmixed

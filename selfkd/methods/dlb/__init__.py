@@ -24,10 +24,12 @@ Only the last step's logits (``batch_size x K``, in ``cache_dtype``, or their to
 so each rank's batch is ``[this rank's previous new rows | this rank's new rows]``: the repeated rows
 sit on the rank that holds their cached logits, and no logits cross ranks. ``DistributedSampler``
 pads every rank to the same sample count, so all ranks have equal row counts at every step (none
-blocks the gradient all-reduce on a short batch). The loss per rank is the one above; DDP averages
-the gradients, which equals one process whose batch is the union of the ranks' batches (``[every
-rank's repeated | every rank's new]``, CE a mean over all rows, KL a batchmean over all repeated
-rows). The cache, the order and the position are per-rank state, saved for every rank.
+blocks the gradient all-reduce on a short batch). The loss per rank is the one above; for ``[B, K]``
+logits DDP's average of the gradients equals one process whose batch is the union of the ranks' batches
+(``[every rank's repeated | every rank's new]``, CE a mean over all rows, KL a batchmean over all repeated
+rows). Token logits hold unequal token counts per rank: the union needs means over every rank's tokens,
+which the Hugging Face integration takes (:meth:`DLB.token_counts`: CE over the non-ignored tokens, KL over
+the repeated ones). The cache, the order and the position are per-rank state, saved for every rank.
 """
 from .cache import Layout, Layouts
 from .method import DLB, DLBBatchSampler

@@ -88,6 +88,13 @@ class Layouts:
             )
         return self._queue[0]
 
+    def ahead(self, n: int) -> list[Layout]:
+        """The layouts of the next ``n`` batches the loss consumes, oldest first (not consumed)."""
+        if len(self._queue) < n:
+            raise TrainingError(f"DLB: {n} batches fetched but {len(self._queue)} batch layouts pending: build the "
+                                "DataLoader with batch_sampler=dlb.batch_sampler(sampler, batch_size)")
+        return [self._queue[i] for i in range(n)]
+
     def pop(self) -> Layout:
         """Consume :meth:`next`."""
         layout = self.next()

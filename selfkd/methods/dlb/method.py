@@ -12,7 +12,7 @@ from torch.utils.data import Sampler
 from ...data.mixing import Mix, MixBlocks, Mixer
 from ..base import Batch, EpochPlan, Method, PlannedBatchSampler, StepOutput
 from ...errors import ConfigError
-from ..losses import cross_entropy, kd_kl, kd_kl_topk
+from ..losses import cross_entropy, kd_kl, kd_kl_topk, token_mask
 from ..registry import register_method
 from . import mixing, schedules
 from .cache import KEYS, LastBatch, Layout, Layouts, check_batch, plan_layouts
@@ -125,6 +125,15 @@ class DLB(Method):
             logits = model(batch.x)
         return self.loss(logits, batch.y, index=batch.index, mix=batch.mix, target_host=batch.y_host)
 
+    def token_counts(self, targets: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Per pending batch: the tokens the CE term averages over (``ce``: every non-ignored one, or the new
+        rows' with ``ce_rows="new"``) and the distillation term (``kd``: the repeated rows' non-ignored ones)."""
+        out = []
+        for layout, y in zip(self.layouts.ahead(len(targets)), targets):
+            r = layout.repeat
+            out.append({"ce": token_mask(y[r if self.hp.ce_rows == "new" else 0:]).sum(), "kd": token_mask(y[:r]).sum()})
+        return out
+
     def loss(self, logits: Tensor, target: Tensor, index: Tensor | None = None,
              mix: Mix | MixBlocks | None = None, target_host: Tensor | None = None) -> StepOutput:
         """``target_host``: the same labels on the CPU (the trainer's ``batch.y_host``); with it, or with
@@ -157,7 +166,8 @@ class DLB(Method):
                 if hp.cache_topk is not None and hp.schedule in PER_SAMPLE else None)
         last.commit(layout, logits[r:], (host if host is not None else target)[r:], new_mix, keep)  # the next teacher
         self.plan.position = layout.position + 1
-        return StepOutput(ce + alpha * kd, {"ce": ce.detach(), "kd": kd.detach(), **parts}, logits, target)
+        return StepOutput(ce + alpha * kd, {"ce": ce.detach(), "kd": kd.detach(), **parts}, logits, target,
+                          terms={"ce": ce, "kd": alpha * kd})
 
     def state_dict(self) -> dict[str, Any]:
         """Cached logits and labels, the sampler's position (epoch order + consumed batches) and the
