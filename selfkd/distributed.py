@@ -355,6 +355,13 @@ def record_failure(how: str, reported: bool) -> None:
         _group["store"].set(f"failed/{_group['rank']}", f"{int(reported)} {how}")
 
 
+def record_lost() -> None:
+    """This rank stops because a peer is gone: it is a survivor, not one of the ranks that died."""
+    if _group:
+        with contextlib.suppress(Exception), _no_stderr():
+            _group["store"].set(f"lost/{_group['rank']}", "1")
+
+
 def failures() -> dict[int, tuple[bool, str]]:
     """The records of the ranks that failed: rank -> (reported by itself, how); raises if the store is gone."""
     out: dict[int, tuple[bool, str]] = {}
@@ -395,7 +402,7 @@ def dead_peers(wait_s: float = 1.0) -> dict[int, str]:
     pids = {}
     with _no_stderr():
         for r in range(_group["world"]):
-            if r != me and store.check([f"pid/{r}"]):
+            if r != me and store.check([f"pid/{r}"]) and not store.check([f"lost/{r}"]):  # not a survivor that left
                 where, _, pid = store.get(f"pid/{r}").decode().partition(" ")
                 if where == host:
                     pids[r] = int(pid)

@@ -89,6 +89,7 @@ def record(err: BaseException) -> None:
     if group is None:
         return
     if distributed.peer_lost(err):
+        distributed.record_lost()
         if not os.environ.get(NPROC_ENV):  # torchrun stops the survivors as soon as it sees a rank end: the line first
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return
