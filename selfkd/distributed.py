@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
+import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -65,8 +69,13 @@ def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0)
         torch.cuda.set_device(device)
     name = pick_backend(backend, device)
     if not dist.is_initialized():
-        dist.init_process_group(name, init_method="env://", rank=rank, world_size=world,
+        # init_process_group(init_method="env://") step by step, to keep the rendezvous store (torchrun's
+        # agent's, or rank 0's) for the failure records below
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=timeout_s)))
+        store.set_timeout(timedelta(seconds=timeout_s))
+        dist.init_process_group(name, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
+        _keep_store(store, rank, world)
     return device
 
 
@@ -291,3 +300,115 @@ def main_first(ctx: contextlib.AbstractContextManager[Any]) -> Iterator[None]:
         yield
     finally:
         ctx.__exit__(None, None, None)
+
+
+# -- a rank that dies ------------------------------------------------------------------------------
+# A rank that fails writes selfkd/failed/RANK into the rendezvous store before its sockets close; a
+# rank whose collective fails because a peer is gone (peer_lost) reads those records to say who failed
+# and how, or, for a rank that died without a word (a signal), finds it by its pid on this machine.
+_group: dict[str, Any] = {}  # store (a PrefixStore "selfkd/"), rank, world: kept after shutdown()
+
+
+def _keep_store(store: Any, rank_: int, world: int) -> None:
+    if world < 2:
+        return
+    box = dist.PrefixStore("selfkd", store)
+    box.set(f"pid/{rank_}", f"{socket.gethostname()} {os.getpid()}")
+    _group.update(store=box, rank=rank_, world=world)
+
+
+def joined() -> tuple[int, int] | None:
+    """(rank, world size) when this process joined a group of several ranks (also after shutdown())."""
+    return (_group["rank"], _group["world"]) if _group else None
+
+
+def peer_lost(err: BaseException) -> bool:
+    """``err`` is a collective that failed because another rank is gone (gloo's connection reset or closed
+    by peer, NCCL's remote error), not an error of this rank's own."""
+    if not _group or not isinstance(err, RuntimeError):
+        return False
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err)
+    return "gloo/transport" in text or "Connection reset by peer" in text or "Connection closed by peer" in text
+
+
+@contextlib.contextmanager
+def _no_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: a store whose host is gone makes c10d log a C++ stack before raising."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def record_failure(how: str, reported: bool) -> None:
+    """This rank failed with ``how`` (one line); ``reported``: it says so itself, its peers need not."""
+    if not _group:
+        return
+    with contextlib.suppress(Exception), _no_stderr():  # the store's host may be gone too
+        _group["store"].set(f"failed/{_group['rank']}", f"{int(reported)} {how}")
+
+
+def record_lost() -> None:
+    """This rank stops because a peer is gone: it is a survivor, not one of the ranks that died."""
+    if _group:
+        with contextlib.suppress(Exception), _no_stderr():
+            _group["store"].set(f"lost/{_group['rank']}", "1")
+
+
+def failures() -> dict[int, tuple[bool, str]]:
+    """The records of the ranks that failed: rank -> (reported by itself, how); raises if the store is gone."""
+    out: dict[int, tuple[bool, str]] = {}
+    store = _group["store"]
+    with _no_stderr():
+        for r in range(_group["world"]):
+            key = f"failed/{r}"
+            if r != _group["rank"] and store.check([key]):
+                flag, _, how = store.get(key).decode().partition(" ")
+                out[r] = (flag == "1", how)
+    return out
+
+
+def _proc_end(pid: int) -> str | None:
+    """How process ``pid`` of this machine ended ("killed by SIGKILL", "exited with status 1", "" once reaped
+    by its parent); None while it runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except FileNotFoundError:
+        return ""
+    except OSError:
+        return None
+    if fields[0] not in "ZX":
+        return None
+    status = int(fields[49]) if len(fields) > 49 else 0  # the wait status of a zombie (Linux 3.5+)
+    if status & 0x7F:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(status & 0x7F).name}"
+        return f"killed by signal {status & 0x7F}"
+    return f"exited with status {status >> 8}" if status else ""
+
+
+def dead_peers(wait_s: float = 1.0) -> dict[int, str]:
+    """The ranks on this machine whose process has ended (rank -> how it ended, "" when no longer known),
+    waiting up to ``wait_s`` for one."""
+    store, me, host = _group["store"], _group["rank"], socket.gethostname()
+    pids = {}
+    with _no_stderr():
+        for r in range(_group["world"]):
+            if r != me and store.check([f"pid/{r}"]) and not store.check([f"lost/{r}"]):  # not a survivor that left
+                where, _, pid = store.get(f"pid/{r}").decode().partition(" ")
+                if where == host:
+                    pids[r] = int(pid)
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = {r: how for r, pid in pids.items() if (how := _proc_end(pid)) is not None}
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.02)

@@ -140,7 +140,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def _launch(a: argparse.Namespace) -> int:
     """``--nproc N``: N copies of this command, one per rank, with torchrun's environment (one node,
-    127.0.0.1, a free port). The first rank to fail stops the others; its exit status is returned."""
+    127.0.0.1, a free port). The first rank to fail stops the others; its exit status is returned (128 + N
+    for signal N, which the launcher reports in one line: cli/_ranks.py)."""
     import os
     import signal
     import socket
@@ -167,21 +168,25 @@ def _launch(a: argparse.Namespace) -> int:
         except OSError:
             pass
 
+    from ._ranks import NPROC_ENV, launcher_report
+
     procs = []
     for r in range(n):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
-                   GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                   GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{NPROC_ENV: str(n)})
         env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: one thread per rank unless told otherwise
         procs.append(subprocess.Popen([sys.executable, "-m", "selfkd", *argv], env=env, preexec_fn=die_with_parent))
     codes: list[int | None] = [None] * n
+    order: list[int] = []  # the failed ranks, in the order their exits were seen
     failed_at = None
     try:
         while any(c is None for c in codes):
             for r, p in enumerate(procs):
                 if codes[r] is None:
                     codes[r] = p.poll()
-                    if codes[r] not in (None, 0) and failed_at is None:
-                        failed_at = time.monotonic()
+                    if codes[r] not in (None, 0):
+                        order.append(r)
+                        failed_at = failed_at or time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > 10:  # the rest hang in a collective
                 for r, p in enumerate(procs):
                     if codes[r] is None:
@@ -193,8 +198,7 @@ def _launch(a: argparse.Namespace) -> int:
         for p in procs:
             p.wait()
         return 130
-    bad = [c for c in codes if c]
-    return bad[0] if bad else 0
+    return launcher_report(a, [int(c or 0) for c in codes], order)  # one line for a rank killed by a signal
 
 
 def _train_distributed(a: argparse.Namespace) -> int:
@@ -217,6 +221,11 @@ def _train_distributed(a: argparse.Namespace) -> int:
     distributed.init(device, cfg.train.backend)
     try:
         return _train(a, cfg)
+    except (Exception, KeyboardInterrupt) as err:
+        from ._ranks import record
+
+        record(err)  # before the sockets close: the peers that see them close read what happened
+        raise
     finally:
         distributed.shutdown()
 
@@ -521,3 +530,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"selfkd: error: {_os_error(err)}", file=sys.stderr)
         return EXIT_USER
+    except Exception as err:  # one rank of several: its own failure, or a peer's (one line, by one rank)
+        from ._ranks import rank_failure
+
+        code = None if args.debug else rank_failure(args, err)
+        if code is None:
+            raise
+        return code
