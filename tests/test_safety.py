@@ -454,7 +454,7 @@ def test_tensorboard_folder_that_is_a_file_says_so(tmp_path, capsys):
 
 
 def test_error_texts_only_name_existing_flags():
-    """Every ``--flag`` a message in the engine, the data layer or the CLI mentions exists."""
+    """Every ``--flag`` a message in the engine, the data layer or the CLI mentions exists (in selfkd or torchrun)."""
     from selfkd.cli import parser
 
     top = parser()
@@ -462,6 +462,9 @@ def test_error_texts_only_name_existing_flags():
     for action in top._subparsers._group_actions[0].choices.values():
         for a in action._actions:
             known.update(a.option_strings)
+    from torch.distributed.run import get_args_parser  # resume lines under torchrun quote torchrun's own flags
+
+    known.update(s for a in get_args_parser()._actions for s in a.option_strings)
     root = Path(__file__).resolve().parent.parent / "selfkd"
     used = {}
     for sub in ("cli", "engine", "data"):
