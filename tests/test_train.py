@@ -13,6 +13,7 @@ import torch
 
 from selfkd.cli import main
 from selfkd.engine import checkpoint as ckpt
+from selfkd.engine import rundir
 from selfkd.engine.config import build_config, resolve
 from selfkd.data import load_dataset
 from selfkd.engine.trainer import TIMING_KEYS, Trainer
@@ -125,6 +126,8 @@ def test_train_writes_the_final_per_image_correctness(tmp_path):
         pred = setup.model(setup.augment.normalize(setup.test.batch(range(len(setup.test)))[0])).argmax(1)
     assert arr.tolist() == (pred == setup.test.labels).tolist()
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    (run / ".test_correct.npy.abcdefgh.tmp").write_bytes(b"x")  # what a kill mid-write leaves: a run file's temp
+    assert rundir.remove_leftovers(run) == [".test_correct.npy.abcdefgh.tmp"]
 
 
 class NaNAt(CE):
