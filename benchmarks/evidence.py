@@ -5,9 +5,10 @@ intervals that count test sampling (a paired two-way bootstrap over the paired u
     selfkd sweep configs/cpu/evidence_rf.yaml --threads 1
     python benchmarks/evidence.py [--core DIR] [--rf DIR] [--out benchmarks/results/evidence_cifar10] [--keep]
 
-Per finished run it scores the final weights (`checkpoint.pt`) on the test set once more and keeps each test
-image's correctness in `RUN/test_correct.npy` (checked against the run's own last-epoch accuracy), then writes
-`report.md` and `report.json`. A run not finished yet is left out and counted: partial results say so.
+Per finished run it reads each test image's correctness of the final weights from `RUN/test_correct.npy`
+(`selfkd train` writes it; a run made before it did is re-scored from `checkpoint.pt` once and the file
+cached), checked against the run's own last-epoch accuracy, then writes `report.md` and `report.json`.
+A run not finished yet is left out and counted: partial results say so.
 
 `--keep` also copies each finished run's record (summary.json, config.yaml, metrics.jsonl, test_correct.npy; no
 weights) to `OUT/runs/{core,rf}/...`, committed with the report: the report recomputes from them
@@ -52,10 +53,16 @@ PASSES = {"ce": 1.0, "ce-2x": 1.0, "ce-1.25x": 1.0, "dlb": 2.0, "dlb-repeat": 2.
 
 
 def score(run: Path) -> np.ndarray:
-    """Per-test-image correctness of the run's final weights (cached in RUN/test_correct.npy)."""
+    """Per-test-image correctness of the run's final weights: RUN/test_correct.npy (which `selfkd train` writes),
+    else re-scored from checkpoint.pt and cached there; either way checked against summary.json's last_acc."""
     cache = run / "test_correct.npy"
+    want = json.loads((run / "summary.json").read_text())["last_acc"]
     if cache.exists():
-        return np.load(cache)
+        correct = np.load(cache, allow_pickle=False)
+        if correct.dtype != np.bool_ or correct.ndim != 1 or abs(100 * correct.mean() - want) > 1e-6:
+            raise SystemExit(f"{cache}: not the per-image correctness of summary.json's last_acc {want} "
+                             f"(a {correct.dtype} array of shape {correct.shape}, mean {100 * correct.mean():.4f})")
+        return correct
     import torch
 
     from selfkd.engine import checkpoint as ckpt
@@ -78,7 +85,6 @@ def score(run: Path) -> np.ndarray:
                 x = x.contiguous(memory_format=torch.channels_last)
             out.append(model(x).argmax(1))
     correct = (torch.cat(out) == test.labels).numpy()
-    want = json.loads((run / "summary.json").read_text())["last_acc"]
     if abs(100 * correct.mean() - want) > 1e-6:
         raise SystemExit(f"{run}: re-scored accuracy {100 * correct.mean():.2f} != summary.json's {want}")
     np.save(cache, correct)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,9 @@ def test_two_ranks_train_as_one_process_on_the_union_batch(tmp_path):
         twin.model.load_state_dict(a)
         one = twin.evaluate()
         assert (one["acc"], one["nll"], one["ece"]) == (rows[-1]["test_acc"], rows[-1]["test_nll"], rows[-1]["test_ece"])
+        # rank 0's per-image correctness is the gathered evaluation's, in test-set order: one process's
+        saved = np.load(run / "test_correct.npy", allow_pickle=False)
+        assert saved.dtype == np.bool_ and saved.tolist() == twin.test_correct.tolist()
 
 
 def selfkd(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -115,6 +119,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical_and_two_nodes_match(tmp_
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     a, b = weights(ref), weights(nodes)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {(r / "test_correct.npy").read_bytes() for r in (ref, run, nodes)} == {(ref / "test_correct.npy").read_bytes()}
 
 
 def test_distributed_bad_input_is_one_line_on_rank_zero(tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,7 +51,8 @@ def test_dlb_run_directory_summary_and_report(parts, tmp_path, capsys):
     assert cli(parts, tmp_path / "runs" / "dlb", "--set", "method.schedule=confidence") == 0
     run = tmp_path / "runs" / "dlb"
     assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "metrics.csv",
-                                                         "tb", "summary.json", "model"}  # train.log=auto, tensorboard installed
+                                                         "tb", "summary.json", "model",
+                                                         "test_correct.npy"}  # train.log=auto, tensorboard installed
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     s = json.loads((run / "summary.json").read_text())
@@ -58,6 +60,8 @@ def test_dlb_run_directory_summary_and_report(parts, tmp_path, capsys):
         assert key in s
     assert s["last_acc"] == rows[-1]["test_acc"] and s["macro_f1"] == rows[-1]["test_macro_f1"]
     assert s["forwards_per_sample"] == 2.0 and s["train_docs"] == 18 and s["test_docs"] == 6
+    hits = np.load(run / "test_correct.npy", allow_pickle=False)  # the final evaluation's, one per test document
+    assert hits.dtype == np.bool_ and hits.shape == (6,) and 100.0 * int(hits.sum()) / 6 == s["last_acc"]
     data = json.loads((run / "data.json").read_text())
     assert data["train"] == {"food": 6, "sport": 6, "tech": 6} and data["max_length"] == 24
     err = capsys.readouterr().err
@@ -278,7 +282,8 @@ def test_killed_while_saving_resumes_bit_identical(parts, uninterrupted, tmp_pat
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _metrics(run) == _metrics(uninterrupted)
     assert {p.name for p in run.iterdir()} - {".lock"} == {"config.yaml", "data.json", "metrics.jsonl", "metrics.csv",
-                                                           "tb", "summary.json", "model"}
+                                                           "tb", "summary.json", "model", "test_correct.npy"}
+    assert (run / "test_correct.npy").read_bytes() == (uninterrupted / "test_correct.npy").read_bytes()
 
 
 class _Payload:

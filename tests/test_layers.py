@@ -93,7 +93,8 @@ ROOMS = {
     ("experiments", "report"): {"collect": 0, "stats": 1, "plots": 2, "render": 3},
     ("experiments", "sweep"): {"spec": 0, "runner": 1, "jobs": 2},
 }
-RUN_FILE_NAMES = {"CHECKPOINT", "BEST", "CONFIG", "METRICS", "SUMMARY", "LABEL_NOISE", "DATA_INFO", "FAILED"}
+RUN_FILE_NAMES = {"CHECKPOINT", "BEST", "CONFIG", "METRICS", "SUMMARY", "LABEL_NOISE", "DATA_INFO", "FAILED",
+                  "TEST_CORRECT"}
 
 
 def room_violations(root: Path = ROOT) -> list[str]:

@@ -112,6 +112,8 @@ def fake(src: Path, dst: Path, config: dict | None = None, summary: dict | None 
     (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
     s = json.loads((dst / "summary.json").read_text())
     (dst / "summary.json").write_text(json.dumps({**s, **(summary or {})}))
+    if "last_acc" in (summary or {}):  # the real run's per-image correctness no longer describes it
+        (dst / "test_correct.npy").unlink()
     if epochs is not None:
         row = json.loads((dst / "metrics.jsonl").read_text().splitlines()[0])
         rows = [{**row, "epoch": e, "test_acc": 50.0 + e} for e in range(1, epochs + 1)]
@@ -216,6 +218,39 @@ def test_paired_differences_carry_the_intervals_of_intervals_py(noise_grid, tmp_
     assert row["last_acc"]["interval"] == {"mean": want.mean, "lo": want.lo, "hi": want.hi, "units": 2,
                                            "method": "bootstrap"}
     assert f"[{want.lo:+.2f}, {want.hi:+.2f}] | bootstrap |" in md and "per-image correctness" in md
+
+
+def bootstrap_of(runs: dict[str, list[Path]], row: dict) -> None:
+    """``row``'s interval is the paired bootstrap of the runs' own RUN/test_correct.npy ("a" vs "b")."""
+    a, b = (np.stack([np.load(r / "test_correct.npy", allow_pickle=False) for r in runs[k]]) for k in "ab")
+    want = paired_bootstrap(a, b)
+    assert row["last_acc"]["interval"] == {"mean": want.mean, "lo": want.lo, "hi": want.hi, "units": 2,
+                                           "method": "bootstrap"}
+    assert row["last_acc"]["mean"] == pytest.approx(want.mean, abs=1e-9)  # the bootstrap's mean is the paired mean
+
+
+def test_selfkd_train_runs_report_the_bootstrap_interval(grid, tmp_path):  # noqa: F811
+    """`selfkd train` writes RUN/test_correct.npy, so `selfkd report` on real runs uses the paired bootstrap."""
+    from selfkd.cli import main
+
+    assert main(["report", str(grid[0] / "runs"), "--out", str(tmp_path / "rep"), "--baseline", "method=ce"]) == 0
+    (row,) = json.loads((tmp_path / "rep" / "report.json").read_text())["paired"]
+    bootstrap_of({"a": [real(grid, "dlb", s) for s in (0, 1)], "b": [real(grid, "ce", s) for s in (0, 1)]}, row)
+    i = row["last_acc"]["interval"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"[{i['lo']:+.2f}, {i['hi']:+.2f}] | bootstrap |" in md and "per-image correctness" in md
+
+    root = tmp_path / "noise"  # a second grid, method x noise x seed, of copies of the real runs and their files
+    for method in ("ce", "dlb"):
+        for seed in (0, 1):
+            fake(real(grid, method, seed), root / f"{method}-clean-{seed}")
+            fake(real(grid, method, seed), root / f"{method}-noisy-{seed}", config=NOISY)
+    build_report([str(root)], out=str(tmp_path / "rep2"), baseline="method=ce")
+    rows = {p["label"]: p for p in json.loads((tmp_path / "rep2" / "report.json").read_text())["paired"]}
+    for noise in ("clean", "noisy"):
+        label = "method=dlb, noise=" + ("clean" if noise == "clean" else "symmetric 0.4")
+        bootstrap_of({"a": [root / f"dlb-{noise}-{s}" for s in (0, 1)], "b": [root / f"ce-{noise}-{s}" for s in (0, 1)]},
+                     rows[label])
 
 
 def test_several_arms_against_one_baseline_are_counted(grid, tmp_path):  # noqa: F811

@@ -7,12 +7,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from selfkd.cli import main
 from selfkd.engine import checkpoint as ckpt
-from selfkd.engine.config import build_config
+from selfkd.engine import rundir
+from selfkd.engine.config import build_config, resolve
 from selfkd.data import load_dataset
 from selfkd.engine.trainer import TIMING_KEYS, Trainer
 from selfkd.engine.setup import build
@@ -39,7 +41,8 @@ def same_weights(a: dict, b: dict) -> bool:
 def test_train_writes_run_files(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *BASE, "--method", "dlb", "--epochs", "2", "--out", str(run)]) == 0
-    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "best.pt"}
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "best.pt",
+                                               "test_correct.npy"}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     for key in ("train_loss", "train_ce", "train_kd", "test_acc", "test_top5", "test_nll", "test_ece",
@@ -103,6 +106,28 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, method):
     assert metrics(run) == metrics(ref)
     assert same_weights(weights(run), weights(ref))
     assert torch.equal(ckpt.load(run / "best.pt")["model"]["fc.weight"], ckpt.load(ref / "best.pt")["model"]["fc.weight"])
+    assert (run / "test_correct.npy").read_bytes() == (ref / "test_correct.npy").read_bytes()
+
+
+def test_train_writes_the_final_per_image_correctness(tmp_path):
+    """RUN/test_correct.npy: the final evaluation's top-1 hits, one per test image in test-set order."""
+    run = tmp_path / "run"
+    assert main(["train", *BASE, "--method", "ce", "--epochs", "2", "--set", "data.subset=200", "--out", str(run)]) == 0
+    arr = np.load(run / "test_correct.npy", allow_pickle=False)
+    s = json.loads((run / "summary.json").read_text())
+    assert arr.dtype == np.bool_ and arr.shape == (s["test_images"],)
+    assert 100.0 * int(arr.sum()) / len(arr) == s["last_acc"]  # the summary's own formula, exactly
+    assert abs(100 * arr.mean() - s["last_acc"]) < 1e-12
+    # the final weights' hits, against the test labels in order (the file is not of an earlier epoch)
+    setup = build(resolve(file=str(run / "config.yaml")))
+    setup.model.load_state_dict(weights(run))
+    setup.model.eval()
+    with torch.no_grad():
+        pred = setup.model(setup.augment.normalize(setup.test.batch(range(len(setup.test)))[0])).argmax(1)
+    assert arr.tolist() == (pred == setup.test.labels).tolist()
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    (run / ".test_correct.npy.abcdefgh.tmp").write_bytes(b"x")  # what a kill mid-write leaves: a run file's temp
+    assert rundir.remove_leftovers(run) == [".test_correct.npy.abcdefgh.tmp"]
 
 
 class NaNAt(CE):
@@ -353,3 +378,27 @@ def test_eval_every_scores_every_kth_epoch_and_the_last(tmp_path):
     best = max((r for r in rows if "test_acc" in r), key=lambda r: r["test_acc"])
     assert s["best_epoch"] == best["epoch"] and s["last_acc"] == rows[-1]["test_acc"]
     assert torch.load(run / "best.pt", weights_only=True)["epoch"] in scored
+
+
+def test_evidence_score_reads_and_checks_the_file_train_wrote(tmp_path):
+    """benchmarks/evidence.py's score(): the file `selfkd train` wrote is the re-scoring of checkpoint.pt."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import evidence
+
+    run = tmp_path / "run"
+    assert main(["train", *BASE, "--method", "ce", "--epochs", "1", "--set", "data.subset=200", "--threads", "1",
+                 "--out", str(run)]) == 0
+    written = np.load(run / "test_correct.npy", allow_pickle=False)
+    assert evidence.score(run).tolist() == written.tolist()
+    (run / "test_correct.npy").unlink()  # as a run made before train wrote it: re-scored and cached
+    threads = torch.get_num_threads()
+    try:
+        assert evidence.score(run).tolist() == written.tolist()
+    finally:
+        torch.set_num_threads(threads)  # score() sets one thread for its process
+    assert np.load(run / "test_correct.npy", allow_pickle=False).tolist() == written.tolist()
+    flipped = written.copy()
+    flipped[0] = not flipped[0]
+    np.save(run / "test_correct.npy", flipped)  # a file that does not describe the run: refused
+    with pytest.raises(SystemExit, match="not the per-image correctness of summary.json's last_acc"):
+        evidence.score(run)

@@ -66,6 +66,13 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_array(path: str | Path, arr: Any) -> None:
+    """A numpy array as ``.npy`` (no pickles)."""
+    import numpy as np
+
+    _atomic(Path(path), lambda f: np.save(f, arr, allow_pickle=False))
+
+
 def save(path: str | Path, obj: dict[str, Any]) -> None:
     import torch
 

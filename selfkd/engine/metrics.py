@@ -6,11 +6,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def topk_hits(logits: Tensor, target: Tensor, k: int) -> Tensor:
+    """Per row (bool): whether its label is among the k highest logits (k is capped at the class count)."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == target[:, None]).any(dim=1)
+
+
 def topk_correct(logits: Tensor, target: Tensor, k: int) -> int:
     """Number of rows whose label is among the k highest logits (k is capped at the class count)."""
-    k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return int((top == target[:, None]).any(dim=1).sum())
+    return int(topk_hits(logits, target, k).sum())
 
 
 def nll(logits: Tensor, target: Tensor) -> float:
@@ -51,11 +55,14 @@ def reliability(logits: Tensor, target: Tensor, bins: int = 15) -> dict[str, lis
 TOPK = 5
 
 
-def classification_metrics(logits: Tensor, target: Tensor, bins: int = 15) -> dict[str, float]:
+def classification_metrics(logits: Tensor, target: Tensor, bins: int = 15,
+                           top1: Tensor | None = None) -> dict[str, float]:
     """``acc`` and ``top5`` in percent, ``nll`` in nats per sample, ``ece`` a fraction in [0, 1]. ``top5`` only
-    with more than 5 classes: with 5 or fewer every label is among the top 5 and it would always be 100."""
+    with more than 5 classes: with 5 or fewer every label is among the top 5 and it would always be 100.
+    ``top1``: the rows' ``topk_hits(logits, target, 1)`` when the caller keeps them (``acc`` is their mean)."""
     n = len(target)
-    out = {"acc": 100.0 * topk_correct(logits, target, 1) / n}
+    hits = topk_hits(logits, target, 1) if top1 is None else top1
+    out = {"acc": 100.0 * int(hits.sum()) / n}
     if logits.shape[1] > TOPK:
         out[f"top{TOPK}"] = 100.0 * topk_correct(logits, target, TOPK) / n
     out["nll"] = nll(logits, target)

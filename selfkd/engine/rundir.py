@@ -25,11 +25,12 @@ CONFIG = "config.yaml"  # the resolved config
 METRICS = "metrics.jsonl"  # one object per epoch
 METRICS_CSV = "metrics.csv"
 SUMMARY = "summary.json"  # written once the run has finished
+TEST_CORRECT = "test_correct.npy"  # per test image (bool, test-set order): the final weights' top-1 correctness
 LABEL_NOISE = "label_noise.json"
 DATA_INFO = "data.json"  # class names and preprocessing, for `selfkd export`
 FAILED = "failed.json"  # a sweep's record of a run that failed
 # Files written atomically (:func:`selfkd.atomic.atomic_write`): only temp files of these names are ever removed.
-RUN_FILES = (CHECKPOINT, BEST, CONFIG, METRICS, METRICS_CSV, DATA_INFO, SUMMARY, LABEL_NOISE, FAILED)
+RUN_FILES = (CHECKPOINT, BEST, CONFIG, METRICS, METRICS_CSV, DATA_INFO, SUMMARY, TEST_CORRECT, LABEL_NOISE, FAILED)
 # ``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")``: 8 characters from [a-z0-9_]
 _TMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 

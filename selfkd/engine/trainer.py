@@ -2,7 +2,8 @@
 
 A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one object per epoch),
 ``checkpoint.pt`` (everything needed to continue: model, optimiser, scheduler, every RNG, the
-method's state and the sampler position), ``best.pt`` (weights of the best epoch) and, once the run
+method's state and the sampler position), ``best.pt`` (weights of the best epoch),
+``test_correct.npy`` (the final evaluation's per-test-image correctness) and, once the run
 has finished, ``summary.json`` (the names: :mod:`selfkd.engine.rundir`). Every file is written
 atomically. Every writer holds the folder's ``flock`` (``.lock``, see :mod:`selfkd.engine.rundir`);
 only a new or empty folder becomes a run.
@@ -34,9 +35,9 @@ from ..methods import Batch
 from . import checkpoint as ckpt
 from . import rundir, run_state, system
 from .logs import CSV, RunLogs, write_csv
-from .metrics import classification_metrics, reliability
+from .metrics import classification_metrics, reliability, topk_hits
 from .progress import Progress
-from .rundir import BEST, CHECKPOINT, CONFIG, DATA_INFO, LABEL_NOISE, METRICS, SUMMARY
+from .rundir import BEST, CHECKPOINT, CONFIG, DATA_INFO, LABEL_NOISE, METRICS, SUMMARY, TEST_CORRECT
 from .schedule import lr_lambda
 from .setup import Setup
 
@@ -117,6 +118,7 @@ class Trainer:
         self.logs = RunLogs(self.dir, "csv")  # run() opens the configured sinks
         self.epoch = 0
         self.global_step = 0
+        self.test_correct: torch.Tensor | None = None  # the last evaluate()'s per-test-image top-1 hits (CPU, bool)
 
     # -- files ---------------------------------------------------------------------------------
     def _write_metrics(self) -> None:
@@ -248,8 +250,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         labels = self.setup.test.labels
-        exits = self._logits(self.setup.test)
-        metrics: dict[str, Any] = classification_metrics(exits[-1], labels)
+        exits = self._logits(self.setup.test)  # gathered: every rank holds all rows, in test-set order
+        self.test_correct = topk_hits(exits[-1], labels, 1)
+        metrics: dict[str, Any] = classification_metrics(exits[-1], labels, top1=self.test_correct)
         if len(exits) > 1:
             for k, z in enumerate(exits, start=1):
                 metrics[f"acc_exit{k}"] = classification_metrics(z, labels)["acc"]
@@ -324,6 +327,9 @@ class Trainer:
                         row.update({f"train_{k}": v for k, v in self.evaluate_train_noise().items()})
                 row["epoch_seconds"] = time.perf_counter() - t0
                 self.epoch += 1
+                if self.main and self.epoch == total and self.test_correct is not None:
+                    # the evaluation behind summary.json's last_acc, before the checkpoint that makes the epoch final
+                    ckpt.write_array(self.dir / TEST_CORRECT, self.test_correct.numpy())
                 self.logs.epoch(self.global_step, row)
                 # best.pt holds the first scored epoch of the best accuracy, as summary.json's best_epoch does
                 if self.main and scored and all(row["test_acc"] > old["test_acc"] for old in self.history if "test_acc" in old):

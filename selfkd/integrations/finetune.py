@@ -16,6 +16,8 @@ checkpoint). The run directory holds what ``selfkd train`` writes, in the same f
   RNG, sampler position, the method's state): ``--resume`` continues exactly from it. It is written
   under ``hf/.selfkd-saving`` and renamed when complete, so a run killed while saving resumes from the
   checkpoint before (or from its start when there was none);
+* ``test_correct.npy``: per test document, in test-set order, whether the final model's top-1 prediction
+  is right (bool; the final evaluation's, as ``selfkd train`` writes it);
 * on success ``summary.json`` (``last_acc``, ``best_acc``, ``macro_f1``, ``ece``, ``nll``, ... as
   ``selfkd report`` reads them) and ``model/`` (final weights and tokenizer, ``train.save_model``);
   the checkpoint is then deleted.
@@ -49,8 +51,8 @@ from ..engine import checkpoint as ckpt  # noqa: E402
 from ..engine import logs as runlogs  # noqa: E402
 from ..engine import rundir  # noqa: E402
 from ..engine.logs import CSV, RunLogs, write_csv  # noqa: E402
-from ..engine.metrics import classification_metrics, macro_f1, reliability  # noqa: E402
-from ..engine.rundir import CONFIG, DATA_INFO, METRICS, SUMMARY  # noqa: E402
+from ..engine.metrics import classification_metrics, macro_f1, reliability, topk_hits  # noqa: E402
+from ..engine.rundir import CONFIG, DATA_INFO, METRICS, SUMMARY, TEST_CORRECT  # noqa: E402
 from ..engine.setup import select_device  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..methods import Method, build_method  # noqa: E402
@@ -237,6 +239,8 @@ class _Epochs(transformers.TrainerCallback):
         trainer.epoch_loss, trainer.epoch_steps = 0.0, 0
         m = {"epoch": int(round(state.epoch)), "step": state.global_step, "train_loss": loss, "train_seconds": train_s}
         m.update({f"test_{k}": v for k, v in self.run.evaluate().items()})
+        if m["epoch"] == self.run.s.cfg.train.epochs and self.run.test_correct is not None:  # before its checkpoint
+            ckpt.write_array(self.run.dir / TEST_CORRECT, self.run.test_correct.numpy())
         m["epoch_seconds"] = time.perf_counter() - self.t0
         self.run.logs.epoch(state.global_step, m)  # flushed before the Trainer's checkpoint, as selfkd train does
         self.run.history.append(m)
@@ -264,6 +268,7 @@ class _Run:
     def __init__(self, s: FinetuneSetup, run_dir: Path, log: Callable[[str], None]):
         self.s, self.dir, self.log = s, run_dir, log
         self.history: list[dict[str, Any]] = []
+        self.test_correct: torch.Tensor | None = None  # the last evaluate()'s per-document top-1 hits
         self.logs = RunLogs(run_dir, "csv")  # run() opens the configured sinks
         collator = transformers.DataCollatorWithPadding(s.tokenizer)
         self.collator = collator
@@ -295,7 +300,8 @@ class _Run:
     def evaluate(self) -> dict[str, Any]:
         z = self.logits()
         y = self.s.bundle.test.labels
-        m: dict[str, Any] = classification_metrics(z, y)
+        self.test_correct = topk_hits(z, y, 1)
+        m: dict[str, Any] = classification_metrics(z, y, top1=self.test_correct)
         m["macro_f1"] = macro_f1(z, y, self.s.bundle.num_classes)
         m["reliability"] = reliability(z, y)
         return m

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ...engine.rundir import TEST_CORRECT  # RUN/test_correct.npy: per-test-image correctness of the last epoch (bool)
 from ...errors import ConfigError
 from ..intervals import Interval, paired_bootstrap, paired_interval
 from .collect import NOISE, Group, RunInfo, _j, _noise_text
@@ -33,7 +34,6 @@ def fmt_stat(s: dict[str, Any], decimals: int) -> str:
 
 PAIRED = [("last_acc", "Δ last acc", 2), ("best_acc", "Δ best-epoch acc (test-selected)", 2), ("ece", "Δ ECE", 4),
           ("nll", "Δ NLL", 4)]
-TEST_CORRECT = "test_correct.npy"  # RUN/test_correct.npy: per-test-image correctness of the last epoch (bool)
 INTERVAL_FROM = {"bootstrap": "paired bootstrap over seeds and test images (per-image correctness)",
                  "t+binomial": "t over seeds, widened by the binomial test-sampling error (summaries)"}
 _ITEM = re.compile(r",\s*(?=[^,=\[\]]+=)")  # label parts: "name=value, name=value" (a value may hold ", ")
