@@ -674,6 +674,94 @@ def test_imagefolder_process_pool_matches_serial(tmp_path, monkeypatch):
         load_dataset("imagefolder", root=root, cache_dir=tmp_path / "c2")
 
 
+def _jpeg_tar(path: Path, counts: dict[str, dict[str, int]], seed: int = 0) -> Path:
+    """An uncompressed tar of real 8x8 JPEGs: data/<split>/<class>/<k>.jpg."""
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w") as tar:
+        for split, per_class in counts.items():
+            for c, n in per_class.items():
+                for k in range(n):
+                    buf = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                    info = tarfile.TarInfo(f"data/{split}/{c}/{k:03d}.jpg")
+                    info.size = len(buf.getvalue())
+                    tar.addfile(info, io.BytesIO(buf.getvalue()))
+    return path
+
+
+def test_imagefolder_subset_decodes_only_its_images_and_says_so(tmp_path, monkeypatch, capsys):
+    """Issue 18: data.subset decodes the drawn training images and the test split, no more; the draw is
+    the one the whole set gives (stratified_subset over the same labels), and one line says what was decoded."""
+    from selfkd.data.split import stratified_subset
+    from selfkd.engine.config import build_config
+    from selfkd.engine.setup import build
+
+    archive = _jpeg_tar(tmp_path / "imgs.tar", {"train": {"cat": 20, "dog": 14, "emu": 16}, "val": {"cat": 4, "dog": 3, "emu": 5}})
+    decoded: list[str] = []
+    real = imagefolder_mod._decode_one
+
+    def counting(src, size):
+        decoded.append(src)
+        return real(src, size)
+
+    monkeypatch.setattr(imagefolder_mod, "_decode_one", counting)
+    full = load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "full")
+    assert len(decoded) == 62 and "decoded the 62 images of imgs.tar" in capsys.readouterr().err
+    want = full.train.subset(stratified_subset(full.train.labels, 12, 1))
+    want_test = full.test.subset(stratified_subset(full.test.labels, 6, 1, "data.test_subset", "test"))
+
+    decoded.clear()
+    sub = load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "c", subset=12, test_subset=6, subset_seed=1)
+    err = capsys.readouterr().err
+    assert len(decoded) == 12 + 6
+    assert err.count("\n") == 1 and err.startswith("imagefolder: decoded 18 of the 62 images of imgs.tar "
+                                                  "(data.subset=12 of the 50 training images and data.test_subset=6 "
+                                                  "of the 12 test images) in "), err
+    assert torch.equal(sub.train.images, want.images) and torch.equal(sub.train.labels, want.labels)
+    assert torch.equal(sub.test.images, want_test.images) and torch.equal(sub.test.labels, want_test.labels)
+    assert sub.classes == full.classes and sub.default_augment == full.default_augment
+    assert (sub.mean, sub.std) == channel_stats(want.images.numpy())  # the subset's own statistics
+    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert len(names) == 2 and names[0].endswith("-test-subset6-seed1.npz") and names[1].endswith("-train-subset12-seed1.npz")
+
+    # again: from the cache, nothing decoded, nothing said
+    decoded.clear()
+    again = load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "c", subset=12, test_subset=6, subset_seed=1)
+    assert decoded == [] and capsys.readouterr().err == ""
+    assert torch.equal(again.train.images, want.images) and (again.mean, again.std) == (sub.mean, sub.std)
+    # a run through the trainer's setup (the whole test split): a bigger draw, its own images only
+    cfg = build_config({"data": {"name": "imagefolder", "dir": str(archive), "cache_dir": str(tmp_path / "c"),
+                                 "subset": 30, "subset_seed": 1}, "model": {"name": "cnn_small"}})
+    s = build(cfg)
+    assert len(decoded) == 30 + 12 and "decoded 42 of the 62 images" in capsys.readouterr().err
+    want30 = full.train.subset(stratified_subset(full.train.labels, 30, 1))
+    assert torch.equal(s.train.images, want30.images) and torch.equal(s.test.images, full.test.images)
+    assert s.data_info["mean"] == list(channel_stats(want30.images.numpy())[0])
+    # with the whole set cached the draw comes from that cache: the same images and statistics, nothing decoded
+    decoded.clear()
+    cached = load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "full", subset=12, test_subset=6, subset_seed=1)
+    assert decoded == [] and capsys.readouterr().err == ""
+    assert torch.equal(cached.train.images, sub.train.images) and torch.equal(cached.test.images, sub.test.images)
+    assert (cached.mean, cached.std) == (sub.mean, sub.std)
+    with pytest.raises(ConfigError, match=r"data.subset=51 exceeds the 50 training images"):
+        load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "c", subset=51)
+    with pytest.raises(ConfigError, match="data.subset_seed has no effect"):
+        load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "c", subset_seed=2)
+
+
+def test_load_dataset_draws_subsets_of_every_data_set_as_before():
+    """Other data sets: the draw applied to the whole set, whose statistics stay."""
+    from selfkd.data.split import stratified_subset
+
+    full = load_dataset("digits")
+    sub = load_dataset("digits", subset=40, test_subset=20, subset_seed=3)
+    assert torch.equal(sub.train.images, full.train.images[stratified_subset(full.train.labels, 40, 3)])
+    assert torch.equal(sub.test.labels, full.test.labels[stratified_subset(full.test.labels, 20, 3, "data.test_subset", "test")])
+    assert (sub.mean, sub.std) == (full.mean, full.std)
+    with pytest.raises(ConfigError, match="data.test_subset: expected a positive integer"):
+        load_dataset("digits", test_subset=0)
+
+
 @pytest.fixture(scope="session")
 def real_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("selfkd-real-cache")

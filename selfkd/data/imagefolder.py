@@ -18,7 +18,17 @@ absolute paths, ``..`` or links are refused all the same.
 Decoded images are cached as an ``.npz`` in ``cache_dir`` (default ``$XDG_CACHE_HOME/selfkd`` or
 ``~/.cache/selfkd``), keyed by a hash of (resolved path, file count, total size, newest mtime,
 image_size): a second load reads one file. Beyond ``PARALLEL_THRESHOLD`` files, decoding uses a pool
-of ``min(usable CPUs, 8)`` processes.
+of ``min(usable CPUs, 8)`` processes. Decoding prints one line on stderr when it is done (how many
+images, how long, which cache file), with a progress bar while it runs when stderr is a terminal.
+
+With ``subset=N`` only the images the run uses are decoded: the class-stratified draw of
+:func:`selfkd.data.split.stratified_subset` (the same indices as ``train.subset(...)`` of the whole
+set) and the test split (or its ``test_subset`` draw). They are read from the whole-set cache when
+that exists, else decoded and cached per split and draw, in files named after the whole-set cache
+(``...-train-subset500-seed0.npz``, ``...-test.npz``, ``...-test-subset200-seed0.npz``), so the draws
+of a sweep share one decoded test split. ``mean``/``std`` are then those of the subset's training
+images, whether or not the whole set is cached (a run's numbers do not depend on the cache), and
+only the decoded images are checked for size.
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ import os
 import re
 import sys
 import tarfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,6 +55,7 @@ from ..errors import ConfigError, DataError
 from ..progress_bar import progress_bar
 from ._util import channel_stats, check_image_size, check_member, check_tar_end, resolve_cache_dir, warn
 from .dataset import ArrayDataset, DataBundle
+from .split import stratified_subset
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -276,21 +288,26 @@ def _tiny_val(tree: _Tree, ann: str, images_dir: str, split: str, index: dict[st
 
 # --- decoding --------------------------------------------------------------------------------------
 
+def _decode_one(src: Any, size: int | None) -> np.ndarray:
+    """uint8 [H, W, 3] of one image (path or bytes), resized to ``size`` x ``size`` when given."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        rgb = im.convert("RGB")
+    if size is not None and rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)  # Pillow's bilinear antialiases
+    return np.asarray(rgb, dtype=np.uint8)
+
+
 def _decode_chunk(task: tuple[list[tuple[str, Any]], int | None]) -> tuple:
     """Worker: decode (display, path-or-bytes) items to RGB. ("ok", sizes, [n,3,H,W] or None when the
     sizes differ) or ("error", display, message) for the first file that fails."""
-    from PIL import Image
-
     items, size = task
     arrays: list[np.ndarray] = []
     sizes: list[tuple[int, int]] = []
     for display, src in items:
         try:
-            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-                rgb = im.convert("RGB")
-            if size is not None and rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)  # Pillow's bilinear antialiases
-            a = np.asarray(rgb, dtype=np.uint8)
+            a = _decode_one(src, size)
         except Exception as e:  # UnidentifiedImageError, truncated files, decompression bombs, ...
             return ("error", display, f"{type(e).__name__}: {e}".replace("\n", " "))
         arrays.append(a)
@@ -315,8 +332,10 @@ def _mp_context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
-def _decode_all(items: list[tuple[str, Any]], image_size: int | None, desc: str) -> np.ndarray:
+def _decode_all(items: list[tuple[str, Any]], image_size: int | None, desc: str, done: str | None = None) -> np.ndarray:
+    """[n, 3, H, W] of ``items`` in order; then ``done`` (formatted with the seconds taken), if any, on stderr."""
     n = len(items)
+    t0 = time.perf_counter()
     workers = _worker_count() if n > PARALLEL_THRESHOLD else 1
     chunk = max(MIN_CHUNK, min(MAX_CHUNK, math.ceil(n / (workers * 4))))
     tasks = [(items[s : s + chunk], image_size) for s in range(0, n, chunk)]
@@ -359,6 +378,8 @@ def _decode_all(items: list[tuple[str, Any]], image_size: int | None, desc: str)
     finally:
         bar.close()
     assert out is not None
+    if done is not None:
+        print(done.format(seconds=time.perf_counter() - t0), file=sys.stderr, flush=True)
     return out
 
 
@@ -402,9 +423,61 @@ def _is_archive(p: Path) -> bool:
     return p.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+def _part_path(cpath: Path, split: str, n: int | None, seed: int) -> Path:
+    """The cache file of one split's draw, named after the whole-set cache ``cpath``."""
+    tag = split if n is None else f"{split}-subset{n}-seed{seed}"
+    return cpath.with_name(f"{cpath.name[:-len('.npz')]}-{tag}.npz")
+
+
+def _load_part(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in ("images", "labels", "classes", "split")}
+        im, lab = d["images"], d["labels"]
+        if im.dtype != np.uint8 or im.ndim != 4 or lab.dtype != np.int64 or lab.shape != (im.shape[0],):
+            raise ValueError("bad arrays")
+        return d
+    except Exception as e:  # a damaged or foreign file: decode again and overwrite it
+        warn(f"ignoring unreadable cache {path} ({type(e).__name__}: {e})")
+        return None
+
+
+def _square(images: np.ndarray, first: str) -> None:
+    h, w = images.shape[2:]
+    if h != w:
+        raise DataError(f"{first}: images are {w}x{h}, not square; pass image_size (--image-size) to resize them")
+
+
+def _bundle(classes: list[str], train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+            mean: Any, std: Any) -> DataBundle:
+    k = len(classes)
+    return DataBundle(
+        name="imagefolder",
+        train=ArrayDataset(torch.from_numpy(train[0]), torch.from_numpy(train[1]), k),
+        test=ArrayDataset(torch.from_numpy(test[0]), torch.from_numpy(test[1]), k),
+        classes=classes,
+        mean=tuple(float(x) for x in mean), std=tuple(float(x) for x in std),
+        default_augment={"crop_padding": 4, "flip": True},
+    )
+
+
+def _draw(labels: np.ndarray, n: int | None, seed: int, split: str) -> np.ndarray:
+    """Indices of a split's draw (all of them when ``n`` is None), as ``stratified_subset`` gives them."""
+    if n is None:
+        return np.arange(len(labels))
+    key, name = ("data.subset", "training") if split == "train" else ("data.test_subset", "test")
+    return stratified_subset(torch.from_numpy(labels), n, seed, key, name).numpy()
+
+
 def load_imagefolder(root: str | os.PathLike | None, image_size: int | None = None,
-                     cache_dir: str | os.PathLike | None = None) -> DataBundle:
-    """Load an image-folder data set (a folder or a tar archive). See the module docstring."""
+                     cache_dir: str | os.PathLike | None = None, subset: int | None = None,
+                     test_subset: int | None = None, subset_seed: int = 0) -> DataBundle:
+    """Load an image-folder data set (a folder or a tar archive). See the module docstring.
+
+    ``subset`` / ``test_subset`` / ``subset_seed``: the bundle holds only those class-stratified draws
+    (:func:`selfkd.data.split.stratified_subset`); with ``subset`` only their images are decoded."""
     if root is None:
         raise ConfigError("imagefolder needs a root (--data-dir): a folder with train/ and val/ or test/, or a .tar.gz of it")
     image_size = check_image_size(image_size)
@@ -423,16 +496,18 @@ def load_imagefolder(root: str | os.PathLike | None, image_size: int | None = No
     else:
         tree, fingerprint = _scan_folder(root_p)
     cpath = _cache_path(cdir, root_p.name, fingerprint, image_size)
+    if subset is not None and not cpath.is_file():
+        return _load_draws(root_p, tree, cpath, image_size, subset, test_subset, subset_seed)
     d = _load_cache(cpath)
     if d is None:
         if tree is None:
             tree = _read_archive(root_p)
         classes, train, evals, split = _resolve(tree)
         items = [(tree.display(rel), tree.files[rel]) for rel, _ in (*train, *evals)]
-        images = _decode_all(items, image_size, f"decoding {root_p.name}")
-        h, w = images.shape[2:]
-        if h != w:
-            raise DataError(f"{items[0][0]}: images are {w}x{h}, not square; pass image_size (--image-size) to resize them")
+        images = _decode_all(items, image_size, f"decoding {root_p.name}",
+                             f"imagefolder: decoded the {len(items):,} images of {root_p.name} in {{seconds:.1f}} s "
+                             f"(the next load reads them from {cpath})")
+        _square(images, items[0][0])
         ntr = len(train)
         mean, std = channel_stats(images[:ntr])
         d = {
@@ -443,12 +518,57 @@ def load_imagefolder(root: str | os.PathLike | None, image_size: int | None = No
         }
         _save_cache(cpath, d)
     classes = [str(c) for c in d["classes"].tolist()]
-    k = len(classes)
-    return DataBundle(
-        name="imagefolder",
-        train=ArrayDataset(torch.from_numpy(d["train_images"]), torch.from_numpy(d["train_labels"]), k),
-        test=ArrayDataset(torch.from_numpy(d["test_images"]), torch.from_numpy(d["test_labels"]), k),
-        classes=classes,
-        mean=tuple(float(x) for x in d["mean"]), std=tuple(float(x) for x in d["std"]),
-        default_augment={"crop_padding": 4, "flip": True},
-    )
+    if subset is None and test_subset is None:
+        return _bundle(classes, (d["train_images"], d["train_labels"]), (d["test_images"], d["test_labels"]),
+                       d["mean"], d["std"])
+    tr = _draw(d["train_labels"], subset, subset_seed, "train")
+    te = _draw(d["test_labels"], test_subset, subset_seed, "test")
+    train_x = np.ascontiguousarray(d["train_images"][tr])
+    mean, std = (d["mean"], d["std"]) if subset is None else channel_stats(train_x)
+    return _bundle(classes, (train_x, d["train_labels"][tr]),
+                   (np.ascontiguousarray(d["test_images"][te]), d["test_labels"][te]), mean, std)
+
+
+def _load_draws(root_p: Path, tree: _Tree | None, cpath: Path, image_size: int | None, subset: int,
+                test_subset: int | None, seed: int) -> DataBundle:
+    """The training draw and the test split (or its draw) from their own cache files, decoding only the
+    images of the parts that are not cached yet (no whole-set cache exists)."""
+    want = {"train": subset, "test": test_subset}
+    paths = {s: _part_path(cpath, s, n, seed) for s, n in want.items()}
+    parts = {s: _load_part(p) for s, p in paths.items()}
+    missing = [s for s in want if parts[s] is None]
+    if missing:
+        if tree is None:
+            tree = _read_archive(root_p)
+        classes, train, evals, split = _resolve(tree)
+        listed = {"train": train, "test": evals}
+        chosen = {}
+        for s in missing:
+            labels = np.array([y for _, y in listed[s]], dtype=np.int64)
+            idx = _draw(labels, want[s], seed, s)
+            chosen[s] = ([listed[s][i] for i in idx.tolist()], labels[idx])
+        items = [(tree.display(rel), tree.files[rel]) for s in missing for rel, _ in chosen[s][0]]
+        total = len(train) + len(evals)
+        what = " and ".join(
+            (f"data.subset={subset} of the {len(train):,} training images" if s == "train" else
+             f"the {len(evals):,} test images" if test_subset is None else
+             f"data.test_subset={test_subset} of the {len(evals):,} test images") for s in missing)
+        images = _decode_all(items, image_size, f"decoding {root_p.name}",
+                             f"imagefolder: decoded {len(items):,} of the {total:,} images of {root_p.name} "
+                             f"({what}) in {{seconds:.1f}} s (cached in {paths[missing[0]].parent})")
+        _square(images, items[0][0])
+        pos = 0
+        for s in missing:
+            n = len(chosen[s][1])
+            parts[s] = {"images": images[pos : pos + n], "labels": chosen[s][1],
+                        "classes": np.array(classes, dtype=str), "split": np.array(split)}
+            pos += n
+            _save_cache(paths[s], parts[s])
+    tr, te = parts["train"], parts["test"]
+    assert tr is not None and te is not None
+    classes = [str(c) for c in tr["classes"].tolist()]
+    if classes != [str(c) for c in te["classes"].tolist()] or tr["images"].shape[1:] != te["images"].shape[1:]:
+        raise DataError(f"{paths['train']} and {paths['test']}: cached parts of {root_p} disagree (classes or image "
+                        "size); delete them to decode again")
+    mean, std = channel_stats(tr["images"])
+    return _bundle(classes, (tr["images"], tr["labels"]), (te["images"], te["labels"]), mean, std)
