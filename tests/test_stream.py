@@ -206,6 +206,7 @@ def test_jpeg_batches_are_image_open_pixels_in_main_and_in_workers(tmp_path, mon
     opened = []
     real = stream._decode_pil
     monkeypatch.setattr(stream, "_decode_pil", lambda src, data, size: opened.append(src) or real(src, data, size))
+    monkeypatch.setattr(stream, "MAX_OPEN_SHARDS", 2)  # 5 training shards: kept descriptors are closed and reopened
     for src in (root, shards_of(root, tmp_path / "s")):
         st = load_dataset("imagefolder", root=src, stream=True).train
         assert [Path(stream._name(f)).name for f in st.files][:6] == ["0-444.jpg", "0-base.jpg", "0-cmyk.jpg",

@@ -28,7 +28,7 @@ So a baseline or progressive 8-bit JPEG of the expected size is decoded by ``Ima
 pixels, without the Python header parser), into one preallocated ``[B, S, S, 3]`` batch that is
 transposed to ``[B, 3, S, S]`` once; anything else (PNG, grey or CMYK JPEGs, other sizes, resizing,
 damaged files) takes the ``Image.open`` path. Shard members are read with ``os.pread`` on a file
-descriptor kept open per process. A worker's batch crosses to the main process by value when it is
+descriptor the data set keeps open. A worker's batch crosses to the main process by value when it is
 small (below ``SHARE_ABOVE`` bytes: a pipe copy is cheaper than handing over a descriptor) and as one
 shared-memory tensor otherwise, so the main process only unpickles.
 
@@ -155,34 +155,43 @@ def tree_bytes(root: str | os.PathLike) -> int:
     return total
 
 
-_fds: dict[str, int] = {}
-_fds_pid = 0
+MAX_OPEN_SHARDS = 64  # shard descriptors a data set keeps open (per process)
 
 
-def _shard_fd(shard: str) -> int:
-    """A read-only descriptor of ``shard``, opened once per process (``pread`` needs no shared offset)."""
-    global _fds_pid
-    if _fds_pid != os.getpid():  # a forked worker opens its own
-        _fds.clear()
-        _fds_pid = os.getpid()
-    fd = _fds.get(shard)
-    if fd is None:
-        fd = _fds[shard] = os.open(shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    return fd
-
-
-def _read(src: Any) -> bytes:
+def _read(src: Any, fds: dict[str, int] | None = None) -> bytes:
+    """An image file's bytes; a shard member by ``os.pread`` on a descriptor kept in ``fds`` (pread uses no
+    file offset, so a descriptor a forked worker inherits is as good as its own)."""
     if isinstance(src, str):
         with open(src, "rb") as f:
             return f.read()
     shard, _, offset, size = src
     try:
-        data = os.pread(_shard_fd(shard), size, offset)
+        if fds is None:
+            with open(shard, "rb") as f:
+                return _checked(src, os.pread(f.fileno(), size, offset))
+        fd = fds.get(shard)
+        if fd is None:
+            if len(fds) >= MAX_OPEN_SHARDS:
+                _close(fds)
+            fd = fds[shard] = os.open(shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return _checked(src, os.pread(fd, size, offset))
     except OSError as e:
         raise DataError(f"{shard}: cannot read member {src[1]} ({e.strerror or e})") from None
-    if len(data) != size:
-        raise DataError(f"{shard}: truncated shard (member {src[1]})")
+
+
+def _checked(src: Any, data: bytes) -> bytes:
+    if len(data) != src[3]:
+        raise DataError(f"{src[0]}: truncated shard (member {src[1]})")
     return data
+
+
+def _close(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
 
 
 def _name(src: Any) -> str:
@@ -212,11 +221,11 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _decode_into(src: Any, size: int, out: np.ndarray) -> None:
+def _decode_into(src: Any, size: int, out: np.ndarray, fds: dict[str, int] | None = None) -> None:
     """Decode one image into ``out`` (uint8 [size, size, 3]); DataError naming the file."""
     from PIL import Image
 
-    data = _read(src)
+    data = _read(src, fds)
     frame = _jpeg_frame(data)
     if frame is not None and frame[:2] == (size, size) and frame[2] == 3:
         try:  # what Image.open(...).load() runs for this file: the "jpeg" decoder, mode RGB, rawmode RGB
@@ -280,6 +289,13 @@ class StreamDataset(Dataset):
         self.labels = torch.as_tensor(labels, dtype=torch.int64).contiguous()
         self.num_classes = num_classes
         self.size = size
+        self._fds: dict[str, int] = {}  # open shard descriptors; this object's own, so a rewritten shard is reopened
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fds": {}}  # descriptors do not travel to spawned workers
+
+    def __del__(self) -> None:
+        _close(getattr(self, "_fds", {}))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -296,9 +312,9 @@ class StreamDataset(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         s = self.size
         hwc = np.empty((len(idx), s, s, 3), dtype=np.uint8)
-        files = self.files
+        files, fds = self.files, self._fds
         for k, i in enumerate(idx.tolist()):  # decoding is per image by nature; this runs in a loader worker
-            _decode_into(files[i], s, hwc[k])
+            _decode_into(files[i], s, hwc[k], fds)
         images = np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))  # one transposition per batch
         if get_worker_info() is not None:
             return _WorkerBatch(images, self.labels[idx], idx)
