@@ -53,14 +53,17 @@ import torch
 from ..atomic import atomic_write
 from ..errors import ConfigError, DataError
 from ..progress_bar import progress_bar
-from ._util import channel_stats, check_image_size, check_member, check_tar_end, resolve_cache_dir, warn
+from ._util import (channel_hist, channel_stats, check_image_size, check_member, check_tar_end, hist_stats,
+                    resolve_cache_dir, warn)
 from .dataset import ArrayDataset, DataBundle
 from .split import stratified_subset
+from .stream import _jpeg_frame
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 ANNOTATIONS = "val_annotations.txt"
 CACHE_VERSION = 1
+STATS_FORMAT = "selfkd-imagefolder-stats"  # the "format" of a statistics file (see _load_stats), version 1
 PARALLEL_THRESHOLD = 2000
 MIN_CHUNK, MAX_CHUNK = 64, 1000  # images per task sent to a decoding process
 MAX_WORKERS = 8
@@ -299,15 +302,35 @@ def _decode_one(src: Any, size: int | None) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def _decode_chunk(task: tuple[list[tuple[str, Any]], int | None]) -> tuple:
-    """Worker: decode (display, path-or-bytes) items to RGB. ("ok", sizes, [n,3,H,W] or None when the
-    sizes differ) or ("error", display, message) for the first file that fails."""
-    items, size = task
+def _decode_fast(src: Any, size: int | None) -> np.ndarray:
+    """The pixels of :func:`_decode_one`, without ``Image.open``'s Python header parser for an RGB 8-bit
+    JPEG that needs no resizing: the "jpeg" decoder it would run, with the same arguments (as
+    :mod:`selfkd.data.stream` decodes); anything else, or a file that fails, by :func:`_decode_one`."""
+    from PIL import Image
+
+    data = src if isinstance(src, bytes) else Path(src).read_bytes()
+    frame = _jpeg_frame(data)
+    if frame is not None and frame[2] == 3 and (size is None or frame[:2] == (size, size)):
+        w, h = frame[:2]
+        try:
+            return np.frombuffer(Image.frombytes("RGB", (w, h), data, "jpeg", "RGB", "").tobytes(),
+                                 np.uint8).reshape(h, w, 3)
+        except Exception:  # noqa: S110 - damaged: _decode_one names the error
+            pass
+    return _decode_one(data, size)
+
+
+def _decode_chunk(task: tuple) -> tuple:
+    """Worker: decode (display, path-or-bytes) items to RGB; the task is (items, size) or (items, size,
+    fast), fast to decode by :func:`_decode_fast`. ("ok", sizes, [n,3,H,W] or None when the sizes
+    differ) or ("error", display, message) for the first file that fails."""
+    items, size = task[:2]
+    fast = len(task) > 2 and task[2]
     arrays: list[np.ndarray] = []
     sizes: list[tuple[int, int]] = []
     for display, src in items:
         try:
-            a = _decode_one(src, size)
+            a = _decode_fast(src, size) if fast else _decode_one(src, size)
         except Exception as e:  # UnidentifiedImageError, truncated files, decompression bombs, ...
             return ("error", display, f"{type(e).__name__}: {e}".replace("\n", " "))
         arrays.append(a)
@@ -332,13 +355,15 @@ def _mp_context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
-def _decode_all(items: list[tuple[str, Any]], image_size: int | None, desc: str, done: str | None = None) -> np.ndarray:
-    """[n, 3, H, W] of ``items`` in order; then ``done`` (formatted with the seconds taken), if any, on stderr."""
+def _decode_all(items: list[tuple[str, Any]], image_size: int | None, desc: str, done: str | None = None,
+                fast: bool = False) -> np.ndarray:
+    """[n, 3, H, W] of ``items`` in order; then ``done`` (formatted with the seconds taken), if any, on stderr.
+    ``fast``: decode by :func:`_decode_fast` (the same pixels)."""
     n = len(items)
     t0 = time.perf_counter()
     workers = _worker_count() if n > PARALLEL_THRESHOLD else 1
     chunk = max(MIN_CHUNK, min(MAX_CHUNK, math.ceil(n / (workers * 4))))
-    tasks = [(items[s : s + chunk], image_size) for s in range(0, n, chunk)]
+    tasks = [(items[s : s + chunk], image_size, fast) for s in range(0, n, chunk)]
     bar = progress_bar(n, desc, unit="img")
     out: np.ndarray | None = None
     ref: tuple[int, int] | None = None
@@ -444,6 +469,67 @@ def _load_part(path: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
+def _stats_path(cpath: Path) -> Path:
+    """The statistics file of the whole-set cache ``cpath``: the whole training set's mean/std."""
+    return cpath.with_name(f"{cpath.name[:-len('.npz')]}-stats.json")
+
+
+def _stats_payload(cpath: Path, hist: np.ndarray, shape: tuple[int, ...]) -> dict[str, Any]:
+    """What a statistics file holds (``sha256`` aside): the exact per-channel histograms of the training
+    images and the mean/std :func:`hist_stats` makes of them (``channel_stats``'s own two steps)."""
+    mean, std = hist_stats(hist)
+    return {"format": STATS_FORMAT, "version": 1, "cache": cpath.name, "train_images": int(shape[0]),
+            "image_shape": [int(x) for x in shape[1:]], "hist": hist.tolist(), "mean": list(mean), "std": list(std)}
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    body = {k: v for k, v in payload.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _load_stats(path: Path, cpath: Path, shape: tuple[int, ...] | None = None,
+                n_train: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) from the statistics file ``path`` of the whole-set cache ``cpath``, or None when it is
+    missing, damaged, edited (its digest), made for another cache, or disagrees with the training
+    images' ``shape`` [C, H, W] or count: such a file is recomputed and overwritten, with a warning, as
+    the caches are (the numbers are always those of the training images, never a stale file's)."""
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict) or d.get("format") != STATS_FORMAT or d.get("version") != 1:
+            raise ValueError(f"not a version-1 {STATS_FORMAT} file")
+        if d.get("cache") != cpath.name:
+            raise ValueError(f"made for {d.get('cache')!r}, not {cpath.name}")
+        if d.get("sha256") != _digest(d):
+            raise ValueError("its sha256 does not match its contents (edited?)")
+        hist = np.array(d["hist"], dtype=np.int64)
+        n, chw = d["train_images"], d["image_shape"]
+        if hist.shape != (3, 256) or (hist < 0).any() or not (isinstance(n, int) and n >= 1) \
+                or not (isinstance(chw, list) and len(chw) == 3 and chw[0] == 3):
+            raise ValueError("bad histogram, image count or image shape")
+        if shape is not None and chw != list(shape):
+            raise ValueError(f"images of shape {chw}, but the cached training images are {list(shape)}")
+        if n_train is not None and n != n_train:
+            raise ValueError(f"{n} training images, but the data set has {n_train}")
+        if (hist.sum(axis=1) != n * chw[1] * chw[2]).any():
+            raise ValueError("the histograms do not count every pixel")
+        if d != {**_stats_payload(cpath, hist, (n, *chw)), "sha256": d["sha256"]}:
+            raise ValueError("its mean/std are not those of its histograms")
+        return tuple(d["mean"]), tuple(d["std"])
+    except Exception as e:
+        warn(f"ignoring statistics file {path} ({type(e).__name__}: {e}); recomputing it from the training images")
+        return None
+
+
+def _save_stats(path: Path, payload: dict[str, Any]) -> None:
+    text = json.dumps({**payload, "sha256": _digest(payload)}, sort_keys=True) + "\n"
+    try:
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        warn(f"could not write the statistics file {path} ({e.strerror or e}); the next load decodes the training set again")
+
+
 def _square(images: np.ndarray, first: str) -> None:
     h, w = images.shape[2:]
     if h != w:
@@ -524,23 +610,26 @@ def load_imagefolder(root: str | os.PathLike | None, image_size: int | None = No
     tr = _draw(d["train_labels"], subset, subset_seed, "train")
     te = _draw(d["test_labels"], test_subset, subset_seed, "test")
     train_x = np.ascontiguousarray(d["train_images"][tr])
-    mean, std = (d["mean"], d["std"]) if subset is None else channel_stats(train_x)
     return _bundle(classes, (train_x, d["train_labels"][tr]),
-                   (np.ascontiguousarray(d["test_images"][te]), d["test_labels"][te]), mean, std)
+                   (np.ascontiguousarray(d["test_images"][te]), d["test_labels"][te]), d["mean"], d["std"])
 
 
 def _load_draws(root_p: Path, tree: _Tree | None, cpath: Path, image_size: int | None, subset: int,
                 test_subset: int | None, seed: int) -> DataBundle:
     """The training draw and the test split (or its draw) from their own cache files, decoding only the
-    images of the parts that are not cached yet (no whole-set cache exists)."""
+    images of the parts that are not cached yet (no whole-set cache exists), normalised with the whole
+    training set's mean/std: from the statistics file, else computed once from all training images
+    (decoded by :func:`_decode_fast` into an array that is dropped afterwards; none of them is cached)."""
     want = {"train": subset, "test": test_subset}
     paths = {s: _part_path(cpath, s, n, seed) for s, n in want.items()}
     parts = {s: _load_part(p) for s, p in paths.items()}
     missing = [s for s in want if parts[s] is None]
+    listing = None
+    said = ""
     if missing:
         if tree is None:
             tree = _read_archive(root_p)
-        classes, train, evals, split = _resolve(tree)
+        listing = classes, train, evals, split = _resolve(tree)
         listed = {"train": train, "test": evals}
         chosen = {}
         for s in missing:
@@ -553,10 +642,11 @@ def _load_draws(root_p: Path, tree: _Tree | None, cpath: Path, image_size: int |
             (f"data.subset={subset} of the {len(train):,} training images" if s == "train" else
              f"the {len(evals):,} test images" if test_subset is None else
              f"data.test_subset={test_subset} of the {len(evals):,} test images") for s in missing)
-        images = _decode_all(items, image_size, f"decoding {root_p.name}",
-                             f"imagefolder: decoded {len(items):,} of the {total:,} images of {root_p.name} "
-                             f"({what}) in {{seconds:.1f}} s (cached in {paths[missing[0]].parent})")
+        t0 = time.perf_counter()
+        images = _decode_all(items, image_size, f"decoding {root_p.name}")
         _square(images, items[0][0])
+        said = (f"{len(items):,} of the {total:,} images of {root_p.name} ({what}) in "
+                f"{time.perf_counter() - t0:.1f} s (cached in {paths[missing[0]].parent})")
         pos = 0
         for s in missing:
             n = len(chosen[s][1])
@@ -570,5 +660,30 @@ def _load_draws(root_p: Path, tree: _Tree | None, cpath: Path, image_size: int |
     if classes != [str(c) for c in te["classes"].tolist()] or tr["images"].shape[1:] != te["images"].shape[1:]:
         raise DataError(f"{paths['train']} and {paths['test']}: cached parts of {root_p} disagree (classes or image "
                         "size); delete them to decode again")
-    mean, std = channel_stats(tr["images"])
-    return _bundle(classes, (tr["images"], tr["labels"]), (te["images"], te["labels"]), mean, std)
+    spath = _stats_path(cpath)
+    stats = _load_stats(spath, cpath, tr["images"].shape[1:], None if listing is None else len(listing[1]))
+    if stats is None:
+        if listing is None:
+            if tree is None:
+                tree = _read_archive(root_p)
+            listing = _resolve(tree)
+        t0 = time.perf_counter()
+        items = [(tree.display(rel), tree.files[rel]) for rel, _ in listing[1]]
+        every = _decode_all(items, image_size, f"statistics of {root_p.name}", fast=True)
+        if every.shape[1:] != tr["images"].shape[1:]:
+            raise DataError(f"{paths['train']}: cached images of {root_p} are not the size of its training images "
+                            "now; delete it to decode again")
+        hist = channel_hist(every)  # channel_stats(every) is hist_stats(channel_hist(every)): the same floats
+        payload = _stats_payload(cpath, hist, every.shape)
+        del every
+        _save_stats(spath, payload)
+        stats = tuple(payload["mean"]), tuple(payload["std"])
+        why = (f"once for the whole training set's mean/std in {time.perf_counter() - t0:.1f} s "
+               f"(only the statistics are kept: {spath.name})")
+        said = (f"{said}, and all {len(items):,} training images {why}" if said else
+                f"the {len(items):,} training images of {root_p.name} {why}; the drawn images are from their cache")
+    elif said:
+        said += f"; mean/std: the whole training set's, from {spath.name}"
+    if said:
+        print(f"imagefolder: decoded {said}", file=sys.stderr, flush=True)
+    return _bundle(classes, (tr["images"], tr["labels"]), (te["images"], te["labels"]), *stats)
