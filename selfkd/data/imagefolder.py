@@ -21,14 +21,23 @@ image_size): a second load reads one file. Beyond ``PARALLEL_THRESHOLD`` files, 
 of ``min(usable CPUs, 8)`` processes. Decoding prints one line on stderr when it is done (how many
 images, how long, which cache file), with a progress bar while it runs when stderr is a terminal.
 
-With ``subset=N`` only the images the run uses are decoded: the class-stratified draw of
+With ``subset=N`` only the images the run uses are kept: the class-stratified draw of
 :func:`selfkd.data.split.stratified_subset` (the same indices as ``train.subset(...)`` of the whole
 set) and the test split (or its ``test_subset`` draw). They are read from the whole-set cache when
 that exists, else decoded and cached per split and draw, in files named after the whole-set cache
 (``...-train-subset500-seed0.npz``, ``...-test.npz``, ``...-test-subset200-seed0.npz``), so the draws
-of a sweep share one decoded test split. ``mean``/``std`` are then those of the subset's training
-images, whether or not the whole set is cached (a run's numbers do not depend on the cache), and
-only the decoded images are checked for size.
+of a sweep share one decoded test split.
+
+``mean``/``std`` are always the whole training set's, bit for bit the values a load without
+``subset`` gives (the convention of torchvision and the DLB code, and what every earlier run used):
+from the whole-set cache when it exists, else from ``...-stats.json`` beside the caches. That file is
+made by the first subset load: every training image is decoded once (RGB JPEGs by the "jpeg" decoder
+without ``Image.open``'s Python header parser, as :mod:`selfkd.data.stream` does: the same pixels)
+into an array that is dropped afterwards, and ``channel_stats``'s exact per-channel histograms of it
+are written, with the mean/std they give, a sha256 of the contents and the name of the cache it
+belongs to (atomically). Later loads, other draws and seeds included, decode only their draw. A
+statistics file that is damaged, edited, made for another cache or that disagrees with the training
+images is recomputed and overwritten with a warning naming it, as a damaged cache is re-decoded.
 """
 from __future__ import annotations
 
@@ -563,7 +572,8 @@ def load_imagefolder(root: str | os.PathLike | None, image_size: int | None = No
     """Load an image-folder data set (a folder or a tar archive). See the module docstring.
 
     ``subset`` / ``test_subset`` / ``subset_seed``: the bundle holds only those class-stratified draws
-    (:func:`selfkd.data.split.stratified_subset`); with ``subset`` only their images are decoded."""
+    (:func:`selfkd.data.split.stratified_subset`); with ``subset`` only their pixels are decoded and kept,
+    and ``mean``/``std`` stay the whole training set's (see the module docstring)."""
     if root is None:
         raise ConfigError("imagefolder needs a root (--data-dir): a folder with train/ and val/ or test/, or a .tar.gz of it")
     image_size = check_image_size(image_size)

@@ -125,8 +125,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
 
     ``subset`` / ``test_subset`` keep fixed class-stratified draws of ``n`` training / test samples
     (:func:`selfkd.data.split.stratified_subset`, seeded by ``subset_seed``), in index order. The
-    statistics stay those of the whole training set, except for in-memory ``imagefolder`` with
-    ``subset``, which decodes only the drawn images and takes ``mean``/``std`` from them.
+    statistics stay those of the whole training set, bit for bit, for every data set; in-memory
+    ``imagefolder`` with ``subset`` keeps only the drawn images' pixels (:mod:`.imagefolder`).
     """
     key = name.strip().lower() if isinstance(name, str) else None
     if key not in KNOWN_DATASETS:
