@@ -248,9 +248,8 @@ def test_a_job_may_start_processes_of_its_own(tmp_path):
                 Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / split / c / f"{k}.png")
     path = tmp_path / "s" / "sweep.yaml"
     path.parent.mkdir()
-    # no data.subset: a subset decodes only its own images, too few for the pool this test is about
     path.write_text(yaml.safe_dump({"out": "runs", "base": {
-        "data": {"name": "imagefolder", "dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache")},
+        "data": {"name": "imagefolder", "dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache"), "subset": 64},
         "model": {"name": "cnn_small"}, "optim": {"batch_size": 32}, "train": {"epochs": 1, "device": "cpu"}}}))
     lines: list[str] = []
     result = run_jobs(str(path), 1, threads=1, log=lines.append)
