@@ -1,16 +1,19 @@
 """Loader throughput and memory: in memory vs packed (selfkd.data.packed) vs JPEG streaming, real CIFAR-10 JPEGs.
 
-    python benchmarks/stream_cost.py [--archive ../shared/data/cifar10-jpeg.tar.gz] [--batches 20] [--scales 1 4]
+    python benchmarks/stream_cost.py [--archive ../shared/data/cifar10-jpeg.tar.gz | --src DIR] [--batches 20]
+                                     [--scales 1 4] [--workers 0 1 2] [--kinds memory packed stream]
 
-Unpacks the archive into a temporary folder and packs it once (``selfkd pack``, timed), then times
-``--batches`` batches of 128 through the trainer's DataLoader(BatchView(...)) for each path at 1x
-and 4x the training set: in memory (the decoded set, tiled 4x in RAM), packed (a 4x pack made of
-distinct copies of the 1x shard files, so its pages are not shared with the 1x pack) with 0 and 2
-loader workers, and JPEG streaming with 0 and 2 workers (4x: every file listed four times). Each
-row runs in a fresh process, so its memory is its own: the main process's peak RSS (VmHWM; loader workers not
-counted), and at the end RssAnon
-(the process's own memory) and RssFile (mapped file pages, i.e. page cache the kernel can drop).
-The packed open time includes checking every shard's sha256. Writes benchmarks/results/stream_cost.md.
+Unpacks the archive into a temporary folder (or reads the unpacked ``--src`` folder) and packs it once
+(``selfkd pack``, timed), then times ``--batches`` batches of 128 through the trainer's
+DataLoader(BatchView(...), batch_size=None) for each path at 1x and 4x the training set and 0, 1 and 2
+loader workers: in memory (the decoded set, tiled 4x in RAM), packed (a 4x pack made of distinct copies
+of the 1x shard files, so its pages are not shared with the 1x pack) and JPEG streaming (4x: every file
+listed four times). Each row runs in a fresh process, so its memory is its own: the main process's peak
+RSS (VmHWM), and at the end RssAnon (the process's own memory), RssFile (mapped file pages, i.e. page
+cache the kernel can drop) and the loader workers' RSS (summed, read while they run). "vs 0 workers" is
+the row's images/s over the same path and scale with 0 workers (issue 19: JPEG streaming with 2 workers
+>= 1.7x on 2 idle cores). The packed open time includes checking every shard's sha256. Writes
+benchmarks/results/stream_cost.md; measure on an idle machine (the rows compete for the cores).
 
 Packed reads come from the page cache when the pack fits in RAM; for data larger than RAM they come
 from disk at its random-read speed (dropping the cache between rows needs root and is not done here).
@@ -31,7 +34,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import command  # noqa: E402
 
 
-def rate(ds, batches: int, workers: int) -> float:
+def _workers_rss() -> float:
+    """MiB: the summed VmRSS of this process's children (the loader workers while they run)."""
+    total = 0.0
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+            except OSError:
+                pass
+    return total
+
+
+def rate(ds, batches: int, workers: int) -> tuple[float, float]:
+    """(images/s, the workers' RSS in MiB at the end)."""
     import torch
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
@@ -45,7 +63,8 @@ def rate(ds, batches: int, workers: int) -> float:
     n = 0
     for _ in range(batches):
         n += next(it)[0].shape[0]
-    return n / (time.perf_counter() - t0)
+    r = n / (time.perf_counter() - t0)
+    return r, _workers_rss()
 
 
 def _status() -> dict[str, float]:
@@ -81,7 +100,7 @@ def replicate(pack_dir: Path, out: Path, k: int) -> None:
     (out / MANIFEST).write_text(json.dumps(m))
 
 
-def one(kind: str, root: str, scale: int, workers: int, batches: int) -> dict:
+def one(kind: str, root: str, scale: int, workers: int, batches: int, cache: str | None) -> dict:
     """One row, in this (fresh) process."""
     import torch
 
@@ -90,7 +109,7 @@ def one(kind: str, root: str, scale: int, workers: int, batches: int) -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     if kind == "memory":
-        ds = load_dataset("imagefolder", root=root, cache_dir=Path(root) / ".cache").train
+        ds = load_dataset("imagefolder", root=root, cache_dir=cache).train
         if scale > 1:
             ds = ArrayDataset(ds.images.repeat(scale, 1, 1, 1), ds.labels.repeat(scale), ds.num_classes)
     elif kind == "packed":
@@ -102,65 +121,90 @@ def one(kind: str, root: str, scale: int, workers: int, batches: int) -> dict:
 
             ds = StreamDataset(ds.files * scale, ds.labels.repeat(scale), ds.num_classes, ds.size)
     open_s = time.perf_counter() - t0
-    r = rate(ds, batches, workers)
-    return {"images": len(ds), "open_s": open_s, "rate": r, **_status()}
+    r, wrss = rate(ds, batches, workers)
+    return {"images": len(ds), "open_s": open_s, "rate": r, "workers_rss": wrss, **_status()}
+
+
+KINDS = {"memory": "in memory", "packed": "packed", "stream": "JPEG streaming"}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--archive", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"))
+    p.add_argument("--src", help="an unpacked folder of the archive (train/ and test/) instead of --archive")
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--scales", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
     p.add_argument("--out", default="benchmarks/results/stream_cost.md")
     p.add_argument("--one", nargs=4, metavar=("KIND", "ROOT", "SCALE", "WORKERS"), help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)  # --one memory: the decoded-image cache folder
     a = p.parse_args(argv)
     if a.one:
         kind, root, scale, workers = a.one
-        print(json.dumps(one(kind, root, int(scale), int(workers), a.batches)))
+        print(json.dumps(one(kind, root, int(scale), int(workers), a.batches, a.cache)))
         return 0
 
     def row(kind: str, root: Path, scale: int, workers: int) -> dict:
-        res = subprocess.run([sys.executable, __file__, "--batches", str(a.batches), "--one", kind, str(root),
-                              str(scale), str(workers)], capture_output=True, text=True)
+        res = subprocess.run([sys.executable, __file__, "--batches", str(a.batches), "--cache", str(cache), "--one",
+                              kind, str(root), str(scale), str(workers)], capture_output=True, text=True)
         if res.returncode:
             raise SystemExit(f"{kind} {scale}x {workers} workers failed:\n{res.stderr}")
         return json.loads(res.stdout.strip().splitlines()[-1])
 
+    from selfkd.data import load_dataset
     from selfkd.data.packed import pack
 
+    pack_s = None
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "jpeg"
-        with tarfile.open(a.archive) as tar:
-            tar.extractall(src, filter="data")
+        if a.src:
+            src = Path(a.src).resolve()
+        else:
+            src = Path(tmp) / "jpeg"
+            with tarfile.open(a.archive) as tar:
+                tar.extractall(src, filter="data")
         if not (src / "train").is_dir():  # the archive holds one folder that holds train/ and val/ or test/
             src = next(d for d in src.iterdir() if (d / "train").is_dir())
-        from selfkd.data import load_dataset
-
-        load_dataset("imagefolder", root=src, cache_dir=src / ".cache")  # the in-memory rows read this cache
-        t0 = time.perf_counter()
-        pack(src, Path(tmp) / "pack-1")
-        pack_s = time.perf_counter() - t0
-        for s in a.scales:
-            if s > 1:
-                replicate(Path(tmp) / "pack-1", Path(tmp) / f"pack-{s}", s)
+        cache = Path(tmp) / "cache"
+        if "memory" in a.kinds:
+            load_dataset("imagefolder", root=src, cache_dir=cache)  # the in-memory rows read this cache
+        if "packed" in a.kinds:
+            t0 = time.perf_counter()
+            pack(src, Path(tmp) / "pack-1")
+            pack_s = time.perf_counter() - t0
+            for s in a.scales:
+                if s > 1:
+                    replicate(Path(tmp) / "pack-1", Path(tmp) / f"pack-{s}", s)
         rows = []
         for s in a.scales:
-            rows.append((f"in memory, {s}x", row("memory", src, s, 0)))
-            for w in (0, 2):
-                rows.append((f"packed, {w} workers, {s}x", row("packed", Path(tmp) / f"pack-{s}", 1, w)))
-            for w in (0, 2):
-                rows.append((f"JPEG streaming, {w} workers, {s}x", row("stream", src, s, w)))
-    mem1 = next(r["rate"] for k, r in rows if k == f"in memory, {a.scales[0]}x")
-    lines = [f"# Loader throughput and memory, CIFAR-10 JPEGs ({rows[0][1]['images']} train images at 1x)", "",
-             f"Command: `{command(__file__, argv)}`. Batches of 128, uint8 [B, 3, 32, 32] as the trainer gets them, "
-             f"{a.batches} batches per row, each row in a fresh process with 1 torch thread. `selfkd pack` of the "
-             f"unpacked JPEGs took {pack_s:.0f} s. Memory in MiB: peak RSS (VmHWM) and, at the end, RssAnon (the "
-             "process's own) and RssFile (mapped file pages: page cache the kernel can drop). Open: seconds to load "
-             "the data set (in memory: from its decoded cache; packed: includes the sha256 check of every shard).",
-             "", "| path | images | images/s | vs in memory 1x | open s | peak RSS | RssAnon | RssFile |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |",
-             *[f"| {k} | {r['images']:,} | {r['rate']:,.0f} | {r['rate'] / mem1:.2f} | {r['open_s']:.1f} | "
-               f"{r['VmHWM']:,.0f} | {r['RssAnon']:,.0f} | {r['RssFile']:,.0f} |" for k, r in rows], ""]
+            for kind in a.kinds:
+                for w in a.workers:
+                    root = Path(tmp) / f"pack-{s}" if kind == "packed" else src
+                    r = row(kind, root, 1 if kind == "packed" else s, w)
+                    rows.append((kind, s, w, r))
+                    print(f"{KINDS[kind]}, {w} workers, {s}x: {r['rate']:,.0f} images/s", file=sys.stderr, flush=True)
+    rate0 = {(k, s): r["rate"] for k, s, w, r in rows if w == 0}
+    mem1 = next((r["rate"] for k, s, w, r in rows if k == "memory" and w == 0 and s == a.scales[0]), None)
+
+    def cells(kind: str, s: int, w: int, r: dict) -> str:
+        vs0 = f"{r['rate'] / rate0[kind, s]:.2f}" if (kind, s) in rate0 else "-"
+        vsmem = f"{r['rate'] / mem1:.2f}" if mem1 else "-"
+        return (f"| {KINDS[kind]} | {s}x | {w} | {r['images']:,} | {r['rate']:,.0f} | {vs0} | {vsmem} | {r['open_s']:.1f} | "
+                f"{r['VmHWM']:,.0f} | {r['RssAnon']:,.0f} | {r['RssFile']:,.0f} | {r['workers_rss']:,.0f} |")
+
+    packed = f" `selfkd pack` of the unpacked JPEGs took {pack_s:.0f} s." if pack_s is not None else ""
+    lines = [f"# Loader throughput and memory, CIFAR-10 JPEGs ({rows[0][3]['images'] // a.scales[0]:,} train images at 1x)", "",
+             f"Command: `{command(__file__, argv)}`. Batches of 128, uint8 [B, 3, 32, 32] as the trainer gets them "
+             f"(DataLoader(BatchView(ds), batch_size=None)), {a.batches} batches per row after the first, each row in a "
+             f"fresh process with 1 torch thread.{packed} Memory in MiB: the main process's peak RSS (VmHWM) and, at the "
+             "end, RssAnon (its own) and RssFile (mapped file pages: page cache the kernel can drop); workers: the loader "
+             "workers' RSS, summed (pages shared with the main process counted in each). Open: seconds to load the data "
+             "set (in memory: from its decoded cache; packed: includes the sha256 check of every shard).",
+             "", "| path | data | workers | images | images/s | vs 0 workers | vs in memory 1x | open s | peak RSS | "
+             "RssAnon | RssFile | workers' RSS |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             *[cells(k, s, w, r) for k, s, w, r in rows], ""]
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

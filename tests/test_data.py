@@ -674,6 +674,217 @@ def test_imagefolder_process_pool_matches_serial(tmp_path, monkeypatch):
         load_dataset("imagefolder", root=root, cache_dir=tmp_path / "c2")
 
 
+def _jpeg_tar(path: Path, counts: dict[str, dict[str, int]], seed: int = 0) -> Path:
+    """An uncompressed tar of real 8x8 JPEGs: data/<split>/<class>/<k>.jpg."""
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w") as tar:
+        for split, per_class in counts.items():
+            for c, n in per_class.items():
+                for k in range(n):
+                    buf = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                    info = tarfile.TarInfo(f"data/{split}/{c}/{k:03d}.jpg")
+                    info.size = len(buf.getvalue())
+                    tar.addfile(info, io.BytesIO(buf.getvalue()))
+    return path
+
+
+def _counting_decoders(monkeypatch) -> tuple[list, list]:
+    """Record every image imagefolder decodes in this process: by _decode_one (the pixels it keeps) and by
+    _decode_fast (the statistics pass; a file it hands on to _decode_one is recorded in both)."""
+    pixels: list = []
+    stats: list = []
+    real_one, real_fast = imagefolder_mod._decode_one, imagefolder_mod._decode_fast
+
+    def one(src, size):
+        pixels.append(src)
+        return real_one(src, size)
+
+    def fast(src, size):
+        stats.append(src)
+        return real_fast(src, size)
+
+    monkeypatch.setattr(imagefolder_mod, "_decode_one", one)
+    monkeypatch.setattr(imagefolder_mod, "_decode_fast", fast)
+    return pixels, stats
+
+
+def _f64(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_imagefolder_subset_decodes_only_its_images_and_says_so(tmp_path, monkeypatch, capsys):
+    """Issue 18: data.subset decodes the drawn training images and the test split, no more; the draw is
+    the one the whole set gives (stratified_subset over the same labels), and one line says what was decoded.
+    Normalisation stays the whole training set's, bit for bit: the first load decodes every training image
+    once for the statistics (kept in a small file, the pixels dropped), later draws only their own images."""
+    from selfkd.data.split import stratified_subset
+    from selfkd.engine.config import build_config
+    from selfkd.engine.setup import build
+
+    archive = _jpeg_tar(tmp_path / "imgs.tar", {"train": {"cat": 20, "dog": 14, "emu": 16}, "val": {"cat": 4, "dog": 3, "emu": 5}})
+    decoded, for_stats = _counting_decoders(monkeypatch)
+    full = load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "full")
+    assert len(decoded) == 62 and for_stats == [] and "decoded the 62 images of imgs.tar" in capsys.readouterr().err
+    want = full.train.subset(stratified_subset(full.train.labels, 12, 1))
+    want_test = full.test.subset(stratified_subset(full.test.labels, 6, 1, "data.test_subset", "test"))
+
+    decoded.clear()
+    sub = load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "c", subset=12, test_subset=6, subset_seed=1)
+    err = capsys.readouterr().err
+    assert len(decoded) == 12 + 6  # the pixels kept: the draws
+    assert len(for_stats) == 50  # the statistics pass: every training image once, by the fast decoder
+    assert err.count("\n") == 1 and err.startswith("imagefolder: decoded 18 of the 62 images of imgs.tar "
+                                                  "(data.subset=12 of the 50 training images and data.test_subset=6 "
+                                                  "of the 12 test images) in "), err
+    assert ", and all 50 training images once for the whole training set's mean/std in " in err, err
+    assert torch.equal(sub.train.images, want.images) and torch.equal(sub.train.labels, want.labels)
+    assert torch.equal(sub.test.images, want_test.images) and torch.equal(sub.test.labels, want_test.labels)
+    assert sub.classes == full.classes and sub.default_augment == full.default_augment
+    # the whole training set's statistics, bit for bit, not the subset's own
+    assert torch.equal(_f64(sub.mean), _f64(full.mean)) and torch.equal(_f64(sub.std), _f64(full.std))
+    assert (sub.mean, sub.std) == (full.mean, full.std) != channel_stats(want.images.numpy())
+    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert len(names) == 3 and names[0].endswith("-stats.json") and names[1].endswith("-test-subset6-seed1.npz") \
+        and names[2].endswith("-train-subset12-seed1.npz"), names  # no pixels cached for the statistics
+    assert f"(only the statistics are kept: {names[0]})" in err
+
+    # again: from the cache, nothing decoded, nothing said
+    decoded.clear()
+    for_stats.clear()
+    again = load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "c", subset=12, test_subset=6, subset_seed=1)
+    assert decoded == [] and for_stats == [] and capsys.readouterr().err == ""
+    assert torch.equal(again.train.images, want.images) and (again.mean, again.std) == (sub.mean, sub.std)
+    # a run through the trainer's setup (the whole test split): a bigger draw, its own images only
+    cfg = build_config({"data": {"name": "imagefolder", "dir": str(archive), "cache_dir": str(tmp_path / "c"),
+                                 "subset": 30, "subset_seed": 1}, "model": {"name": "cnn_small"}})
+    s = build(cfg)
+    err = capsys.readouterr().err
+    assert len(decoded) == 30 + 12 and for_stats == [] and "decoded 42 of the 62 images" in err
+    assert err.count("\n") == 1 and f"; mean/std: the whole training set's, from {names[0]}" in err, err
+    want30 = full.train.subset(stratified_subset(full.train.labels, 30, 1))
+    assert torch.equal(s.train.images, want30.images) and torch.equal(s.test.images, full.test.images)
+    assert s.data_info["mean"] == list(full.mean) and s.data_info["std"] == list(full.std)
+    # with the whole set cached the draw comes from that cache: the same images and statistics, nothing decoded
+    decoded.clear()
+    cached = load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "full", subset=12, test_subset=6, subset_seed=1)
+    assert decoded == [] and for_stats == [] and capsys.readouterr().err == ""
+    assert torch.equal(cached.train.images, sub.train.images) and torch.equal(cached.test.images, sub.test.images)
+    assert (cached.mean, cached.std) == (sub.mean, sub.std)
+    with pytest.raises(ConfigError, match=r"data.subset=51 exceeds the 50 training images"):
+        load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "c", subset=51)
+    with pytest.raises(ConfigError, match="data.subset_seed has no effect"):
+        load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "c", subset_seed=2)
+
+
+def test_imagefolder_subset_statistics_file_is_checked_and_recomputed(tmp_path, monkeypatch, capsys):
+    """The whole training set's mean/std of a subset run: an exact histogram file beside the caches.
+    A missing, damaged, edited or foreign file is recomputed (a warning names it), with the same numbers;
+    the statistics pass through the process pool gives them too; a bad training image outside the draw
+    fails the load as the whole-set load fails."""
+    import json
+
+    from selfkd.data._util import channel_hist
+
+    archive = _jpeg_tar(tmp_path / "imgs.tar", {"train": {"cat": 20, "dog": 14, "emu": 16}, "val": {"cat": 4, "dog": 3, "emu": 5}})
+    full = load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "full")
+    decoded, for_stats = _counting_decoders(monkeypatch)
+    c = tmp_path / "c"
+    load_dataset("imagefolder", root=archive, cache_dir=c, subset=12)
+    capsys.readouterr()
+    (spath,) = c.glob("*-stats.json")
+    d = json.loads(spath.read_text())
+    assert d["cache"] == spath.name.replace("-stats.json", ".npz") and (d["train_images"], d["image_shape"]) == (50, [3, 8, 8])
+    assert np.array_equal(np.array(d["hist"]), channel_hist(full.train.images.numpy()))
+    assert (tuple(d["mean"]), tuple(d["std"])) == (full.mean, full.std)
+    assert [p.name for p in c.iterdir() if p.name.startswith(".")] == []  # written whole (atomic), no temp left
+    good = spath.read_text()
+
+    def reload(warning: str | None) -> DataBundle:
+        decoded.clear()
+        for_stats.clear()
+        if warning is None:
+            b = load_dataset("imagefolder", root=archive, cache_dir=c, subset=12)
+        else:
+            with pytest.warns(RuntimeWarning, match=f"ignoring statistics file {spath} \\({warning}.*recomputing it"):
+                b = load_dataset("imagefolder", root=archive, cache_dir=c, subset=12)
+        err = capsys.readouterr().err
+        assert decoded == [] and len(for_stats) == 50  # the draw is cached: only the statistics pass
+        assert err.count("\n") == 1 and err.startswith("imagefolder: decoded the 50 training images of imgs.tar once for "
+                                                      "the whole training set's mean/std in ") and \
+            err.endswith(f"(only the statistics are kept: {spath.name}); the drawn images are from their cache\n"), err
+        assert (b.mean, b.std) == (full.mean, full.std) and spath.read_text() == good  # rewritten as it was
+        return b
+
+    spath.unlink()
+    reload(None)
+    edited = dict(d, mean=[d["mean"][0] + 1e-9, *d["mean"][1:]])
+    spath.write_text(json.dumps(edited))
+    reload("ValueError: its sha256 does not match its contents")
+    spath.write_text("{not json")
+    reload("JSONDecodeError")
+    load_dataset("imagefolder", root=archive, cache_dir=c, image_size=8, subset=12)  # another cache: another file
+    capsys.readouterr()
+    (other,) = set(c.glob("*-stats.json")) - {spath}
+    spath.write_text(other.read_text())
+    reload("ValueError: made for 'imagefolder-imgs.tar-")
+    # the statistics pass through the process pool: the same histograms, the same file
+    monkeypatch.setattr(imagefolder_mod, "PARALLEL_THRESHOLD", 10)
+    monkeypatch.setattr(imagefolder_mod, "_worker_count", lambda: 2)
+    monkeypatch.setattr(imagefolder_mod, "MIN_CHUNK", 5)
+    spath.unlink()
+    pooled = load_dataset("imagefolder", root=archive, cache_dir=c, subset=12)
+    assert (pooled.mean, pooled.std) == (full.mean, full.std) and spath.read_text() == good
+    # every training image is decoded for the statistics, so a bad one fails the load as the whole-set load does
+    root = tmp_path / "tree"
+    make_tree(root, {"a": 6, "b": 6}, ext=".jpg")
+    (root / "train/b/005.jpg").write_bytes(b"garbage")
+    for sub in (None, 2):
+        with pytest.raises(DataError, match="005.jpg: cannot decode image"):
+            load_dataset("imagefolder", root=root, cache_dir=tmp_path / "c3", subset=sub)
+
+
+def test_imagefolder_fast_decoder_gives_the_same_pixels(tmp_path, monkeypatch):
+    """_decode_fast (the statistics pass) is _decode_one's pixels: RGB JPEGs by the jpeg decoder itself,
+    grey JPEGs, PNGs and resized images handed on to _decode_one."""
+    rng = np.random.default_rng(3)
+    srcs = []
+    for mode, fmt in (("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG")):
+        buf = io.BytesIO()
+        shape = (8, 8, 3) if mode == "RGB" else (8, 8)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, format=fmt)
+        srcs.append(buf.getvalue())
+    prog = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(prog, format="JPEG", progressive=True)
+    srcs.append(prog.getvalue())
+    (tmp_path / "x.jpg").write_bytes(srcs[0])
+    srcs.append(str(tmp_path / "x.jpg"))
+    for src in srcs:
+        for size in (None, 8, 5):
+            a, b = imagefolder_mod._decode_fast(src, size), imagefolder_mod._decode_one(src, size)
+            assert a.dtype == np.uint8 and a.shape == b.shape and np.array_equal(a, b)
+    handed_on = []
+    real = imagefolder_mod._decode_one
+    monkeypatch.setattr(imagefolder_mod, "_decode_one", lambda src, size: handed_on.append(size) or real(src, size))
+    for src in srcs:
+        for size in (None, 8, 5):
+            imagefolder_mod._decode_fast(src, size)
+    assert len(handed_on) == 3 * 1 + 2 * 3  # RGB JPEGs (3 sources) only when resized (size 5); grey JPEG and PNG always
+
+
+def test_load_dataset_draws_subsets_of_every_data_set_as_before():
+    """Other data sets: the draw applied to the whole set, whose statistics stay."""
+    from selfkd.data.split import stratified_subset
+
+    full = load_dataset("digits")
+    sub = load_dataset("digits", subset=40, test_subset=20, subset_seed=3)
+    assert torch.equal(sub.train.images, full.train.images[stratified_subset(full.train.labels, 40, 3)])
+    assert torch.equal(sub.test.labels, full.test.labels[stratified_subset(full.test.labels, 20, 3, "data.test_subset", "test")])
+    assert (sub.mean, sub.std) == (full.mean, full.std)
+    with pytest.raises(ConfigError, match="data.test_subset: expected a positive integer"):
+        load_dataset("digits", test_subset=0)
+
+
 @pytest.fixture(scope="session")
 def real_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("selfkd-real-cache")
@@ -704,6 +915,20 @@ def test_real_cifar10_jpeg_archive(real_cache):
         PIL.Image.open = real_open
     assert torch.equal(again.test.images, b.test.images) and torch.equal(again.train.labels, b.train.labels)
     print(f"real CIFAR-10 JPEG archive: first load {first:.1f} s, cached load {cached:.2f} s")
+
+
+@pytest.mark.skipif(not REAL_ARCHIVE.exists(), reason="the CIFAR-10 JPEG archive is not on this machine")
+def test_real_cifar10_jpeg_subset_keeps_the_whole_sets_statistics(real_cache, tmp_path):
+    """data.subset=500 without the whole-set cache: the fast decoder's statistics pass over the 50,000
+    training images gives the whole-set load's mean/std bit for bit, and the draw is the whole set's."""
+    from selfkd.data.split import stratified_subset
+
+    full = load_dataset("imagefolder", root=REAL_ARCHIVE, cache_dir=real_cache)
+    sub = load_dataset("imagefolder", root=REAL_ARCHIVE, cache_dir=tmp_path, subset=500)
+    assert torch.equal(_f64(sub.mean), _f64(full.mean)) and torch.equal(_f64(sub.std), _f64(full.std))
+    want = full.train.subset(stratified_subset(full.train.labels, 500, 0))
+    assert torch.equal(sub.train.images, want.images) and torch.equal(sub.train.labels, want.labels)
+    assert torch.equal(sub.test.images, full.test.images)
 
 
 # ==================================================================================================

@@ -173,3 +173,68 @@ def test_unsafe_members_are_refused_by_both_readers_alike(tmp_path, kind):
         load_stream(s)
     with pytest.raises(DataError, match=rf"^{archive}: refusing archive member '{info.name}' \({why}\)"):
         load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "cache")
+
+
+def _jpegs(root: Path) -> list[str]:
+    """JPEGs of every kind the fast path must decode exactly as ``Image.open`` does, or leave to it."""
+    rng = np.random.default_rng(7)
+    kinds = {"base": {}, "prog": {"progressive": True}, "444": {"subsampling": 0}, "q30": {"quality": 30}}
+    names = []
+    for split, n in (("train", 2), ("val", 1)):
+        for c in ("cat", "dog"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                for k, opts in kinds.items():
+                    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}-{k}.jpg", **opts)
+                    names.append(f"{split}/{c}/{i}-{k}.jpg")
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(d / f"{i}-gray.jpg")
+                Image.fromarray(rng.integers(0, 256, (8, 8, 4), dtype=np.uint8), "CMYK").save(d / f"{i}-cmyk.jpg")
+    return names
+
+
+def test_jpeg_batches_are_image_open_pixels_in_main_and_in_workers(tmp_path, monkeypatch):
+    """Issue 19: RGB JPEGs of the data set's size skip Image.open (same decoder, same pixels), the rest
+    takes it; a worker's batch reaches the main process as the in-process batch does, by value or shared."""
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from selfkd.data import stream
+
+    root = tmp_path / "t"
+    _jpegs(root)
+    mem = load_dataset("imagefolder", root=root, cache_dir=tmp_path / "cache")  # Image.open + convert("RGB")
+    opened = []
+    real = stream._decode_pil
+    monkeypatch.setattr(stream, "_decode_pil", lambda src, data, size: opened.append(src) or real(src, data, size))
+    monkeypatch.setattr(stream, "MAX_OPEN_SHARDS", 2)  # 5 training shards: kept descriptors are closed and reopened
+    for src in (root, shards_of(root, tmp_path / "s")):
+        st = load_dataset("imagefolder", root=src, stream=True).train
+        assert [Path(stream._name(f)).name for f in st.files][:6] == ["0-444.jpg", "0-base.jpg", "0-cmyk.jpg",
+                                                                        "0-gray.jpg", "0-prog.jpg", "0-q30.jpg"]
+        opened.clear()
+        x, y, idx = st.batch(list(range(len(st))))
+        assert torch.equal(x, mem.train.images) and torch.equal(y, mem.train.labels)
+        assert sorted(Path(stream._name(f)).name for f in opened) == sorted(["0-cmyk.jpg", "0-gray.jpg", "1-cmyk.jpg",
+                                                                             "1-gray.jpg"] * 2)  # the rest skipped it
+        for share_above in (stream.SHARE_ABOVE, 0):  # small batches by value; above the limit in shared memory
+            monkeypatch.setattr(stream, "SHARE_ABOVE", share_above)
+            for workers in (0, 2):
+                loader = DataLoader(BatchView(st), sampler=BatchSampler(SequentialSampler(st), 5, False),
+                                    batch_size=None, num_workers=workers)
+                got = list(loader)
+                assert all(type(b) is list and len(b) == 3 for b in got)  # what the default collate gives
+                assert torch.equal(torch.cat([b[0] for b in got]), mem.train.images)
+                assert torch.equal(torch.cat([b[1] for b in got]), mem.train.labels)
+                assert torch.cat([b[2] for b in got]).tolist() == list(range(len(st)))
+
+
+def shards_of(src: Path, dst: Path, per_shard: int = 5) -> Path:
+    """Every image file of ``src``'s splits as tar shards (<class>/<file>)."""
+    for split in ("train", "val"):
+        files = sorted(p for p in (src / split).glob("*/*") if p.is_file())
+        (dst / split).mkdir(parents=True)
+        for s in range(0, len(files), per_shard):
+            with tarfile.open(dst / split / f"{split}-{s // per_shard:03d}.tar", "w") as tar:
+                for f in files[s : s + per_shard]:
+                    tar.add(f, arcname=f"{f.parent.name}/{f.name}")
+    return dst

@@ -18,7 +18,26 @@ absolute paths, ``..`` or links are refused all the same.
 Decoded images are cached as an ``.npz`` in ``cache_dir`` (default ``$XDG_CACHE_HOME/selfkd`` or
 ``~/.cache/selfkd``), keyed by a hash of (resolved path, file count, total size, newest mtime,
 image_size): a second load reads one file. Beyond ``PARALLEL_THRESHOLD`` files, decoding uses a pool
-of ``min(usable CPUs, 8)`` processes.
+of ``min(usable CPUs, 8)`` processes. Decoding prints one line on stderr when it is done (how many
+images, how long, which cache file), with a progress bar while it runs when stderr is a terminal.
+
+With ``subset=N`` only the images the run uses are kept: the class-stratified draw of
+:func:`selfkd.data.split.stratified_subset` (the same indices as ``train.subset(...)`` of the whole
+set) and the test split (or its ``test_subset`` draw). They are read from the whole-set cache when
+that exists, else decoded and cached per split and draw, in files named after the whole-set cache
+(``...-train-subset500-seed0.npz``, ``...-test.npz``, ``...-test-subset200-seed0.npz``), so the draws
+of a sweep share one decoded test split.
+
+``mean``/``std`` are always the whole training set's, bit for bit the values a load without
+``subset`` gives (the convention of torchvision and the DLB code, and what every earlier run used):
+from the whole-set cache when it exists, else from ``...-stats.json`` beside the caches. That file is
+made by the first subset load: every training image is decoded once (RGB JPEGs by the "jpeg" decoder
+without ``Image.open``'s Python header parser, as :mod:`selfkd.data.stream` does: the same pixels)
+into an array that is dropped afterwards, and ``channel_stats``'s exact per-channel histograms of it
+are written, with the mean/std they give, a sha256 of the contents and the name of the cache it
+belongs to (atomically). Later loads, other draws and seeds included, decode only their draw. A
+statistics file that is damaged, edited, made for another cache or that disagrees with the training
+images is recomputed and overwritten with a warning naming it, as a damaged cache is re-decoded.
 """
 from __future__ import annotations
 
@@ -32,6 +51,7 @@ import os
 import re
 import sys
 import tarfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,13 +62,17 @@ import torch
 from ..atomic import atomic_write
 from ..errors import ConfigError, DataError
 from ..progress_bar import progress_bar
-from ._util import channel_stats, check_image_size, check_member, check_tar_end, resolve_cache_dir, warn
+from ._util import (channel_hist, channel_stats, check_image_size, check_member, check_tar_end, hist_stats,
+                    resolve_cache_dir, warn)
 from .dataset import ArrayDataset, DataBundle
+from .split import stratified_subset
+from .stream import _jpeg_frame
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 ANNOTATIONS = "val_annotations.txt"
 CACHE_VERSION = 1
+STATS_FORMAT = "selfkd-imagefolder-stats"  # the "format" of a statistics file (see _load_stats), version 1
 PARALLEL_THRESHOLD = 2000
 MIN_CHUNK, MAX_CHUNK = 64, 1000  # images per task sent to a decoding process
 MAX_WORKERS = 8
@@ -276,21 +300,46 @@ def _tiny_val(tree: _Tree, ann: str, images_dir: str, split: str, index: dict[st
 
 # --- decoding --------------------------------------------------------------------------------------
 
-def _decode_chunk(task: tuple[list[tuple[str, Any]], int | None]) -> tuple:
-    """Worker: decode (display, path-or-bytes) items to RGB. ("ok", sizes, [n,3,H,W] or None when the
-    sizes differ) or ("error", display, message) for the first file that fails."""
+def _decode_one(src: Any, size: int | None) -> np.ndarray:
+    """uint8 [H, W, 3] of one image (path or bytes), resized to ``size`` x ``size`` when given."""
     from PIL import Image
 
-    items, size = task
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        rgb = im.convert("RGB")
+    if size is not None and rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)  # Pillow's bilinear antialiases
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _decode_fast(src: Any, size: int | None) -> np.ndarray:
+    """The pixels of :func:`_decode_one`, without ``Image.open``'s Python header parser for an RGB 8-bit
+    JPEG that needs no resizing: the "jpeg" decoder it would run, with the same arguments (as
+    :mod:`selfkd.data.stream` decodes); anything else, or a file that fails, by :func:`_decode_one`."""
+    from PIL import Image
+
+    data = src if isinstance(src, bytes) else Path(src).read_bytes()
+    frame = _jpeg_frame(data)
+    if frame is not None and frame[2] == 3 and (size is None or frame[:2] == (size, size)):
+        w, h = frame[:2]
+        try:
+            return np.frombuffer(Image.frombytes("RGB", (w, h), data, "jpeg", "RGB", "").tobytes(),
+                                 np.uint8).reshape(h, w, 3)
+        except Exception:  # noqa: S110 - damaged: _decode_one names the error
+            pass
+    return _decode_one(data, size)
+
+
+def _decode_chunk(task: tuple) -> tuple:
+    """Worker: decode (display, path-or-bytes) items to RGB; the task is (items, size) or (items, size,
+    fast), fast to decode by :func:`_decode_fast`. ("ok", sizes, [n,3,H,W] or None when the sizes
+    differ) or ("error", display, message) for the first file that fails."""
+    items, size = task[:2]
+    fast = len(task) > 2 and task[2]
     arrays: list[np.ndarray] = []
     sizes: list[tuple[int, int]] = []
     for display, src in items:
         try:
-            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-                rgb = im.convert("RGB")
-            if size is not None and rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)  # Pillow's bilinear antialiases
-            a = np.asarray(rgb, dtype=np.uint8)
+            a = _decode_fast(src, size) if fast else _decode_one(src, size)
         except Exception as e:  # UnidentifiedImageError, truncated files, decompression bombs, ...
             return ("error", display, f"{type(e).__name__}: {e}".replace("\n", " "))
         arrays.append(a)
@@ -315,11 +364,15 @@ def _mp_context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
-def _decode_all(items: list[tuple[str, Any]], image_size: int | None, desc: str) -> np.ndarray:
+def _decode_all(items: list[tuple[str, Any]], image_size: int | None, desc: str, done: str | None = None,
+                fast: bool = False) -> np.ndarray:
+    """[n, 3, H, W] of ``items`` in order; then ``done`` (formatted with the seconds taken), if any, on stderr.
+    ``fast``: decode by :func:`_decode_fast` (the same pixels)."""
     n = len(items)
+    t0 = time.perf_counter()
     workers = _worker_count() if n > PARALLEL_THRESHOLD else 1
     chunk = max(MIN_CHUNK, min(MAX_CHUNK, math.ceil(n / (workers * 4))))
-    tasks = [(items[s : s + chunk], image_size) for s in range(0, n, chunk)]
+    tasks = [(items[s : s + chunk], image_size, fast) for s in range(0, n, chunk)]
     bar = progress_bar(n, desc, unit="img")
     out: np.ndarray | None = None
     ref: tuple[int, int] | None = None
@@ -359,6 +412,8 @@ def _decode_all(items: list[tuple[str, Any]], image_size: int | None, desc: str)
     finally:
         bar.close()
     assert out is not None
+    if done is not None:
+        print(done.format(seconds=time.perf_counter() - t0), file=sys.stderr, flush=True)
     return out
 
 
@@ -402,9 +457,123 @@ def _is_archive(p: Path) -> bool:
     return p.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+def _part_path(cpath: Path, split: str, n: int | None, seed: int) -> Path:
+    """The cache file of one split's draw, named after the whole-set cache ``cpath``."""
+    tag = split if n is None else f"{split}-subset{n}-seed{seed}"
+    return cpath.with_name(f"{cpath.name[:-len('.npz')]}-{tag}.npz")
+
+
+def _load_part(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in ("images", "labels", "classes", "split")}
+        im, lab = d["images"], d["labels"]
+        if im.dtype != np.uint8 or im.ndim != 4 or lab.dtype != np.int64 or lab.shape != (im.shape[0],):
+            raise ValueError("bad arrays")
+        return d
+    except Exception as e:  # a damaged or foreign file: decode again and overwrite it
+        warn(f"ignoring unreadable cache {path} ({type(e).__name__}: {e})")
+        return None
+
+
+def _stats_path(cpath: Path) -> Path:
+    """The statistics file of the whole-set cache ``cpath``: the whole training set's mean/std."""
+    return cpath.with_name(f"{cpath.name[:-len('.npz')]}-stats.json")
+
+
+def _stats_payload(cpath: Path, hist: np.ndarray, shape: tuple[int, ...]) -> dict[str, Any]:
+    """What a statistics file holds (``sha256`` aside): the exact per-channel histograms of the training
+    images and the mean/std :func:`hist_stats` makes of them (``channel_stats``'s own two steps)."""
+    mean, std = hist_stats(hist)
+    return {"format": STATS_FORMAT, "version": 1, "cache": cpath.name, "train_images": int(shape[0]),
+            "image_shape": [int(x) for x in shape[1:]], "hist": hist.tolist(), "mean": list(mean), "std": list(std)}
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    body = {k: v for k, v in payload.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _load_stats(path: Path, cpath: Path, shape: tuple[int, ...] | None = None,
+                n_train: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) from the statistics file ``path`` of the whole-set cache ``cpath``, or None when it is
+    missing, damaged, edited (its digest), made for another cache, or disagrees with the training
+    images' ``shape`` [C, H, W] or count: such a file is recomputed and overwritten, with a warning, as
+    the caches are (the numbers are always those of the training images, never a stale file's)."""
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict) or d.get("format") != STATS_FORMAT or d.get("version") != 1:
+            raise ValueError(f"not a version-1 {STATS_FORMAT} file")
+        if d.get("cache") != cpath.name:
+            raise ValueError(f"made for {d.get('cache')!r}, not {cpath.name}")
+        if d.get("sha256") != _digest(d):
+            raise ValueError("its sha256 does not match its contents (edited?)")
+        hist = np.array(d["hist"], dtype=np.int64)
+        n, chw = d["train_images"], d["image_shape"]
+        if hist.shape != (3, 256) or (hist < 0).any() or not (isinstance(n, int) and n >= 1) \
+                or not (isinstance(chw, list) and len(chw) == 3 and chw[0] == 3):
+            raise ValueError("bad histogram, image count or image shape")
+        if shape is not None and chw != list(shape):
+            raise ValueError(f"images of shape {chw}, but the cached training images are {list(shape)}")
+        if n_train is not None and n != n_train:
+            raise ValueError(f"{n} training images, but the data set has {n_train}")
+        if (hist.sum(axis=1) != n * chw[1] * chw[2]).any():
+            raise ValueError("the histograms do not count every pixel")
+        if d != {**_stats_payload(cpath, hist, (n, *chw)), "sha256": d["sha256"]}:
+            raise ValueError("its mean/std are not those of its histograms")
+        return tuple(d["mean"]), tuple(d["std"])
+    except Exception as e:
+        warn(f"ignoring statistics file {path} ({type(e).__name__}: {e}); recomputing it from the training images")
+        return None
+
+
+def _save_stats(path: Path, payload: dict[str, Any]) -> None:
+    text = json.dumps({**payload, "sha256": _digest(payload)}, sort_keys=True) + "\n"
+    try:
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        warn(f"could not write the statistics file {path} ({e.strerror or e}); the next load decodes the training set again")
+
+
+def _square(images: np.ndarray, first: str) -> None:
+    h, w = images.shape[2:]
+    if h != w:
+        raise DataError(f"{first}: images are {w}x{h}, not square; pass image_size (--image-size) to resize them")
+
+
+def _bundle(classes: list[str], train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+            mean: Any, std: Any) -> DataBundle:
+    k = len(classes)
+    return DataBundle(
+        name="imagefolder",
+        train=ArrayDataset(torch.from_numpy(train[0]), torch.from_numpy(train[1]), k),
+        test=ArrayDataset(torch.from_numpy(test[0]), torch.from_numpy(test[1]), k),
+        classes=classes,
+        mean=tuple(float(x) for x in mean), std=tuple(float(x) for x in std),
+        default_augment={"crop_padding": 4, "flip": True},
+    )
+
+
+def _draw(labels: np.ndarray, n: int | None, seed: int, split: str) -> np.ndarray:
+    """Indices of a split's draw (all of them when ``n`` is None), as ``stratified_subset`` gives them."""
+    if n is None:
+        return np.arange(len(labels))
+    key, name = ("data.subset", "training") if split == "train" else ("data.test_subset", "test")
+    return stratified_subset(torch.from_numpy(labels), n, seed, key, name).numpy()
+
+
 def load_imagefolder(root: str | os.PathLike | None, image_size: int | None = None,
-                     cache_dir: str | os.PathLike | None = None) -> DataBundle:
-    """Load an image-folder data set (a folder or a tar archive). See the module docstring."""
+                     cache_dir: str | os.PathLike | None = None, subset: int | None = None,
+                     test_subset: int | None = None, subset_seed: int = 0) -> DataBundle:
+    """Load an image-folder data set (a folder or a tar archive). See the module docstring.
+
+    ``subset`` / ``test_subset`` / ``subset_seed``: the bundle holds only those class-stratified draws
+    (:func:`selfkd.data.split.stratified_subset`); with ``subset`` only their pixels are decoded and kept,
+    and ``mean``/``std`` stay the whole training set's (see the module docstring)."""
     if root is None:
         raise ConfigError("imagefolder needs a root (--data-dir): a folder with train/ and val/ or test/, or a .tar.gz of it")
     image_size = check_image_size(image_size)
@@ -423,16 +592,18 @@ def load_imagefolder(root: str | os.PathLike | None, image_size: int | None = No
     else:
         tree, fingerprint = _scan_folder(root_p)
     cpath = _cache_path(cdir, root_p.name, fingerprint, image_size)
+    if subset is not None and not cpath.is_file():
+        return _load_draws(root_p, tree, cpath, image_size, subset, test_subset, subset_seed)
     d = _load_cache(cpath)
     if d is None:
         if tree is None:
             tree = _read_archive(root_p)
         classes, train, evals, split = _resolve(tree)
         items = [(tree.display(rel), tree.files[rel]) for rel, _ in (*train, *evals)]
-        images = _decode_all(items, image_size, f"decoding {root_p.name}")
-        h, w = images.shape[2:]
-        if h != w:
-            raise DataError(f"{items[0][0]}: images are {w}x{h}, not square; pass image_size (--image-size) to resize them")
+        images = _decode_all(items, image_size, f"decoding {root_p.name}",
+                             f"imagefolder: decoded the {len(items):,} images of {root_p.name} in {{seconds:.1f}} s "
+                             f"(the next load reads them from {cpath})")
+        _square(images, items[0][0])
         ntr = len(train)
         mean, std = channel_stats(images[:ntr])
         d = {
@@ -443,12 +614,86 @@ def load_imagefolder(root: str | os.PathLike | None, image_size: int | None = No
         }
         _save_cache(cpath, d)
     classes = [str(c) for c in d["classes"].tolist()]
-    k = len(classes)
-    return DataBundle(
-        name="imagefolder",
-        train=ArrayDataset(torch.from_numpy(d["train_images"]), torch.from_numpy(d["train_labels"]), k),
-        test=ArrayDataset(torch.from_numpy(d["test_images"]), torch.from_numpy(d["test_labels"]), k),
-        classes=classes,
-        mean=tuple(float(x) for x in d["mean"]), std=tuple(float(x) for x in d["std"]),
-        default_augment={"crop_padding": 4, "flip": True},
-    )
+    if subset is None and test_subset is None:
+        return _bundle(classes, (d["train_images"], d["train_labels"]), (d["test_images"], d["test_labels"]),
+                       d["mean"], d["std"])
+    tr = _draw(d["train_labels"], subset, subset_seed, "train")
+    te = _draw(d["test_labels"], test_subset, subset_seed, "test")
+    train_x = np.ascontiguousarray(d["train_images"][tr])
+    return _bundle(classes, (train_x, d["train_labels"][tr]),
+                   (np.ascontiguousarray(d["test_images"][te]), d["test_labels"][te]), d["mean"], d["std"])
+
+
+def _load_draws(root_p: Path, tree: _Tree | None, cpath: Path, image_size: int | None, subset: int,
+                test_subset: int | None, seed: int) -> DataBundle:
+    """The training draw and the test split (or its draw) from their own cache files, decoding only the
+    images of the parts that are not cached yet (no whole-set cache exists), normalised with the whole
+    training set's mean/std: from the statistics file, else computed once from all training images
+    (decoded by :func:`_decode_fast` into an array that is dropped afterwards; none of them is cached)."""
+    want = {"train": subset, "test": test_subset}
+    paths = {s: _part_path(cpath, s, n, seed) for s, n in want.items()}
+    parts = {s: _load_part(p) for s, p in paths.items()}
+    missing = [s for s in want if parts[s] is None]
+    listing = None
+    said = ""
+    if missing:
+        if tree is None:
+            tree = _read_archive(root_p)
+        listing = classes, train, evals, split = _resolve(tree)
+        listed = {"train": train, "test": evals}
+        chosen = {}
+        for s in missing:
+            labels = np.array([y for _, y in listed[s]], dtype=np.int64)
+            idx = _draw(labels, want[s], seed, s)
+            chosen[s] = ([listed[s][i] for i in idx.tolist()], labels[idx])
+        items = [(tree.display(rel), tree.files[rel]) for s in missing for rel, _ in chosen[s][0]]
+        total = len(train) + len(evals)
+        what = " and ".join(
+            (f"data.subset={subset} of the {len(train):,} training images" if s == "train" else
+             f"the {len(evals):,} test images" if test_subset is None else
+             f"data.test_subset={test_subset} of the {len(evals):,} test images") for s in missing)
+        t0 = time.perf_counter()
+        images = _decode_all(items, image_size, f"decoding {root_p.name}")
+        _square(images, items[0][0])
+        said = (f"{len(items):,} of the {total:,} images of {root_p.name} ({what}) in "
+                f"{time.perf_counter() - t0:.1f} s (cached in {paths[missing[0]].parent})")
+        pos = 0
+        for s in missing:
+            n = len(chosen[s][1])
+            parts[s] = {"images": images[pos : pos + n], "labels": chosen[s][1],
+                        "classes": np.array(classes, dtype=str), "split": np.array(split)}
+            pos += n
+            _save_cache(paths[s], parts[s])
+    tr, te = parts["train"], parts["test"]
+    assert tr is not None and te is not None
+    classes = [str(c) for c in tr["classes"].tolist()]
+    if classes != [str(c) for c in te["classes"].tolist()] or tr["images"].shape[1:] != te["images"].shape[1:]:
+        raise DataError(f"{paths['train']} and {paths['test']}: cached parts of {root_p} disagree (classes or image "
+                        "size); delete them to decode again")
+    spath = _stats_path(cpath)
+    stats = _load_stats(spath, cpath, tr["images"].shape[1:], None if listing is None else len(listing[1]))
+    if stats is None:
+        if listing is None:
+            if tree is None:
+                tree = _read_archive(root_p)
+            listing = _resolve(tree)
+        t0 = time.perf_counter()
+        items = [(tree.display(rel), tree.files[rel]) for rel, _ in listing[1]]
+        every = _decode_all(items, image_size, f"statistics of {root_p.name}", fast=True)
+        if every.shape[1:] != tr["images"].shape[1:]:
+            raise DataError(f"{paths['train']}: cached images of {root_p} are not the size of its training images "
+                            "now; delete it to decode again")
+        hist = channel_hist(every)  # channel_stats(every) is hist_stats(channel_hist(every)): the same floats
+        payload = _stats_payload(cpath, hist, every.shape)
+        del every
+        _save_stats(spath, payload)
+        stats = tuple(payload["mean"]), tuple(payload["std"])
+        why = (f"once for the whole training set's mean/std in {time.perf_counter() - t0:.1f} s "
+               f"(only the statistics are kept: {spath.name})")
+        said = (f"{said}, and all {len(items):,} training images {why}" if said else
+                f"the {len(items):,} training images of {root_p.name} {why}; the drawn images are from their cache")
+    elif said:
+        said += f"; mean/std: the whole training set's, from {spath.name}"
+    if said:
+        print(f"imagefolder: decoded {said}", file=sys.stderr, flush=True)
+    return _bundle(classes, (tr["images"], tr["labels"]), (te["images"], te["labels"]), *stats)

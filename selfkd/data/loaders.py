@@ -1,8 +1,10 @@
 """``load_dataset``: one entry point for every data set the trainer knows."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,6 +12,7 @@ import torch
 from ..errors import ConfigError, DataError
 from ._util import channel_stats, check_image_size, default_cache_dir
 from .dataset import ArrayDataset, DataBundle, resize_uint8
+from .split import stratified_subset
 
 KNOWN_DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "packed")
 
@@ -101,7 +104,8 @@ def check_root(name: str, root: str | os.PathLike | None, download: bool = False
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False,
                  image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
-                 stream: bool | str = False, stream_above_mb: float = STREAM_ABOVE_MB) -> DataBundle:
+                 stream: bool | str = False, stream_above_mb: float = STREAM_ABOVE_MB, subset: int | None = None,
+                 test_subset: int | None = None, subset_seed: int = 0) -> DataBundle:
     """Load a data set by name into memory.
 
     - ``digits``: scikit-learn's 8x8 digits, bundled (``root``, ``download`` and ``cache_dir`` unused).
@@ -118,29 +122,55 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
     ``stream`` (imagefolder only): ``True`` reads images from disk per batch
     (:mod:`selfkd.data.stream`, folder trees or uncompressed .tar shards) instead of decoding them
     all into memory; ``"auto"`` streams a folder whose files exceed ``stream_above_mb`` MiB.
+
+    ``subset`` / ``test_subset`` keep fixed class-stratified draws of ``n`` training / test samples
+    (:func:`selfkd.data.split.stratified_subset`, seeded by ``subset_seed``), in index order. The
+    statistics stay those of the whole training set, bit for bit, for every data set; in-memory
+    ``imagefolder`` with ``subset`` keeps only the drawn images' pixels (:mod:`.imagefolder`).
     """
     key = name.strip().lower() if isinstance(name, str) else None
     if key not in KNOWN_DATASETS:
         raise ConfigError(f"unknown data set {name!r}; known: {', '.join(KNOWN_DATASETS)}")
+    for k, v in (("subset", subset), ("test_subset", test_subset)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ConfigError(f"data.{k}: expected a positive integer or None, got {v!r}")
+    if subset is None and test_subset is None and subset_seed != 0:
+        raise ConfigError("data.subset_seed has no effect without data.subset or data.test_subset")
+    draws = {"subset": subset, "test_subset": test_subset, "subset_seed": subset_seed}
+    bundle, drawn = _load(key, root, download, image_size, cache_dir, stream, stream_above_mb, draws)
+    if drawn:
+        return bundle
+    train, test = bundle.train, bundle.test
+    if subset is not None:
+        train = train.subset(stratified_subset(train.labels, subset, subset_seed))
+    if test_subset is not None:
+        test = test.subset(stratified_subset(test.labels, test_subset, subset_seed, "data.test_subset", "test"))
+    return dataclasses.replace(bundle, train=train, test=test)
+
+
+def _load(key: str, root: str | os.PathLike | None, download: bool, image_size: int | None,
+          cache_dir: str | os.PathLike | None, stream: bool | str, stream_above_mb: float,
+          draws: dict[str, Any]) -> tuple[DataBundle, bool]:
+    """The bundle, and whether the subset draws are applied already (in-memory imagefolder decodes only them)."""
     size = check_image_size(image_size)
     if stream is True and key != "imagefolder":
         raise ConfigError(f"data.stream=true: only imagefolder data can be streamed (got data.name={key}, which fits in memory)")
     check_root(key, root, download)
     if key == "digits":
-        return _resized(load_digits(), size)
+        return _resized(load_digits(), size), False
     if key in ("cifar10", "cifar100"):
         from .cifar import download_cifar, load_cifar
 
         data_root = Path(root).expanduser() if root is not None else default_cache_dir() / "datasets"
         if download:
             download_cifar(key, data_root)
-        return _resized(load_cifar(key, data_root), size)
+        return _resized(load_cifar(key, data_root), size), False
     if key == "packed":
         if download:
             raise ConfigError("download: only cifar10 and cifar100 can be downloaded; packed data is read from data.dir")
         from .packed import load_packed
 
-        return load_packed(root, image_size=size)
+        return load_packed(root, image_size=size), False
     if download:
         raise ConfigError("download: only cifar10 and cifar100 can be downloaded; imagefolder reads a local folder or archive")
     if stream not in (True, False, "auto"):
@@ -154,7 +184,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
             raise ConfigError("data.stream: needs data.dir (--data-dir), a folder with train/ and val/ or test/")
         from .stream import load_stream
 
-        return load_stream(root, image_size=size)
+        return load_stream(root, image_size=size), False
     from .imagefolder import load_imagefolder
 
-    return load_imagefolder(root, image_size=size, cache_dir=cache_dir)
+    return load_imagefolder(root, image_size=size, cache_dir=cache_dir, **draws), True

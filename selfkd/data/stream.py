@@ -19,6 +19,19 @@ everything the trainer does with an in-memory data set works unchanged: the meth
 With ``data.num_workers > 0`` each batch is decoded (and resized to ``S``) in a worker process;
 crop, flip, policies and normalisation then run on the training device, as for in-memory data.
 
+Where the time goes, for small images (32x32 CIFAR JPEGs, cProfile of a worker): PIL's ``Image.open``
+parses the JPEG markers in Python, which cost more than libjpeg's decode itself, and ``convert`` /
+``asarray`` copy each image twice more; in the main process, each tensor a worker returns is handed
+over as a shared-memory file descriptor, one connection to the worker per tensor (~3 per batch).
+So a baseline or progressive 8-bit JPEG of the expected size is decoded by ``Image.frombytes(...,
+"jpeg", ...)``, the decoder ``Image.open`` would call with the same mode and arguments (the same
+pixels, without the Python header parser), into one preallocated ``[B, S, S, 3]`` batch that is
+transposed to ``[B, 3, S, S]`` once; anything else (PNG, grey or CMYK JPEGs, other sizes, resizing,
+damaged files) takes the ``Image.open`` path. Shard members are read with ``os.pread`` on a file
+descriptor the data set keeps open. A worker's batch crosses to the main process by value when it is
+small (below ``SHARE_ABOVE`` bytes: a pipe copy is cheaper than handing over a descriptor) and as one
+shared-memory tensor otherwise, so the main process only unpickles.
+
 Errors (DataError, one line): a split with no images or an empty shard, a shard that is not a tar or
 ends early (a header or member cut short, no end-of-archive block), members with absolute paths,
 ``..``, links or devices (refused as the in-memory reader refuses them), an image that cannot be decoded (named by shard and member), images of another size
@@ -43,6 +56,8 @@ from .dataset import DataBundle
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 STATS_IMAGES = 512  # images (evenly spaced) the channel mean/std are computed from
+SHARE_ABOVE = 4 << 20  # bytes of images per batch above which a worker hands the batch over in shared memory
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})  # start-of-frame markers
 
 
 def _is_image(name: str) -> bool:
@@ -140,38 +155,131 @@ def tree_bytes(root: str | os.PathLike) -> int:
     return total
 
 
-def _read(src: Any) -> bytes:
+MAX_OPEN_SHARDS = 64  # shard descriptors a data set keeps open (per process)
+
+
+def _read(src: Any, fds: dict[str, int] | None = None) -> bytes:
+    """An image file's bytes; a shard member by ``os.pread`` on a descriptor kept in ``fds`` (pread uses no
+    file offset, so a descriptor a forked worker inherits is as good as its own)."""
     if isinstance(src, str):
         with open(src, "rb") as f:
             return f.read()
     shard, _, offset, size = src
-    with open(shard, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise DataError(f"{shard}: truncated shard (member {src[1]})")
+    try:
+        if fds is None:
+            with open(shard, "rb") as f:
+                return _checked(src, os.pread(f.fileno(), size, offset))
+        fd = fds.get(shard)
+        if fd is None:
+            if len(fds) >= MAX_OPEN_SHARDS:
+                _close(fds)
+            fd = fds[shard] = os.open(shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return _checked(src, os.pread(fd, size, offset))
+    except OSError as e:
+        raise DataError(f"{shard}: cannot read member {src[1]} ({e.strerror or e})") from None
+
+
+def _checked(src: Any, data: bytes) -> bytes:
+    if len(data) != src[3]:
+        raise DataError(f"{src[0]}: truncated shard (member {src[1]})")
     return data
+
+
+def _close(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
 
 
 def _name(src: Any) -> str:
     return src if isinstance(src, str) else f"{src[0]}:{src[1]}"
 
 
-def decode(src: Any, size: int | None) -> np.ndarray:
-    """uint8 [3, H, W] of one image (RGB), resized to ``size`` x ``size`` (bilinear) when given."""
+def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) of an 8-bit JPEG's frame header, read as PIL's JPEG plugin reads it
+    (the last start-of-frame before the start of scan); None for anything else or anything unusual."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    i, n, frame = 2, len(data), None
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0xDA:
+            return frame
+        if m in _SOF:
+            if i + 10 > n or data[i + 4] != 8:
+                return None
+            frame = ((data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6], data[i + 9])
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def _decode_into(src: Any, size: int, out: np.ndarray, fds: dict[str, int] | None = None) -> None:
+    """Decode one image into ``out`` (uint8 [size, size, 3]); DataError naming the file."""
+    from PIL import Image
+
+    data = _read(src, fds)
+    frame = _jpeg_frame(data)
+    if frame is not None and frame[:2] == (size, size) and frame[2] == 3:
+        try:  # what Image.open(...).load() runs for this file: the "jpeg" decoder, mode RGB, rawmode RGB
+            out[...] = np.frombuffer(Image.frombytes("RGB", (size, size), data, "jpeg", "RGB", "").tobytes(),
+                                     np.uint8).reshape(size, size, 3)
+            return
+        except Exception:  # noqa: S110 - damaged: the Image.open path below names the error
+            pass
+    a = _decode_pil(src, data, size)
+    if a.shape[:2] != (size, size):
+        raise DataError(f"{_name(src)}: image is {a.shape[1]}x{a.shape[0]}, not {size}x{size}; "
+                        "set data.image_size to resize every image")
+    out[...] = a
+
+
+def _decode_pil(src: Any, data: bytes, size: int | None) -> np.ndarray:
+    """uint8 [H, W, 3] by ``Image.open``, RGB, resized to ``size`` x ``size`` (bilinear) when given."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(_read(src))) as im:
-            rgb = im.convert("RGB")
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = im.convert("RGB") if im.mode != "RGB" else im.copy()
         if size is not None and rgb.size != (size, size):
             rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
-    except DataError:
-        raise
+        return np.asarray(rgb, dtype=np.uint8)
     except Exception as e:  # truncated files, not an image, decompression bombs, ...
         raise DataError(f"{_name(src)}: cannot decode image ({type(e).__name__}: {e})".replace("\n", " ")) from None
 
+
+def decode(src: Any, size: int | None) -> np.ndarray:
+    """uint8 [3, H, W] of one image (RGB), resized to ``size`` x ``size`` (bilinear) when given."""
+    return _decode_pil(src, _read(src), size).transpose(2, 0, 1)
+
+
+def _as_list(images: Any, labels: np.ndarray, idx: np.ndarray) -> list[torch.Tensor]:
+    """The main process's side of :class:`_WorkerBatch`: what the default collate makes of a batch tuple."""
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(images)
+    return [x, torch.from_numpy(labels), torch.from_numpy(idx)]
+
+
+class _WorkerBatch:
+    """A batch decoded in a loader worker, pickled to the main process as little work as possible:
+    the images by value (small batches) or as one shared-memory tensor, labels and indices by value.
+    It unpickles to ``[images, labels, indices]``, what the default collate makes of the batch tuple
+    (it passes this object through untouched, being neither a tensor nor a sequence)."""
+
+    def __init__(self, images: np.ndarray, labels: torch.Tensor, idx: torch.Tensor) -> None:
+        self.images, self.labels, self.idx = images, labels.numpy(), idx.numpy()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        x: Any = self.images
+        if x.nbytes > SHARE_ABOVE:
+            x = torch.from_numpy(x).share_memory_()
+        return (_as_list, (x, self.labels, self.idx))
 
 class StreamDataset(Dataset):
     """Images read from disk per batch; only the index and the labels are in memory."""
@@ -181,6 +289,13 @@ class StreamDataset(Dataset):
         self.labels = torch.as_tensor(labels, dtype=torch.int64).contiguous()
         self.num_classes = num_classes
         self.size = size
+        self._fds: dict[str, int] = {}  # open shard descriptors; this object's own, so a rewritten shard is reopened
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fds": {}}  # descriptors do not travel to spawned workers
+
+    def __del__(self) -> None:
+        _close(getattr(self, "_fds", {}))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -189,16 +304,21 @@ class StreamDataset(Dataset):
     def image_shape(self) -> tuple[int, int, int]:
         return (3, self.size, self.size)
 
-    def batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, indices: Any) -> Any:
+        """``(uint8 [B, 3, S, S], labels, indices)``; in a loader worker, a :class:`_WorkerBatch` that
+        reaches the main process as ``[images, labels, indices]``."""
+        from torch.utils.data import get_worker_info
+
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        out = np.empty((len(idx), 3, self.size, self.size), dtype=np.uint8)
+        s = self.size
+        hwc = np.empty((len(idx), s, s, 3), dtype=np.uint8)
+        files, fds = self.files, self._fds
         for k, i in enumerate(idx.tolist()):  # decoding is per image by nature; this runs in a loader worker
-            a = decode(self.files[i], self.size)
-            if a.shape[1:] != (self.size, self.size):
-                raise DataError(f"{_name(self.files[i])}: image is {a.shape[2]}x{a.shape[1]}, not "
-                                f"{self.size}x{self.size}; set data.image_size to resize every image")
-            out[k] = a
-        return torch.from_numpy(out), self.labels[idx], idx
+            _decode_into(files[i], s, hwc[k], fds)
+        images = np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))  # one transposition per batch
+        if get_worker_info() is not None:
+            return _WorkerBatch(images, self.labels[idx], idx)
+        return torch.from_numpy(images), self.labels[idx], idx
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         x, y, _ = self.batch([i])

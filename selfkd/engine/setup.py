@@ -13,7 +13,6 @@ from .. import distributed
 from ..data import ArrayDataset, BatchAugment, Mixer, apply_label_noise, build_mixer, build_policy, load_dataset
 from ..data.dataset import DataBundle
 from ..data.policies import Policy
-from ..data.split import stratified_subset
 from ..errors import ConfigError
 from ..methods import Method, build_method
 from ..models import build_model
@@ -70,6 +69,7 @@ def build(cfg: Config) -> Setup:
         cfg.data.name, root=cfg.data.dir, download=cfg.data.download,
         image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
         stream=cfg.data.stream, stream_above_mb=cfg.data.stream_above_mb,
+        subset=cfg.data.subset, test_subset=cfg.data.test_subset, subset_seed=cfg.data.subset_seed,
     )
     train, test, clean = _splits(cfg, bundle)
     augment, policies = _augmentation(cfg.augment, bundle)
@@ -101,14 +101,8 @@ def build(cfg: Config) -> Setup:
 
 
 def _splits(cfg: Config, bundle: DataBundle) -> tuple[Any, Any, torch.Tensor]:
-    """The training set (subset, then label noise), the test set (subset) and the clean training labels."""
-    train = bundle.train
-    if cfg.data.subset is not None:
-        train = train.subset(stratified_subset(train.labels, cfg.data.subset, cfg.data.subset_seed))
-    test = bundle.test
-    if cfg.data.test_subset is not None:
-        test = test.subset(stratified_subset(test.labels, cfg.data.test_subset, cfg.data.subset_seed,
-                                             "data.test_subset", "test"))
+    """The training set (label noise on the subset load_dataset drew), the test set and the clean training labels."""
+    train, test = bundle.train, bundle.test
     clean = train.labels.clone()
     noise = cfg.data.noise
     if noise.kind != "none" and noise.rate > 0:
