@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from selfkd.engine.config import build_config, config_hash
 from selfkd.engine.setup import build
