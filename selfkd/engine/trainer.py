@@ -327,12 +327,14 @@ class Trainer:
                 bar.start_epoch(self.epoch + 1, total)
                 row = {"epoch": self.epoch + 1}
                 row.update(self._train_epoch(bar))
+                system.release_memory()  # the freed training heap, before evaluation maps its own batches
                 scored = (self.epoch + 1) % self.cfg.train.eval_every == 0 or self.epoch + 1 == total
                 if scored:
                     row.update({f"test_{k}": v for k, v in self.evaluate().items()})
                     if self.noisy:
                         row.update({f"train_{k}": v for k, v in self.evaluate_train_noise().items()})
                 compile_s = self._compile_seconds() - compiled0  # training and evaluation graphs
+                system.release_memory()  # and evaluation's, before the next epoch
                 row["epoch_seconds"] = time.perf_counter() - t0 - compile_s
                 if self.compile_clock is not None:
                     row["compile_s"] = compile_s
