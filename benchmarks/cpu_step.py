@@ -224,10 +224,13 @@ def child(a: argparse.Namespace) -> dict:
 
 def memory_child(a: argparse.Namespace) -> dict:
     """One whole run (train_run, as ``selfkd train``); the parent reads this process's ru_maxrss."""
+    import torch
+
     from selfkd.engine import system
     from selfkd.engine.config import build_config
     from selfkd.engine.stages import train_run
 
+    torch.set_num_threads(a.threads)  # from the start, as `selfkd train --threads` with OMP_NUM_THREADS
     if a.path == "old":  # commit 5996bfb: no heap release between the phases
         system.release_memory = lambda: None
     cfg = build_config({"data": {"name": "cifar10", "dir": a.data, "subset": a.mem_train, "test_subset": a.mem_test},
@@ -242,9 +245,14 @@ def memory_cell(a: argparse.Namespace, data: Path, path: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--section", "memory", "--path", path, "--data", str(data),
            "--model", a.model, "--batch", str(a.batch), "--threads", str(a.threads),
            "--mem-train", str(a.mem_train), "--mem-test", str(a.mem_test)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:  # files: no pipe to fill
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out_f.seek(0)
+        err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"memory child failed: {err[-2000:]}")
     res = json.loads(out.splitlines()[-1])
