@@ -221,6 +221,9 @@ class TrainCfg(Section):
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode; reduce-overhead uses CUDA graphs")
+    compile_cache: str | None = Field(
+        None, description="folder of inductor's on-disk caches: runs and resumes naming the same folder compile once; "
+        "None: a sweep's OUT/compile_cache, a single run inductor's default (TORCHINDUCTOR_CACHE_DIR or a temp folder)")
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend under torchrun: auto is nccl on CUDA, gloo on the CPU")
     sync_bn: bool = Field(False, description="under torchrun: BatchNorm statistics over every rank's batch (SyncBatchNorm)")
@@ -236,6 +239,8 @@ class TrainCfg(Section):
     def _no_effect(self) -> "TrainCfg":
         if self.compile_mode != "default" and not self.compile:
             raise NoEffect(f"train.compile_mode = {self.compile_mode!r} has no effect without train.compile (--compile)")
+        if self.compile_cache is not None and not self.compile:
+            raise NoEffect(f"train.compile_cache = {self.compile_cache!r} has no effect without train.compile (--compile)")
         return self
 
 
@@ -270,6 +275,7 @@ def config_hash(cfg: Config) -> str:
     """SHA-256 of the resolved config (canonical JSON): checkpoints carry it to detect edits before a resume."""
     d = cfg.to_dict()
     d.pop("imports", None)  # where the code is found, not what is trained (a moved plugin file can resume)
+    d["train"].pop("compile_cache", None)  # where compiled graphs are kept: a resume may name another folder
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 from .. import distributed
 from ..methods import method_class
 from . import checkpoint as ckpt
-from . import logs, rundir
+from . import logs, rundir, system
 from .config import Config, MethodCfg
 from .rundir import CONFIG, SUMMARY
 from .setup import build
@@ -39,6 +39,8 @@ def train_run(cfg: Config, run_dir: str | Path, *, resume: bool = False, progres
         if not resume:
             rundir.check_new(run)
         logs.check_dir(run, cfg.train.log)  # a resumed run's RUN/tb: before any data is loaded
+        if cfg.train.compile and cfg.train.compile_cache:
+            system.check_compile_cache(cfg.train.compile_cache)
 
     distributed.on_main(checks)
     teacher: Trainer | None = None

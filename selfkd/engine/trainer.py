@@ -41,7 +41,7 @@ from .rundir import BEST, CHECKPOINT, CONFIG, DATA_INFO, LABEL_NOISE, METRICS, S
 from .schedule import lr_lambda
 from .setup import Setup
 
-TIMING_KEYS = ("epoch_seconds", "train_seconds", "images_per_s", "samples_per_s", "peak_mem_mb")
+TIMING_KEYS = ("epoch_seconds", "train_seconds", "images_per_s", "samples_per_s", "peak_mem_mb", "compile_s")
 RANK_SEED_STRIDE = 7919  # a prime: rank r's augmentation and mixing seeds are offset by r * 7919
 
 
@@ -79,8 +79,12 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
             train_model = self.ddp
         self.forward_model: nn.Module = train_model
-        if self.cfg.train.compile:
-            self.forward_model = system.compiled(train_model, self.cfg.train.compile_mode)
+        tc = self.cfg.train
+        # compiled graphs are kept in this folder (None: inductor's default); compile time is clocked apart
+        self.compile_dir = system.check_compile_cache(tc.compile_cache) if tc.compile and tc.compile_cache else None
+        self.compile_clock = system.CompileClock() if tc.compile else None
+        if tc.compile:
+            self.forward_model = system.compiled(train_model, tc.compile_mode)
         self.method = setup.method
         optim = self.cfg.optim
         self.opt = torch.optim.SGD(self.model.parameters(), lr=optim.lr, momentum=optim.momentum,
@@ -157,6 +161,7 @@ class Trainer:
                 raw = policy(raw, aug_gen)
             return self._prep(setup.augment(raw, aug_gen))
 
+        compiled0 = self._compile_seconds()
         t0 = time.perf_counter()
         for x_raw, y_host, idx in self.loader:
             out = self._step(x_raw, y_host, idx, augment, mix_gen)
@@ -179,7 +184,7 @@ class Trainer:
                 self.logs.step(self.global_step, sums, counts, self.opt.param_groups[0]["lr"], rate)
         self._check_finite(first_bad)
         self.method.on_epoch_end()  # e.g. PS-KD: the same memory on every rank before the checkpoint
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 - (self._compile_seconds() - compiled0)  # training time, compilation apart
         keys = sorted(sums)
         # every rank's sums: the epoch's metrics are over the whole training set
         totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64).to(dev) for k in keys]
@@ -192,6 +197,9 @@ class Trainer:
         out_m.update(train_seconds=seconds, images_per_s=images_per_epoch / seconds, samples_per_s=len(setup.train) / seconds,
                      peak_mem_mb=peak, lr=self.opt.param_groups[0]["lr"])
         return out_m
+
+    def _compile_seconds(self) -> float:
+        return self.compile_clock.seconds if self.compile_clock is not None else 0.0
 
     def _step(self, x_raw: torch.Tensor, y_host: torch.Tensor, idx: torch.Tensor,
               augment: Callable[[torch.Tensor], torch.Tensor], mix_gen: torch.Generator):
@@ -282,7 +290,9 @@ class Trainer:
         caller already holds the lock (``train_run`` and the sweep check and prepare the folder).
         """
         lock = rundir.locked(self.dir) if self.main else contextlib.nullcontext()
-        with distributed.main_first(lock), system.thread_scope():
+        clock = self.compile_clock.active() if self.compile_clock is not None else contextlib.nullcontext()
+        cache = system.compile_cache(self.compile_dir) if self.compile_clock is not None else contextlib.nullcontext()
+        with distributed.main_first(lock), system.thread_scope(), cache, clock:
             return self._run(resume)
 
     def _run(self, resume: bool) -> dict[str, Any]:
@@ -316,16 +326,21 @@ class Trainer:
                             purge_step=self.global_step + 1 if self.global_step else None)
         with self.logs, Progress(total_steps=self.steps_per_epoch, enabled=self.progress, log=self.log) as bar:
             while self.epoch < total:
-                t0 = time.perf_counter()
+                t0, compiled0 = time.perf_counter(), self._compile_seconds()
                 bar.start_epoch(self.epoch + 1, total)
                 row = {"epoch": self.epoch + 1}
                 row.update(self._train_epoch(bar))
+                system.release_memory()  # the freed training heap, before evaluation maps its own batches
                 scored = (self.epoch + 1) % self.cfg.train.eval_every == 0 or self.epoch + 1 == total
                 if scored:
                     row.update({f"test_{k}": v for k, v in self.evaluate().items()})
                     if self.noisy:
                         row.update({f"train_{k}": v for k, v in self.evaluate_train_noise().items()})
-                row["epoch_seconds"] = time.perf_counter() - t0
+                compile_s = self._compile_seconds() - compiled0  # training and evaluation graphs
+                system.release_memory()  # and evaluation's, before the next epoch
+                row["epoch_seconds"] = time.perf_counter() - t0 - compile_s
+                if self.compile_clock is not None:
+                    row["compile_s"] = compile_s
                 self.epoch += 1
                 if self.main and self.epoch == total and self.test_correct is not None:
                     # the evaluation behind summary.json's last_acc, before the checkpoint that makes the epoch final
@@ -376,6 +391,7 @@ class Trainer:
             **{k: last[f"train_{k}"] for k in ("corrupted_acc", "memorized", "clean_acc") if f"train_{k}" in last},
             **{f"last_acc_exit{k}": last[f"test_acc_exit{k}"] for k in range(1, 16) if f"test_acc_exit{k}" in last},
             "seconds": sum(r["epoch_seconds"] for r in history), "train_seconds": train_s,
+            **({"compile_s": sum(r.get("compile_s", 0.0) for r in history)} if self.compile_clock is not None else {}),
             "images_per_s": rows / train_s if train_s else math.nan,
             "samples_per_s": len(self.setup.train) * len(history) / train_s if train_s else math.nan,
             "peak_mem_mb": max(r["peak_mem_mb"] for r in history),

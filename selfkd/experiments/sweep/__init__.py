@@ -36,9 +36,10 @@ then count with their defaults). Then ``OUT/sweep.yaml`` (the resolved spec; ``s
 when the sweep file itself is ``OUT/sweep.yaml``), ``OUT/runs.json`` (run name -> axis values and
 status) and every run's ``config.yaml`` are written, so a report shows the runs not started yet.
 
-Relative paths in the file (``out``, ``data.dir``, ``data.cache_dir``, ``method.teacher``) are relative to
+Relative paths in the file (``out``, ``data.dir``, ``data.cache_dir``, ``method.teacher``, ``train.compile_cache``) are relative to
 the sweep file's folder, wherever the command runs; they are stored absolute in each run's ``config.yaml``.
-``--out`` on the command line is relative to the working directory. Path errors (the out root not
+A compiled run (``train.compile``) without ``train.compile_cache`` keeps its graphs in ``OUT/compile_cache``,
+shared by the sweep's runs. ``--out`` on the command line is relative to the working directory. Path errors (the out root not
 writable, a data root missing or unreadable) are reported once, before anything is written.
 
 Per run: ``summary.json`` exists -> skipped; ``checkpoint.pt`` exists -> resumed exactly; otherwise

@@ -22,7 +22,8 @@ from ...engine.rundir import CHECKPOINT, CONFIG, FAILED, SUMMARY
 
 LOCK = rundir.LOCK
 MARK = ".selfkd-sweep"  # written into the out folder before anything else: a sweep root selfkd made
-PATH_KEYS = ("data.dir", "data.cache_dir", "method.teacher")  # relative values: to the sweep file's folder
+COMPILE_CACHE = "compile_cache"  # OUT/compile_cache: the compiled graphs a sweep's runs share
+PATH_KEYS = ("data.dir", "data.cache_dir", "method.teacher", "train.compile_cache")  # relative values: to the sweep file's folder
 RUNS = "runs.json"
 SPEC = "sweep.yaml"
 TOP_KEYS = ("out", "preset", "base", "grid", "variants", "import")
@@ -239,11 +240,21 @@ def _anchor(cfg: Config, folder: Path) -> Config:
         return value
 
     data = cfg.data.model_copy(update={"dir": fix(cfg.data.dir), "cache_dir": fix(cfg.data.cache_dir)})
+    train = cfg.train.model_copy(update={"compile_cache": fix(cfg.train.compile_cache)})
     params = cfg.method.params()
     if "teacher" in params and params["teacher"] is not None:
         method = MethodCfg(name=cfg.method.name, **(params | {"teacher": fix(params["teacher"])}))
-        return cfg.model_copy(update={"data": data, "method": method})
-    return cfg.model_copy(update={"data": data})
+        return cfg.model_copy(update={"data": data, "train": train, "method": method})
+    return cfg.model_copy(update={"data": data, "train": train})
+
+
+def _shared_cache(cfg: Config, out: Path) -> Config:
+    """A compiled run without ``train.compile_cache`` keeps its graphs in the sweep's ``OUT/compile_cache``:
+    the sweep's later runs (and every resume) load them instead of compiling again."""
+    if not cfg.train.compile or cfg.train.compile_cache is not None:
+        return cfg
+    folder = os.path.normpath(os.path.abspath(out / COMPILE_CACHE))
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile_cache": folder})})
 
 
 def _normal(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -349,8 +360,8 @@ def _check_existing(run: Run, where: str) -> None:
     except (ConfigError, TypeError, AttributeError):
         pass  # compare as written: the difference names the key
     a, b = _normal(old, run.dir), _normal(run.cfg.to_dict(), run.dir)
-    diff = sorted(k for k in a.keys() | b.keys()  # imports: where code is found, not what is trained
-                  if k != "imports" and a.get(k, "<unset>") != b.get(k, "<unset>"))
+    diff = sorted(k for k in a.keys() | b.keys()  # imports, the compile cache: where things are found, not what is trained
+                  if k not in ("imports", "train.compile_cache") and a.get(k, "<unset>") != b.get(k, "<unset>"))
     if diff:
         k = diff[0]
         raise ConfigError(
@@ -450,7 +461,7 @@ def _run(sweep: Sweep, layers: list[dict[str, Any]], combo: tuple[int, ...], nam
     except ConfigError as err:
         msg = str(err)
         raise ConfigError(msg if msg.startswith(where) else f"{where}: run {name}: {msg}") from None
-    cfg = _anchor(cfg, sweep.path.parent)
+    cfg = _shared_cache(_anchor(cfg, sweep.path.parent), sweep.out)
     run = Run(name, sweep.out / name, {a.key: a.values[i] for a, i in zip(axes, combo)}, sets, cfg, order=order)
     _check_existing(run, where)
     run.status = _status(run.dir)
