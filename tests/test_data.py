@@ -695,6 +695,7 @@ def _counting_decoders(monkeypatch) -> tuple[list, list]:
     pixels: list = []
     stats: list = []
     real_one, real_fast = imagefolder_mod._decode_one, imagefolder_mod._decode_fast
+    monkeypatch.setattr(imagefolder_mod, "NOTICE_S", 0.0)  # these tiny decodes say what they did too
 
     def one(src, size):
         pixels.append(src)
@@ -711,6 +712,21 @@ def _counting_decoders(monkeypatch) -> tuple[list, list]:
 
 def _f64(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
+
+
+def test_imagefolder_says_what_it_decoded_only_when_it_took_a_while(tmp_path, monkeypatch, capsys):
+    """A decode shorter than NOTICE_S prints nothing (so a bad-input error stays the only line); a longer one
+    prints one line."""
+    archive = _jpeg_tar(tmp_path / "imgs.tar", {"train": {"cat": 4, "dog": 4}, "val": {"cat": 2, "dog": 2}})
+    monkeypatch.setattr(imagefolder_mod, "NOTICE_S", 3600.0)
+    load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "a")
+    load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "b", subset=4)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(imagefolder_mod, "NOTICE_S", 0.0)
+    load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "c")
+    load_dataset("imagefolder", root=archive, cache_dir=tmp_path / "d", subset=4)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(x.startswith("imagefolder: decoded ") for x in err), err
 
 
 def test_imagefolder_subset_decodes_only_its_images_and_says_so(tmp_path, monkeypatch, capsys):

@@ -74,6 +74,7 @@ ANNOTATIONS = "val_annotations.txt"
 CACHE_VERSION = 1
 STATS_FORMAT = "selfkd-imagefolder-stats"  # the "format" of a statistics file (see _load_stats), version 1
 PARALLEL_THRESHOLD = 2000
+NOTICE_S = 1.0  # a decode that took longer says so on stderr; a shorter one is not worth a line (nor in front of an error)
 MIN_CHUNK, MAX_CHUNK = 64, 1000  # images per task sent to a decoding process
 MAX_WORKERS = 8
 
@@ -412,8 +413,9 @@ def _decode_all(items: list[tuple[str, Any]], image_size: int | None, desc: str,
     finally:
         bar.close()
     assert out is not None
-    if done is not None:
-        print(done.format(seconds=time.perf_counter() - t0), file=sys.stderr, flush=True)
+    took = time.perf_counter() - t0
+    if done is not None and took >= NOTICE_S:
+        print(done.format(seconds=took), file=sys.stderr, flush=True)
     return out
 
 
@@ -630,6 +632,7 @@ def _load_draws(root_p: Path, tree: _Tree | None, cpath: Path, image_size: int |
     images of the parts that are not cached yet (no whole-set cache exists), normalised with the whole
     training set's mean/std: from the statistics file, else computed once from all training images
     (decoded by :func:`_decode_fast` into an array that is dropped afterwards; none of them is cached)."""
+    start = time.perf_counter()
     want = {"train": subset, "test": test_subset}
     paths = {s: _part_path(cpath, s, n, seed) for s, n in want.items()}
     parts = {s: _load_part(p) for s, p in paths.items()}
@@ -694,6 +697,6 @@ def _load_draws(root_p: Path, tree: _Tree | None, cpath: Path, image_size: int |
                 f"the {len(items):,} training images of {root_p.name} {why}; the drawn images are from their cache")
     elif said:
         said += f"; mean/std: the whole training set's, from {spath.name}"
-    if said:
+    if said and time.perf_counter() - start >= NOTICE_S:
         print(f"imagefolder: decoded {said}", file=sys.stderr, flush=True)
     return _bundle(classes, (tr["images"], tr["labels"]), (te["images"], te["labels"]), *stats)
