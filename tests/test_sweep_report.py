@@ -311,6 +311,31 @@ def test_an_existing_run_with_another_config_is_refused(grid, tmp_path):
         run_sweep(path, progress=False, log=lambda m: None)
 
 
+def test_finished_runs_moved_to_another_cache_folder_are_still_the_sweeps(grid, tmp_path):
+    """Runs copied from another checkout (another data.cache_dir: where decoded images are kept, not what is
+    trained) count as finished; another lr in the same copy is still refused."""
+    folder, path = copy_grid(grid, tmp_path)
+    configs = sorted(Path(folder).glob("**/config.yaml"))
+    assert configs
+    for c in configs:  # as if trained in another checkout with its own cache folder
+        d = yaml.safe_load(c.read_text())
+        d["data"]["cache_dir"] = str(tmp_path / "elsewhere")
+        c.write_text(yaml.safe_dump(d))
+    result = run_sweep(path, progress=False, log=lambda m: None)
+    assert result["finished"] == 0 and result["skipped"] == result["total"] > 0
+    from selfkd.engine.config import WHERE_KEYS, config_diff
+
+    assert "data.cache_dir" in WHERE_KEYS
+    assert config_diff({"data": {"cache_dir": "a", "name": "x"}}, {"data": {"cache_dir": "b", "name": "x"}}) == []
+    assert config_diff({"data": {"cache_dir": "a", "name": "x"}}, {"data": {"cache_dir": "b", "name": "y"}}) == [
+        ("data.name", "x", "y")]
+    spec = yaml.safe_load(Path(path).read_text())
+    spec["base"]["optim"]["lr"] = 0.1
+    Path(path).write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"already exists with another config \(optim.lr: 0.05 there, 0.1 now"):
+        run_sweep(path, progress=False, log=lambda m: None)
+
+
 def test_directory_labels_are_safe_and_unique():
     assert [label(v) for v in (0.4, 0.0, 1e-05, 3, True, None, "dlb", [30, 60])] == [
         "0.4", "0.0", "1e-05", "3", "true", "null", "dlb", "30+60"]

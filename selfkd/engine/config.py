@@ -279,11 +279,16 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
+# where things are found, not what is trained: a resume or a restored sweep may name other places
+WHERE_KEYS = ("imports", "train.compile_cache", "data.cache_dir")
+
+
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """Dotted keys whose values differ, as ``(key, old, new)``. Keys only in ``new`` (added to the config
-    since ``old`` was written) count as unchanged: they hold their defaults."""
+    """Dotted keys whose values differ, as ``(key, old, new)``, :data:`WHERE_KEYS` aside. Keys only in ``new``
+    (added to the config since ``old`` was written) count as unchanged: they hold their defaults."""
     a, b = flatten(old), flatten(new)
-    return [(k, a[k], b.get(k, "<unset>")) for k in sorted(a) if a[k] != b.get(k, "<unset>")]
+    return [(k, a[k], b.get(k, "<unset>")) for k in sorted(a)
+            if k not in WHERE_KEYS and a[k] != b.get(k, "<unset>")]
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:

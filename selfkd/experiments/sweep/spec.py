@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from ...errors import ConfigError, SelfKDError
 from ...engine import rundir
-from ...engine.config import Config, MethodCfg, build_config, flatten, load_preset, load_yaml
+from ...engine.config import WHERE_KEYS, Config, MethodCfg, build_config, flatten, load_preset, load_yaml
 from ...engine.rundir import CHECKPOINT, CONFIG, FAILED, SUMMARY
 
 
@@ -360,8 +360,8 @@ def _check_existing(run: Run, where: str) -> None:
     except (ConfigError, TypeError, AttributeError):
         pass  # compare as written: the difference names the key
     a, b = _normal(old, run.dir), _normal(run.cfg.to_dict(), run.dir)
-    diff = sorted(k for k in a.keys() | b.keys()  # imports, the compile cache: where things are found, not what is trained
-                  if k not in ("imports", "train.compile_cache") and a.get(k, "<unset>") != b.get(k, "<unset>"))
+    diff = sorted(k for k in a.keys() | b.keys()  # WHERE_KEYS: where things are found, not what is trained
+                  if k not in WHERE_KEYS and a.get(k, "<unset>") != b.get(k, "<unset>"))
     if diff:
         k = diff[0]
         raise ConfigError(
