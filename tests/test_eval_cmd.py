@@ -217,6 +217,21 @@ def test_finetune_run_on_its_own_corpus_reproduces_summary(parts, ft_run, tmp_pa
     assert "macro-F1" in line
 
 
+def by_hand(run, corpus, classes):
+    """Logits and labels of a finetune run's saved model and tokenizer on ``corpus``, labels in ``classes``'
+    order, at the run's max_length (24)."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(run / "model"))
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(run / "model")).eval()
+    texts, labels = [], []
+    for k, c in enumerate(classes):
+        for f in sorted((corpus / c).glob("*.txt")):
+            texts.append(f.read_text())
+            labels.append(k)
+    with torch.no_grad():
+        z = torch.cat([model(**tok([t], truncation=True, max_length=24, return_tensors="pt")).logits for t in texts])
+    return z, torch.tensor(labels)
+
+
 def test_finetune_run_on_another_corpus_and_bad_input(parts, ft_run, tmp_path, capsys):  # noqa: F811
     other = tinylm.make_corpus(tmp_path / "other", per_class=3)
     out = tmp_path / "o.json"
@@ -224,16 +239,7 @@ def test_finetune_run_on_another_corpus_and_bad_input(parts, ft_run, tmp_path, c
     r = json.loads(out.read_text())
     assert r["count"] == 9 and r["truncated"] == 0 and r["classes"] == ["food", "sport", "tech"]
     # by hand: the run's saved model and tokenizer, the run's max_length
-    tok = transformers.AutoTokenizer.from_pretrained(str(ft_run / "model"))
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(ft_run / "model")).eval()
-    texts, labels = [], []
-    for k, c in enumerate(["food", "sport", "tech"]):
-        for f in sorted((other / c).glob("*.txt")):
-            texts.append(f.read_text())
-            labels.append(k)
-    with torch.no_grad():
-        z = torch.cat([model(**tok([t], truncation=True, max_length=24, return_tensors="pt")).logits for t in texts])
-    y = torch.tensor(labels)
+    z, y = by_hand(ft_run, other, ["food", "sport", "tech"])
     assert r["acc"] == pytest.approx(100.0 * float((z.argmax(1) == y).double().mean()), abs=1e-12)
     assert r["nll"] == pytest.approx(nll(z, y), rel=1e-5)
     extra = tinylm.make_corpus(tmp_path / "extra", per_class=3)
@@ -294,16 +300,7 @@ def test_classes_in_another_order_are_mapped_to_the_run_s_labels(parts, tmp_path
     scored(capsys, run, "--data", other, "--split", "all", "--out", out)
     r = json.loads(out.read_text())
     assert r["classes"] == ["tech", "food", "sport"] and r["count"] == 10
-    tok = transformers.AutoTokenizer.from_pretrained(str(run / "model"))
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(run / "model")).eval()
-    texts, labels = [], []
-    for k, c in enumerate(["tech", "food", "sport"]):  # the run's label order
-        for f in sorted((other / c).glob("*.txt")):
-            texts.append(f.read_text())
-            labels.append(k)
-    with torch.no_grad():
-        z = torch.cat([model(**tok([t], truncation=True, max_length=24, return_tensors="pt")).logits for t in texts])
-    y = torch.tensor(labels)
+    z, y = by_hand(run, other, ["tech", "food", "sport"])  # the run's label order
     assert r["nll"] == pytest.approx(nll(z, y), rel=1e-5)
     assert r["acc"] == pytest.approx(100.0 * float((z.argmax(1) == y).double().mean()), abs=1e-12)
     unmapped = torch.tensor([["food", "sport", "tech"].index(c) for c in ["tech", "food", "sport"]])[y]  # sorted order

@@ -33,14 +33,7 @@ def tree(root: Path, n: int = 5) -> Path:
 
 def shards(src: Path, dst: Path, per_shard: int = 3) -> Path:
     """The same images as tar shards of ``per_shard`` members (<class>/<file>)."""
-    for split in ("train", "val"):
-        files = sorted((src / split).glob("*/*.png"))
-        (dst / split).mkdir(parents=True)
-        for s in range(0, len(files), per_shard):
-            with tarfile.open(dst / split / f"{split}-{s // per_shard:03d}.tar", "w") as tar:
-                for f in files[s : s + per_shard]:
-                    tar.add(f, arcname=f"{f.parent.name}/{f.name}")
-    return dst
+    return shards_of(src, dst, per_shard, "*/*.png")
 
 
 def test_streamed_batches_are_the_in_memory_images(tmp_path):
@@ -228,10 +221,10 @@ def test_jpeg_batches_are_image_open_pixels_in_main_and_in_workers(tmp_path, mon
                 assert torch.cat([b[2] for b in got]).tolist() == list(range(len(st)))
 
 
-def shards_of(src: Path, dst: Path, per_shard: int = 5) -> Path:
-    """Every image file of ``src``'s splits as tar shards (<class>/<file>)."""
+def shards_of(src: Path, dst: Path, per_shard: int = 5, pattern: str = "*/*") -> Path:
+    """Every file of ``src``'s splits matching ``pattern`` as tar shards (<class>/<file>)."""
     for split in ("train", "val"):
-        files = sorted(p for p in (src / split).glob("*/*") if p.is_file())
+        files = sorted(p for p in (src / split).glob(pattern) if p.is_file())
         (dst / split).mkdir(parents=True)
         for s in range(0, len(files), per_shard):
             with tarfile.open(dst / split / f"{split}-{s // per_shard:03d}.tar", "w") as tar:
