@@ -46,6 +46,26 @@ def _masked_mean(per_row: Tensor, mask: Tensor | None) -> Tensor:
     return (per_row * w).sum() / w.sum().clamp_min(1.0)
 
 
+def _check_rows(name: str, student: Tensor, mask: Tensor | None, weight: Tensor | None) -> None:
+    """``mask`` and ``weight`` of a KD loss, when given, have one value per row (token) of ``student``."""
+    rows = tuple(student.shape[:-1])
+    for what, x in (("mask", mask), ("weight", weight)):
+        if x is not None and tuple(x.shape) != rows:
+            raise ValueError(f"{name}: {what} {tuple(x.shape)} must have the shape {rows}")
+
+
+def _kl_mean(log_s: Tensor, log_t: Tensor, fused: bool, weight: Tensor | None, mask: Tensor | None,
+             t: float | Tensor) -> Tensor:
+    """``T² · KL(t ‖ s)`` of ``[N, V]`` log-probabilities, reduced as the KD losses do: one fused batchmean
+    (``fused``: image rows, no mask or weight), else a (weighted) mean over the rows ``mask`` keeps."""
+    if fused:
+        return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * (t * t)
+    per_token = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(dim=1)
+    if weight is not None:
+        per_token = per_token * weight.detach().reshape(-1).to(per_token)
+    return _masked_mean(per_token, mask) * (t * t)
+
+
 def kd_kl(student: Tensor, teacher: Tensor, temperature: float | Tensor, mask: Tensor | None = None,
           weight: Tensor | None = None) -> Tensor:
     """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the last dimension, mean over rows
@@ -59,24 +79,15 @@ def kd_kl(student: Tensor, teacher: Tensor, temperature: float | Tensor, mask: T
     """
     if student.shape != teacher.shape:
         raise ValueError(f"kd_kl: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
-    if mask is not None and tuple(mask.shape) != tuple(student.shape[:-1]):
-        raise ValueError(f"kd_kl: mask {tuple(mask.shape)} must have the shape {tuple(student.shape[:-1])}")
-    if weight is not None and tuple(weight.shape) != tuple(student.shape[:-1]):
-        raise ValueError(f"kd_kl: weight {tuple(weight.shape)} must have the shape {tuple(student.shape[:-1])}")
+    _check_rows("kd_kl", student, mask, weight)
     if student.shape[0] == 0:
         return student.float().sum() * 0.0
     t = temperature
-    if student.dim() == 2 and mask is None and weight is None:  # the image path: one fused batchmean
-        log_s = F.log_softmax(student.float() / t, dim=1)
-        log_t = F.log_softmax(teacher.detach().float() / t, dim=1)
-        return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * (t * t)
     s, m = _tokens(student, mask)
     log_s = F.log_softmax(s.float() / t, dim=1)
     log_t = F.log_softmax(teacher.detach().reshape(s.shape).float() / t, dim=1)
-    per_token = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(dim=1)
-    if weight is not None:
-        per_token = per_token * weight.detach().reshape(-1).to(per_token)
-    return _masked_mean(per_token, m) * (t * t)
+    # the image path (no mask, no weight): one fused batchmean
+    return _kl_mean(log_s, log_t, student.dim() == 2 and mask is None and weight is None, weight, m, t)
 
 
 def topk_logits(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -121,10 +132,7 @@ def kd_kl_topk(student: Tensor, values: Tensor, index: Tensor, tail: Tensor | No
                          f"{tuple(student.shape[:-1])} x K")
     if (tail is None) != (values.shape[-1] == student.shape[-1]):
         raise ValueError(f"kd_kl_topk: a tail is needed exactly when K={values.shape[-1]} < V={student.shape[-1]}")
-    if mask is not None and tuple(mask.shape) != tuple(student.shape[:-1]):
-        raise ValueError(f"kd_kl_topk: mask {tuple(mask.shape)} must have the shape {tuple(student.shape[:-1])}")
-    if weight is not None and tuple(weight.shape) != tuple(student.shape[:-1]):
-        raise ValueError(f"kd_kl_topk: weight {tuple(weight.shape)} must have the shape {tuple(student.shape[:-1])}")
+    _check_rows("kd_kl_topk", student, mask, weight)
     if student.shape[0] == 0:
         return student.float().sum() * 0.0
     t = temperature
@@ -140,12 +148,7 @@ def kd_kl_topk(student: Tensor, values: Tensor, index: Tensor, tail: Tensor | No
         log_p = torch.cat([a - n, rest - n], dim=1)
         q_rest = torch.logsumexp(log_q.scatter(1, idx, -math.inf), dim=1, keepdim=True)  # never all -inf: K < V
         log_b = torch.cat([log_q.gather(1, idx), q_rest], dim=1)
-    if student.dim() == 2 and mask is None and weight is None:  # as kd_kl's fused batchmean
-        return F.kl_div(log_b, log_p, reduction="batchmean", log_target=True) * (t * t)
-    per_token = F.kl_div(log_b, log_p, reduction="none", log_target=True).sum(dim=1)
-    if weight is not None:
-        per_token = per_token * weight.detach().reshape(-1).to(per_token)
-    return _masked_mean(per_token, m) * (t * t)
+    return _kl_mean(log_b, log_p, student.dim() == 2 and mask is None and weight is None, weight, m, t)
 
 
 def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, *,
