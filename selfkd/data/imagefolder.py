@@ -66,7 +66,7 @@ from ._util import (channel_hist, channel_stats, check_image_size, check_member,
                     resolve_cache_dir, warn)
 from .dataset import ArrayDataset, DataBundle
 from .split import stratified_subset
-from .stream import _jpeg_frame
+from .stream import _jpeg_rgb
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -316,18 +316,9 @@ def _decode_fast(src: Any, size: int | None) -> np.ndarray:
     """The pixels of :func:`_decode_one`, without ``Image.open``'s Python header parser for an RGB 8-bit
     JPEG that needs no resizing: the "jpeg" decoder it would run, with the same arguments (as
     :mod:`selfkd.data.stream` decodes); anything else, or a file that fails, by :func:`_decode_one`."""
-    from PIL import Image
-
     data = src if isinstance(src, bytes) else Path(src).read_bytes()
-    frame = _jpeg_frame(data)
-    if frame is not None and frame[2] == 3 and (size is None or frame[:2] == (size, size)):
-        w, h = frame[:2]
-        try:
-            return np.frombuffer(Image.frombytes("RGB", (w, h), data, "jpeg", "RGB", "").tobytes(),
-                                 np.uint8).reshape(h, w, 3)
-        except Exception:  # noqa: S110 - damaged: _decode_one names the error
-            pass
-    return _decode_one(data, size)
+    fast = _jpeg_rgb(data, size)
+    return fast if fast is not None else _decode_one(data, size)
 
 
 def _decode_chunk(task: tuple) -> tuple:

@@ -221,19 +221,29 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _decode_into(src: Any, size: int, out: np.ndarray, fds: dict[str, int] | None = None) -> None:
-    """Decode one image into ``out`` (uint8 [size, size, 3]); DataError naming the file."""
+def _jpeg_rgb(data: bytes, size: int | None) -> np.ndarray | None:
+    """uint8 [H, W, 3] of an RGB 8-bit JPEG of ``size`` x ``size`` (None: any size) by what
+    ``Image.open(...).load()`` runs for it (the "jpeg" decoder, mode RGB, rawmode RGB), without its Python
+    header parser; None for any other file, or a damaged one (the ``Image.open`` path names the error)."""
     from PIL import Image
 
-    data = _read(src, fds)
     frame = _jpeg_frame(data)
-    if frame is not None and frame[:2] == (size, size) and frame[2] == 3:
-        try:  # what Image.open(...).load() runs for this file: the "jpeg" decoder, mode RGB, rawmode RGB
-            out[...] = np.frombuffer(Image.frombytes("RGB", (size, size), data, "jpeg", "RGB", "").tobytes(),
-                                     np.uint8).reshape(size, size, 3)
-            return
-        except Exception:  # noqa: S110 - damaged: the Image.open path below names the error
-            pass
+    if frame is None or frame[2] != 3 or (size is not None and frame[:2] != (size, size)):
+        return None
+    w, h = frame[:2]
+    try:
+        return np.frombuffer(Image.frombytes("RGB", (w, h), data, "jpeg", "RGB", "").tobytes(), np.uint8).reshape(h, w, 3)
+    except Exception:  # noqa: S110 - damaged: the caller's Image.open path names the error
+        return None
+
+
+def _decode_into(src: Any, size: int, out: np.ndarray, fds: dict[str, int] | None = None) -> None:
+    """Decode one image into ``out`` (uint8 [size, size, 3]); DataError naming the file."""
+    data = _read(src, fds)
+    fast = _jpeg_rgb(data, size)
+    if fast is not None:
+        out[...] = fast
+        return
     a = _decode_pil(src, data, size)
     if a.shape[:2] != (size, size):
         raise DataError(f"{_name(src)}: image is {a.shape[1]}x{a.shape[0]}, not {size}x{size}; "
