@@ -1,6 +1,7 @@
 """Issue 20's study: DLB vs CE vs the repeat-only control, at equal epochs and at equal compute, with 95%
 intervals that count test sampling (a paired two-way bootstrap over the paired units and the test images).
 
+    selfkd sweep configs/cpu/evidence_headline.yaml --threads 1 # ce, dlb, dlb-repeat, ce-2x first (same runs)
     selfkd sweep configs/cpu/evidence_core.yaml --threads 1     # the runs (resumable; --jobs 2 on an idle machine)
     selfkd sweep configs/cpu/evidence_rf.yaml --threads 1
     python benchmarks/evidence.py [--core DIR] [--rf DIR] [--out benchmarks/results/evidence_cifar10] [--keep]
