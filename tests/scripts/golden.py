@@ -3,7 +3,7 @@ refactor (issue 17). Runs one `selfkd sweep` of every configuration below (one p
 2-rank DLB run (`selfkd train --nproc 2`), and prints {run: sha256 of the final weights} as JSON.
 
     python tests/scripts/golden.py OUT_DIR            # print the hashes
-    python tests/scripts/golden.py OUT_DIR --write    # store them in tests/golden.json (with the platform)
+    python tests/scripts/golden.py OUT_DIR --write    # store them in tests/golden.json under this platform
 
 Only the CLI is used, so the script survives any re-layout of the package.
 """
@@ -48,7 +48,10 @@ def platform_key() -> str:
                 break
     except OSError:
         pass
-    return f"torch {torch.__version__} | {platform.machine()} | {cpu or platform.processor()}"
+    # the kernels torch dispatches to (AVX2 vs AVX512 on x86) change float results; the model name alone does not
+    # tell them apart ("AMD EPYC" is both Zen 3 and Zen 4)
+    return (f"torch {torch.__version__} | {platform.machine()} | {cpu or platform.processor()} | "
+            f"{torch.backends.cpu.get_cpu_capability()}")
 
 
 def weights_hash(run: Path) -> str:
@@ -78,5 +81,7 @@ def run_all(out: Path) -> dict[str, str]:
 if __name__ == "__main__":
     got = run_all(Path(sys.argv[1]))
     if "--write" in sys.argv:
-        GOLDEN.write_text(json.dumps({"platform": platform_key(), "hashes": got}, indent=1, sort_keys=True) + "\n")
+        known = json.loads(GOLDEN.read_text())["platforms"] if GOLDEN.exists() else {}
+        known[platform_key()] = got
+        GOLDEN.write_text(json.dumps({"platforms": known}, indent=1, sort_keys=True) + "\n")
     print(json.dumps(got, indent=1, sort_keys=True))
