@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             for s in a.scales:
                 if s > 1:
                     replicate(Path(tmp) / "pack-1", Path(tmp) / f"pack-{s}", s)
+        # the unpacked JPEGs, the decoded cache and the packs are dirty pages until written back: write them
+        # now, not by the kernel's flusher threads during the first rows (they take a core from the 2-worker rows)
+        os.sync()
         rows = []
         for s in a.scales:
             for kind in a.kinds:

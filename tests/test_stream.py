@@ -191,7 +191,7 @@ def test_jpeg_batches_are_image_open_pixels_in_main_and_in_workers(tmp_path, mon
     takes it; a worker's batch reaches the main process as the in-process batch does, by value or shared."""
     from torch.utils.data import BatchSampler, SequentialSampler
 
-    from selfkd.data import stream
+    from selfkd.data import dataset, stream
 
     root = tmp_path / "t"
     _jpegs(root)
@@ -209,8 +209,8 @@ def test_jpeg_batches_are_image_open_pixels_in_main_and_in_workers(tmp_path, mon
         assert torch.equal(x, mem.train.images) and torch.equal(y, mem.train.labels)
         assert sorted(Path(stream._name(f)).name for f in opened) == sorted(["0-cmyk.jpg", "0-gray.jpg", "1-cmyk.jpg",
                                                                              "1-gray.jpg"] * 2)  # the rest skipped it
-        for share_above in (stream.SHARE_ABOVE, 0):  # small batches by value; above the limit in shared memory
-            monkeypatch.setattr(stream, "SHARE_ABOVE", share_above)
+        for share_above in (dataset.SHARE_ABOVE, 0):  # small batches by value; above the limit in shared memory
+            monkeypatch.setattr(dataset, "SHARE_ABOVE", share_above)  # the handover is dataset._WorkerBatch
             for workers in (0, 2):
                 loader = DataLoader(BatchView(st), sampler=BatchSampler(SequentialSampler(st), 5, False),
                                     batch_size=None, num_workers=workers)

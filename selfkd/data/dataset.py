@@ -12,6 +12,39 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 
+SHARE_ABOVE = 4 << 20  # bytes of images per batch above which a worker hands the batch over in shared memory
+
+
+def in_worker() -> bool:
+    """Whether this runs in a DataLoader worker process."""
+    from torch.utils.data import get_worker_info
+
+    return get_worker_info() is not None
+
+
+def _as_list(images: Any, labels: np.ndarray, idx: np.ndarray) -> list[torch.Tensor]:
+    """The main process's side of :class:`_WorkerBatch`: what the default collate makes of a batch tuple."""
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(images)
+    return [x, torch.from_numpy(labels), torch.from_numpy(idx)]
+
+
+class _WorkerBatch:
+    """A batch gathered or decoded in a loader worker, pickled to the main process as one object: the
+    images by value (small batches: a pipe copy is cheaper than handing over a descriptor) or as one
+    shared-memory tensor, labels and indices by value. Three tensors returned as they are would cross
+    as three shared-memory descriptors, one connection to the worker each. It unpickles to
+    ``[images, labels, indices]``, what the default collate makes of the batch tuple (it passes this
+    object through untouched, being neither a tensor nor a sequence)."""
+
+    def __init__(self, images: np.ndarray, labels: torch.Tensor, idx: torch.Tensor) -> None:
+        self.images, self.labels, self.idx = images, labels.numpy(), idx.numpy()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        x: Any = self.images
+        if x.nbytes > SHARE_ABOVE:
+            x = torch.from_numpy(x).share_memory_()
+        return (_as_list, (x, self.labels, self.idx))
+
 
 def _as_tensor(x: Any, what: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
@@ -191,7 +224,10 @@ class BatchView(Dataset):
     """A batch-level view of a :class:`Split` (e.g. an :class:`ArrayDataset`): ``view[list_of_indices]`` is the whole batch.
 
     Use it with ``DataLoader(BatchView(ds), sampler=batch_sampler, batch_size=None)``: each step is
-    one indexing operation per tensor instead of ``B`` calls of ``__getitem__`` and a collate.
+    one indexing operation per tensor instead of ``B`` calls of ``__getitem__`` and a collate. In a
+    loader worker the batch is handed over as one :class:`_WorkerBatch` (one contiguous uint8 array,
+    labels and indices by value) that reaches the main process as ``[images, labels, indices]``, the
+    list the default collate makes of the tuple at 0 workers: the same batches, in the same order.
     """
 
     def __init__(self, data: Split) -> None:
@@ -200,5 +236,10 @@ class BatchView(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.data.batch(indices)
+    def __getitem__(self, indices: Any) -> Any:
+        b = self.data.batch(indices)
+        if in_worker() and isinstance(b, tuple) and len(b) == 3 and all(isinstance(t, torch.Tensor) and t.device.type == "cpu"
+                                                                         for t in b):
+            x, y, idx = b
+            return _WorkerBatch(x.contiguous().numpy(), y, idx)
+        return b

@@ -29,8 +29,9 @@ pixels, without the Python header parser), into one preallocated ``[B, S, S, 3]`
 transposed to ``[B, 3, S, S]`` once; anything else (PNG, grey or CMYK JPEGs, other sizes, resizing,
 damaged files) takes the ``Image.open`` path. Shard members are read with ``os.pread`` on a file
 descriptor the data set keeps open. A worker's batch crosses to the main process by value when it is
-small (below ``SHARE_ABOVE`` bytes: a pipe copy is cheaper than handing over a descriptor) and as one
-shared-memory tensor otherwise, so the main process only unpickles.
+small (below ``data.dataset.SHARE_ABOVE`` bytes: a pipe copy is cheaper than handing over a descriptor) and as one
+shared-memory tensor otherwise, so the main process only unpickles (``BatchView`` does this for
+every split: in memory, packed and streamed).
 
 Errors (DataError, one line): a split with no images or an empty shard, a shard that is not a tar or
 ends early (a header or member cut short, no end-of-archive block), members with absolute paths,
@@ -56,7 +57,6 @@ from .dataset import DataBundle
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 STATS_IMAGES = 512  # images (evenly spaced) the channel mean/std are computed from
-SHARE_ABOVE = 4 << 20  # bytes of images per batch above which a worker hands the batch over in shared memory
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})  # start-of-frame markers
 
 
@@ -270,27 +270,6 @@ def decode(src: Any, size: int | None) -> np.ndarray:
     return _decode_pil(src, _read(src), size).transpose(2, 0, 1)
 
 
-def _as_list(images: Any, labels: np.ndarray, idx: np.ndarray) -> list[torch.Tensor]:
-    """The main process's side of :class:`_WorkerBatch`: what the default collate makes of a batch tuple."""
-    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(images)
-    return [x, torch.from_numpy(labels), torch.from_numpy(idx)]
-
-
-class _WorkerBatch:
-    """A batch decoded in a loader worker, pickled to the main process as little work as possible:
-    the images by value (small batches) or as one shared-memory tensor, labels and indices by value.
-    It unpickles to ``[images, labels, indices]``, what the default collate makes of the batch tuple
-    (it passes this object through untouched, being neither a tensor nor a sequence)."""
-
-    def __init__(self, images: np.ndarray, labels: torch.Tensor, idx: torch.Tensor) -> None:
-        self.images, self.labels, self.idx = images, labels.numpy(), idx.numpy()
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        x: Any = self.images
-        if x.nbytes > SHARE_ABOVE:
-            x = torch.from_numpy(x).share_memory_()
-        return (_as_list, (x, self.labels, self.idx))
-
 class StreamDataset(Dataset):
     """Images read from disk per batch; only the index and the labels are in memory."""
 
@@ -314,11 +293,9 @@ class StreamDataset(Dataset):
     def image_shape(self) -> tuple[int, int, int]:
         return (3, self.size, self.size)
 
-    def batch(self, indices: Any) -> Any:
-        """``(uint8 [B, 3, S, S], labels, indices)``; in a loader worker, a :class:`_WorkerBatch` that
-        reaches the main process as ``[images, labels, indices]``."""
-        from torch.utils.data import get_worker_info
-
+    def batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(uint8 [B, 3, S, S], labels, indices)``; through :class:`BatchView` in a loader worker, one
+        object that reaches the main process as ``[images, labels, indices]`` (data.dataset._WorkerBatch)."""
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         s = self.size
         hwc = np.empty((len(idx), s, s, 3), dtype=np.uint8)
@@ -326,8 +303,6 @@ class StreamDataset(Dataset):
         for k, i in enumerate(idx.tolist()):  # decoding is per image by nature; this runs in a loader worker
             _decode_into(files[i], s, hwc[k], fds)
         images = np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))  # one transposition per batch
-        if get_worker_info() is not None:
-            return _WorkerBatch(images, self.labels[idx], idx)
         return torch.from_numpy(images), self.labels[idx], idx
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:

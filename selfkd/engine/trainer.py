@@ -107,11 +107,14 @@ class Trainer:
         self.batch_sampler = self.method.batch_sampler(sampler, optim.batch_size, drop_last=False,
                                                        labels=setup.train.labels)
         on_device = setup.train.images.device.type != "cpu" if isinstance(setup.train, ArrayDataset) else False
-        # one indexing operation per batch (BatchView), decoded in workers when streaming
+        # one indexing operation per batch (BatchView), decoded in workers when streaming; workers are
+        # started once per run, not once per epoch (each start forks and waits for a first batch). They
+        # draw no random numbers (augmentation runs here), so batches and training are those of 0 workers.
+        workers = self.cfg.data.num_workers
         self.loader = DataLoader(
             BatchView(setup.train), sampler=self.batch_sampler, batch_size=None,
-            num_workers=self.cfg.data.num_workers, pin_memory=dev.type == "cuda" and not on_device,
-            generator=self.gens["loader"], persistent_workers=False,
+            num_workers=workers, pin_memory=dev.type == "cuda" and not on_device,
+            generator=self.gens["loader"], persistent_workers=workers > 0,
         )
         self.steps_per_epoch = len(self.batch_sampler)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
