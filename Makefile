@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/selfkd demo
 
+# TEST_WORKERS: pytest-xdist processes (the test machines have 2 cores; 0: one process, no xdist). --dist loadfile
+# keeps each test file on one worker, so a file's module-scoped fixtures (the trained runs its tests share) are built once.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cifar10_cpu.py

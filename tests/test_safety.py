@@ -537,7 +537,7 @@ def test_sweep_relative_paths_resolve_against_the_sweep_file(tmp_path, monkeypat
 # start-up and the demo
 FAST = r"""
 import sys, time, io, contextlib
-t = time.perf_counter()
+t = time.process_time()  # CPU time: a wall-clock bound measured the other jobs on a loaded machine (or pytest -n 2)
 from selfkd.cli import main
 for argv in (["methods"], ["models"], ["presets"], ["methods", "dlb"]):
     with contextlib.redirect_stdout(io.StringIO()) as out:
@@ -548,7 +548,7 @@ with contextlib.redirect_stdout(io.StringIO()):
         main(["--help"])
     except SystemExit:
         pass
-print("torch" in sys.modules, time.perf_counter() - t)
+print("torch" in sys.modules, time.process_time() - t)
 import selfkd
 assert selfkd.DLB.__name__ == "DLB" and "torch" in sys.modules and selfkd.build_method("ce").name == "ce"
 """
@@ -559,7 +559,7 @@ def test_listings_and_help_do_not_import_torch():
     assert res.returncode == 0, res.stderr
     torch_loaded, seconds = res.stdout.split()
     assert torch_loaded == "False"
-    assert float(seconds) < 2.0  # about 0.1 s on an idle machine; the bound leaves room for a loaded CI box
+    assert float(seconds) < 2.0  # CPU seconds; about 0.1 s on an idle machine, the bound leaves room for a slow CI box
 
 
 def test_generated_catalog_matches_the_registries(capsys):
