@@ -58,7 +58,7 @@ gpu-pack:
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff==0.17.6 mypy==2.4.1 types-PyYAML==6.0.12.20261113 types-tqdm==4.70.0.20261106
 	$(BIN)/ruff check selfkd tests benchmarks examples
-	$(BIN)/mypy  # the modules pyproject.toml [tool.mypy] lists
+	$(BIN)/mypy  # the whole package (pyproject.toml [tool.mypy])
 
 gpu-smoke: $(STAMP)
 	PYTHON=$(BIN)/python bash benchmarks/gpu.sh --smoke

@@ -207,13 +207,13 @@ class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the gradient of every rank's input is the sum of every rank's output gradient."""
 
     @staticmethod
-    def forward(ctx: Any, t: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: Tensor) -> Tensor:
         out = t.clone()
         dist.all_reduce(out)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         g = grad.clone()
         dist.all_reduce(g)
         return g
@@ -244,11 +244,13 @@ class SyncBatchNormCPU(torch.nn.modules.batchnorm._BatchNorm):
         centred = xf - mean.view(shape)
         var = all_reduce((centred * centred).sum(dims)) / count
         if self.track_running_stats:
+            tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+            assert tracked is not None and running_mean is not None and running_var is not None  # track_running_stats
             with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp_min(1), alpha=m)
+                tracked += 1  # in place, as the buffer's own ``+=``
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+                running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp_min(1), alpha=m)
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import ConfigError, SelfKDError
 
@@ -18,7 +18,7 @@ EXIT_USER = 2
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line, like every other error (exit status 2)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USER, f"selfkd: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -396,12 +396,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a module first (its @selfkd.register_model / register_method run); repeatable")
     sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    imports = argparse.ArgumentParser(add_help=False)  # also accepted before the command
+    imports = _Parser(add_help=False)  # also accepted before the command
     imports.add_argument("--import", dest="imports", action="append", default=argparse.SUPPRESS, metavar="MODULE",
                          help="import a module first (its @selfkd.register_model / register_method run); repeatable")
-    threads = argparse.ArgumentParser(add_help=False)
+    threads = _Parser(add_help=False)
     threads.add_argument("--threads", type=int, metavar="N",
                          help="CPU threads per process (default: torch's choice, usually one per core)")
     t = sub.add_parser("train", help="train one run", parents=[common, threads, imports])

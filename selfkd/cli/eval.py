@@ -149,7 +149,8 @@ def _score_images(run: Path, raw: dict[str, Any], data: str, data_dir: str | Non
     model.load_state_dict(state["model"])
     layout = cfg.train.channels_last  # the trainer's memory format: the same kernels as its own evaluation
     channels_last = layout == "on" or (layout == "auto" and info["image_size"] >= 16)
-    model = model.to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(dev, memory_format=fmt).eval()  # type: ignore[call-overload]  # stub omits memory_format
     norm = BatchAugment(mean=info["mean"], std=info["std"])
     bs = batch_size or cfg.train.eval_batch_size
     logits, labels = [], []

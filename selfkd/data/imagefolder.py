@@ -172,21 +172,21 @@ def _scan_folder(root: Path) -> tuple[_Tree, list[Any]]:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
             raise DataError(f"{path}: cannot list folder ({e.strerror or e})") from None
-        for e in entries:
-            if _skip(e.name):
+        for entry in entries:
+            if _skip(entry.name):
                 continue
-            r = f"{rel}/{e.name}"
+            r = f"{rel}/{entry.name}"
             try:
-                if e.is_dir(follow_symlinks=True):
-                    stack.append((r, Path(e.path)))
-                elif e.is_file(follow_symlinks=True):
-                    fst = e.stat(follow_symlinks=True)
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append((r, Path(entry.path)))
+                elif entry.is_file(follow_symlinks=True):
+                    fst = entry.stat(follow_symlinks=True)
                     count += 1
                     total += fst.st_size
                     newest = max(newest, fst.st_mtime_ns)
-                    tree.add_file(r, e.path)
+                    tree.add_file(r, entry.path)
             except OSError as err:
-                raise DataError(f"{e.path}: cannot read ({err.strerror or err})") from None
+                raise DataError(f"{entry.path}: cannot read ({err.strerror or err})") from None
     return tree, [str(base.resolve()), count, total, newest]
 
 
@@ -382,6 +382,7 @@ def _decode_all(items: list[tuple[str, Any]], image_size: int | None, desc: str,
             if s != ref:
                 raise DataError(f"{items[pos + k][0]}: image is {s[1]}x{s[0]} but {items[0][0]} is {ref[1]}x{ref[0]}; "
                                 "all images must share one size, or pass image_size (--image-size) to resize them")
+        assert out is not None  # made with ref, above
         out[pos : pos + len(sizes)] = arr
         pos += len(sizes)
         bar.update(len(sizes))
@@ -439,7 +440,8 @@ def _load_cache(path: Path) -> dict[str, np.ndarray] | None:
 
 def _save_cache(path: Path, d: dict[str, np.ndarray]) -> None:
     try:
-        atomic_write(path, lambda f: np.savez(f, **d))
+        # numpy's stub types **kwds like its allow_pickle: bool; d holds arrays only
+        atomic_write(path, lambda f: np.savez(f, **d))  # type: ignore[arg-type]
     except OSError as e:
         warn(f"could not write the decoded-image cache {path} ({e.strerror or e}); the next load decodes again")
 
@@ -654,10 +656,11 @@ def _load_draws(root_p: Path, tree: _Tree | None, cpath: Path, image_size: int |
         pos = 0
         for s in missing:
             n = len(chosen[s][1])
-            parts[s] = {"images": images[pos : pos + n], "labels": chosen[s][1],
-                        "classes": np.array(classes, dtype=str), "split": np.array(split)}
+            part = {"images": images[pos : pos + n], "labels": chosen[s][1],
+                    "classes": np.array(classes, dtype=str), "split": np.array(split)}
+            parts[s] = part
             pos += n
-            _save_cache(paths[s], parts[s])
+            _save_cache(paths[s], part)
     tr, te = parts["train"], parts["test"]
     assert tr is not None and te is not None
     classes = [str(c) for c in tr["classes"].tolist()]
@@ -671,6 +674,7 @@ def _load_draws(root_p: Path, tree: _Tree | None, cpath: Path, image_size: int |
             if tree is None:
                 tree = _read_archive(root_p)
             listing = _resolve(tree)
+        assert tree is not None  # read whenever listing is
         t0 = time.perf_counter()
         items = [(tree.display(rel), tree.files[rel]) for rel, _ in listing[1]]
         every = _decode_all(items, image_size, f"statistics of {root_p.name}", fast=True)

@@ -48,9 +48,11 @@ def _resized(bundle: DataBundle, size: int | None) -> DataBundle:
     """Array data sets at another square size (bilinear, antialiased); statistics recomputed."""
     if size is None or size == bundle.image_size:
         return bundle
-    k = bundle.train.num_classes
-    train = ArrayDataset(resize_uint8(bundle.train.images, size), bundle.train.labels, k)
-    test = ArrayDataset(resize_uint8(bundle.test.images, size), bundle.test.labels, k)
+    src_train, src_test = bundle.train, bundle.test
+    assert isinstance(src_train, ArrayDataset) and isinstance(src_test, ArrayDataset)  # digits and CIFAR load as arrays
+    k = src_train.num_classes
+    train = ArrayDataset(resize_uint8(src_train.images, size), src_train.labels, k)
+    test = ArrayDataset(resize_uint8(src_test.images, size), src_test.labels, k)
     mean, std = channel_stats(train.images.numpy())
     return DataBundle(bundle.name, train, test, bundle.classes, mean, std, dict(bundle.default_augment))
 
@@ -170,6 +172,7 @@ def _load(key: str, root: str | os.PathLike | None, download: bool, image_size: 
             raise ConfigError("download: only cifar10 and cifar100 can be downloaded; packed data is read from data.dir")
         from .packed import load_packed
 
+        assert root is not None  # check_root: packed needs data.dir
         return load_packed(root, image_size=size), False
     if download:
         raise ConfigError("download: only cifar10 and cifar100 can be downloaded; imagefolder reads a local folder or archive")

@@ -143,7 +143,7 @@ def find_splits(root: str | os.PathLike) -> tuple[Path, Path]:
     raise DataError(f"{base}: no val/ or test/ folder next to train/")
 
 
-def tree_bytes(root: str | os.PathLike) -> int:
+def tree_bytes(root: str | os.PathLike[str]) -> int:
     """Total size of the files under ``root`` (for choosing streaming automatically)."""
     total = 0
     for dirpath, _, files in os.walk(root, followlinks=True):

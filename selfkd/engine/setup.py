@@ -151,7 +151,8 @@ def _dry_forward(model: nn.Module, images: torch.Tensor, augment: BatchAugment, 
     model.eval()
     try:
         x = augment.normalize(images)
-        z = model.forward_exits(x)[-1] if hasattr(model, "forward_exits") else model(x)
+        forward_exits = getattr(model, "forward_exits", None)
+        z = forward_exits(x)[-1] if forward_exits is not None else model(x)
     except (RuntimeError, ValueError, IndexError) as err:
         first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)[:160]
         c, h, w = images.shape[1:]

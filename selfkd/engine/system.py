@@ -8,7 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -20,7 +20,8 @@ from .rundir import CHECKPOINT
 
 def compiled(model: nn.Module, mode: str) -> nn.Module:
     """``torch.compile(model)`` with a dynamic batch dimension (:class:`selfkd.nn_utils.DynamicBatch`)."""
-    return DynamicBatch(torch.compile(model, mode=None if mode == "default" else mode))
+    # torch.compile's stub returns a callable; given a Module it returns an OptimizedModule (a Module)
+    return DynamicBatch(cast(nn.Module, torch.compile(model, mode=None if mode == "default" else mode)))
 
 
 def check_compile_cache(folder: str | os.PathLike, key: str = "train.compile_cache") -> Path:

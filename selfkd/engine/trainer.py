@@ -70,7 +70,8 @@ class Trainer:
         dev = setup.device
         self.model = setup.model.to(dev)
         if setup.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # Module.to's stub overloads omit memory_format, which Module.to accepts
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.ddp: DistributedDataParallel | None = None
         train_model: nn.Module = self.model
         if self.world > 1:
@@ -246,14 +247,15 @@ class Trainer:
         self.model.eval()
         setup, dev = self.setup, self.setup.device
         bs, n = self.cfg.train.eval_batch_size, len(data)
-        multi = hasattr(self.model, "forward_exits")  # multi-exit models: score every exit, the deepest is the model
+        forward_exits = getattr(self.model, "forward_exits", None)
+        multi = forward_exits is not None  # multi-exit models: score every exit, the deepest is the model
         # the eager model in eval: DDP's forward would sync buffers, and no gradient flows here
         net = self.model if self.ddp is not None else self.forward_model
         outs: list[list[torch.Tensor]] = []
         for a, b in distributed.eval_chunks(n, bs, self.rank, self.world):
             x = self._prep(setup.augment.normalize(data.batch(range(a, b))[0].to(dev)))
             with self._autocast():
-                z = self.model.forward_exits(x) if multi else [net(x)]
+                z = forward_exits(x) if forward_exits is not None else [net(x)]
             outs.append([e.float().cpu() for e in z])
         exits = getattr(self.model, "num_exits", 1) if multi else 1
         cols = [torch.cat(col) for col in zip(*outs)] if outs else [torch.empty(0, setup.num_classes)] * exits
@@ -307,9 +309,9 @@ class Trainer:
             if gone:
                 self.log(f"removed {len(gone)} temp file{'s' if len(gone) != 1 else ''} of an interrupted write: "
                          f"{', '.join(gone)}")
-            state = ckpt.load(self.dir / CHECKPOINT)
-            run_state.restore(self, state)
-            system.resume_threads(state.get("threads"), self.threads, self.dir, self.log)
+            saved = ckpt.load(self.dir / CHECKPOINT)
+            run_state.restore(self, saved)
+            system.resume_threads(saved.get("threads"), self.threads, self.dir, self.log)
             if self.main:
                 self._write_metrics()  # drop lines of an epoch that never reached its checkpoint
             self.log(f"resumed {self.dir} at epoch {self.epoch}/{self.cfg.train.epochs}")
@@ -331,7 +333,7 @@ class Trainer:
             while self.epoch < total:
                 t0, compiled0 = time.perf_counter(), self._compile_seconds()
                 bar.start_epoch(self.epoch + 1, total)
-                row = {"epoch": self.epoch + 1}
+                row: dict[str, Any] = {"epoch": self.epoch + 1}
                 row.update(self._train_epoch(bar))
                 system.release_memory()  # the freed training heap, before evaluation maps its own batches
                 scored = (self.epoch + 1) % self.cfg.train.eval_every == 0 or self.epoch + 1 == total
@@ -353,8 +355,8 @@ class Trainer:
                 if self.main and scored and all(row["test_acc"] > old["test_acc"] for old in self.history if "test_acc" in old):
                     ckpt.save(self.dir / BEST, {"epoch": self.epoch, "model": self.model.state_dict()})
                 self.history.append(row)
-                state = run_state.capture(self)  # collective; the file is rank 0's
-                if self.main:
+                state = run_state.capture(self)  # collective; the file is rank 0's (None elsewhere)
+                if state is not None:
                     ckpt.save(self.dir / CHECKPOINT, state)
                     self._write_metrics()
                 bar.end_epoch(row)

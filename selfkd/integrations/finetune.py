@@ -56,7 +56,7 @@ from ..engine.rundir import CONFIG, DATA_INFO, METRICS, SUMMARY, TEST_CORRECT  #
 from ..engine.setup import select_device  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..methods import Method, build_method  # noqa: E402
-from .finetune_config import FinetuneConfig  # noqa: E402
+from .finetune_config import FinetuneConfig, required  # noqa: E402
 from .hf import SelfKDTrainer, drop_incomplete, last_checkpoint  # noqa: E402
 
 HF_DIR = "hf"
@@ -159,10 +159,10 @@ def build_finetune(cfg: FinetuneConfig, log: Callable[[str], None]) -> FinetuneS
         raise ConfigError(f"method.name: '{cfg.method.name}' runs forward passes of its own ({method.describe()}); "
                           "finetune runs the methods computed from the model's logits (ce, ls, dlb, pskd, ...)")
     d = cfg.data
-    bundle = load_text(d.path, format=d.format, text_column=d.text_column, label_column=d.label_column,
+    bundle = load_text(required(d.path, "data.path"), format=d.format, text_column=d.text_column, label_column=d.label_column,
                        encoding=d.encoding, classes=d.classes, test_fraction=d.test_fraction, split_seed=d.split_seed,
                        subset=d.subset, test_subset=d.test_subset, subset_seed=d.subset_seed)
-    path = Path(cfg.model.path).expanduser()
+    path = Path(required(cfg.model.path, "model.path")).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path {path}: no config.json there (expected a Hugging Face model folder)")
     try:  # before the tokenizer, which reads config.json too and would blame itself
@@ -207,7 +207,8 @@ def _args(s: FinetuneSetup, out: Path) -> transformers.TrainingArguments:
     return transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=c.optim.batch_size, num_train_epochs=c.train.epochs,
         learning_rate=c.optim.lr, weight_decay=c.optim.weight_decay, lr_scheduler_type=c.optim.schedule,
-        warmup_steps=int(math.ceil(c.optim.warmup_ratio * steps)), max_grad_norm=c.optim.max_grad_norm or None,
+        warmup_steps=int(math.ceil(c.optim.warmup_ratio * steps)),
+        max_grad_norm=c.optim.max_grad_norm or None,  # type: ignore[arg-type]  # None: no clipping (annotated float)
         save_strategy="epoch", save_total_limit=1, eval_strategy="no", logging_strategy="steps",
         logging_steps=c.train.log_every, report_to=[], seed=c.train.seed,  # selfkd's own sinks: _Epochs data_seed=c.train.seed,
         use_cpu=s.device.type == "cpu", bf16=bf16, disable_tqdm=True, dataloader_pin_memory=False,
@@ -284,6 +285,7 @@ class _Run:
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
         model = self.trainer.model
+        assert model is not None  # __init__ gave _Trainer the model
         was = model.training
         model.eval()
         dev = next(model.parameters()).device
@@ -355,8 +357,9 @@ class _Run:
         s, c = self.s, self.s.cfg
         n = torch.get_num_threads()
         lora = f" ({s.trainable:,} trainable, LoRA r={c.model.lora.r})" if c.model.lora.r > 0 else ""
-        return (f"{'/'.join(Path(c.data.path).parts[-2:])}: {len(s.train)} train / {len(s.test)} test, "
-                f"{s.bundle.num_classes} classes, {s.max_length} tokens max | {'/'.join(Path(c.model.path).parts[-2:])}: "
+        data, model = required(c.data.path, "data.path"), required(c.model.path, "model.path")
+        return (f"{'/'.join(Path(data).parts[-2:])}: {len(s.train)} train / {len(s.test)} test, "
+                f"{s.bundle.num_classes} classes, {s.max_length} tokens max | {'/'.join(Path(model).parts[-2:])}: "
                 f"{s.params:,} parameters{lora} | {s.method.describe()} | {s.device}, {n} thread{'s' if n != 1 else ''}"
                 f" | {self.dir}")
 
@@ -366,8 +369,8 @@ class _Run:
         best = max(h, key=lambda r: r["test_acc"])
         train_s = sum(r["train_seconds"] for r in h)
         return {
-            "kind": "finetune", "data": "/".join(Path(s.cfg.data.path).parts[-2:]),
-            "model": "/".join(Path(s.cfg.model.path).parts[-2:]),
+            "kind": "finetune", "data": "/".join(Path(required(s.cfg.data.path, "data.path")).parts[-2:]),
+            "model": "/".join(Path(required(s.cfg.model.path, "model.path")).parts[-2:]),
             "method": s.method.describe(), "epochs": len(h), "seed": s.cfg.train.seed,
             "last_acc": last["test_acc"], "best_acc": best["test_acc"], "best_epoch": best["epoch"],
             "macro_f1": last["test_macro_f1"], "ece": last["test_ece"], "nll": last["test_nll"],

@@ -8,7 +8,7 @@ reads a config before it imports :mod:`selfkd.integrations.finetune`).
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, model_validator
 
@@ -16,7 +16,7 @@ from ..engine.config import MethodCfg, Schema, Section, build_config, resolve
 from ..errors import ConfigError
 from ..methods import method_class
 
-KIND = "finetune"
+KIND: Final = "finetune"
 
 
 class TextDataCfg(Section):
@@ -100,6 +100,12 @@ def resolve_finetune(file: str | None = None, flags: dict[str, Any] | None = Non
                      overrides: list[str] | None = None) -> FinetuneConfig:
     cfg = resolve(file=file, flags=flags, overrides=overrides, schema=FinetuneConfig)
     for key, value in (("data.path", cfg.data.path), ("model.path", cfg.model.path)):
-        if not value:
-            raise ConfigError(f"{key} is required (flag {'--data' if key == 'data.path' else '--model'} or --set {key}=...)")
+        required(value, key)
     return cfg
+
+
+def required(value: str | None, key: str) -> str:
+    """``data.path`` or ``model.path``: given, else the one-line ConfigError naming its flag."""
+    if not value:
+        raise ConfigError(f"{key} is required (flag {'--data' if key == 'data.path' else '--model'} or --set {key}=...)")
+    return value

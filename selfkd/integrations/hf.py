@@ -66,8 +66,8 @@ import os
 import re
 import shutil
 from collections import deque
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping, Sized
+from typing import Any, cast
 
 from . import require
 
@@ -134,11 +134,12 @@ def _check_host() -> None:
     versions = {"transformers": transformers.__version__, "accelerate": accelerate.__version__}
     for package, owner, name, params, why in _surfaces():
         where = f"{owner.__name__}.{name}"
-        found = getattr(owner, name, _MISSING)
+        found: Any = getattr(owner, name, _MISSING)  # any attribute of the package
         got = None
         if found is _MISSING:
             got = "has none"
         elif params is not None:
+            sig: Mapping[str, inspect.Parameter]
             try:
                 sig = inspect.signature(found).parameters
             except (TypeError, ValueError):
@@ -257,6 +258,8 @@ class _MethodBatches(BatchSampler):
     by itself, so this wrapper first yields that many placeholders for the Trainer to discard.
     """
 
+    sampler: Any  # the Trainer's sampler of indices (with set_epoch when the method's sampler has none)
+
     def __init__(self, inner: Any, sampler: Any, batch_size: int, drop_last: bool):
         self.inner, self.sampler, self.batch_size, self.drop_last = inner, sampler, batch_size, drop_last
         self.skip = 0
@@ -318,10 +321,10 @@ class SelfKDTrainer(transformers.Trainer):
                 raise ConfigError("SelfKDTrainer: pass num_classes= (the model has no config.num_labels)")
             epochs = max(1, math.ceil(self.args.num_train_epochs))
             if self.args.max_steps and self.args.max_steps > 0:
-                per_rank = math.ceil(len(self.train_dataset) / self.args.world_size)  # DistributedSampler pads
+                per_rank = math.ceil(self._train_size() / self.args.world_size)  # DistributedSampler pads
                 steps_per_epoch = max(1, math.ceil(per_rank / self._train_batch_size))
                 epochs = max(1, math.ceil(self.args.max_steps * self.args.gradient_accumulation_steps / steps_per_epoch))
-            method.setup(num_samples=len(self.train_dataset), num_classes=int(k), epochs=epochs)
+            method.setup(num_samples=self._train_size(), num_classes=int(k), epochs=epochs)
         self.add_callback(_EpochHook(self))
 
     # -- data ------------------------------------------------------------------------------
@@ -403,7 +406,7 @@ class SelfKDTrainer(transformers.Trainer):
         targets = [b["labels"][:, 1:] if self.causal_lm else b["labels"] for b in batches]
         counts = self.method.token_counts(targets) or [{"tokens": (y != IGNORE).sum()} for y in targets]
         keys = list(counts[0])
-        total = torch.stack([sum(c[k] for c in counts) for k in keys]).to(device)
+        total = torch.stack([cast(torch.Tensor, sum(c[k] for c in counts)) for k in keys]).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             total = self.accelerator.gather(total[None]).sum(0)  # as the Trainer sums num_items_in_batch
         self._window.extend(counts)
@@ -422,7 +425,7 @@ class SelfKDTrainer(transformers.Trainer):
         if terms.keys() != counts.keys():
             raise TrainingError(f"SelfKDTrainer: method '{self.method.name}' returned loss terms {sorted(terms)} but "
                                 f"token_counts for {sorted(counts)}; they must name the same terms")
-        loss = sum(terms[k] * (counts[k] / totals[k].clamp_min(1)) for k in counts)
+        loss = cast(torch.Tensor, sum(terms[k] * (counts[k] / totals[k].clamp_min(1)) for k in counts))
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes
         return loss
@@ -456,6 +459,12 @@ class SelfKDTrainer(transformers.Trainer):
                 logs[f"selfkd/{k}"] = sum(vals) / len(vals)
             self._parts, self._part_steps = {}, 0
         super().log(logs, *args, **kwargs)
+
+    def _train_size(self) -> int:
+        """Samples in ``train_dataset``: a map-style data set, as the method's sampler needs."""
+        data = self.train_dataset
+        assert isinstance(data, Sized), "SelfKDTrainer: train_dataset must have a length"
+        return len(data)
 
     # -- state -----------------------------------------------------------------------------
     def _state_file(self, folder: str) -> str:
@@ -511,13 +520,15 @@ class SelfKDTrainer(transformers.Trainer):
         self.accelerator.wait_for_everyone()  # no rank goes on (on_save callbacks) before the folder is there
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        output_dir = self.args.output_dir
+        assert output_dir is not None  # TrainingArguments fills in its default folder
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_checkpoint(output_dir)
             if resume_from_checkpoint is None:
-                raise ConfigError(f"resume_from_checkpoint=True: no checkpoint in {self.args.output_dir} (incomplete "
+                raise ConfigError(f"resume_from_checkpoint=True: no checkpoint in {output_dir} (incomplete "
                                   "ones, left by a killed save, do not count)")
         if self.args.should_save:  # a save a kill interrupted: never renamed into place, never resumed from
-            shutil.rmtree(os.path.join(self.args.output_dir, SAVING), ignore_errors=True)
+            shutil.rmtree(os.path.join(output_dir, SAVING), ignore_errors=True)
         if resume_from_checkpoint:
             self._load_method_state(str(resume_from_checkpoint))
         try:
@@ -537,8 +548,8 @@ class SelfKDTrainer(transformers.Trainer):
                  if (m := _RANK_FILE.fullmatch(f))]
         single = os.path.isfile(os.path.join(folder, STATE))
         if (world == 1 and ranks and not single) or (world > 1 and (single or any(r >= world for r in ranks))):
-            saved = "1 process" if single else f"{max(ranks) + 1} ranks"
-            raise ConfigError(f"resume_from_checkpoint: {folder} holds the method state of {saved}, this run has "
+            held = "1 process" if single else f"{max(ranks) + 1} ranks"
+            raise ConfigError(f"resume_from_checkpoint: {folder} holds the method state of {held}, this run has "
                               f"{world} process{'es' if world > 1 else ''}; resume with the same world size")
         if not os.path.isfile(path):
             raise ConfigError(f"resume_from_checkpoint: {path} is missing (not a SelfKDTrainer checkpoint?)")
@@ -550,7 +561,7 @@ class SelfKDTrainer(transformers.Trainer):
         # a sampler that continues by itself (DLB's) gets placeholders for the batches the Trainer will
         # skip; any other sampler replays its seeded epoch order and the Trainer's skip is right as it is
         position = self.method.resumes_at()
-        n, bs = math.ceil(len(self.train_dataset) / self.args.world_size), self._train_batch_size  # per rank
+        n, bs = math.ceil(self._train_size() / self.args.world_size), self._train_batch_size  # per rank
         per_epoch = n // bs if self.args.dataloader_drop_last else math.ceil(n / bs)
         self._resume_skip = position if position is not None and 0 < position < per_epoch else 0
 

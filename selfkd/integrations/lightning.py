@@ -54,9 +54,10 @@ from typing import Any
 
 from . import require
 
-L = require("lightning", "lightning")
+require("lightning", "lightning")
 
 import torch  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler  # noqa: E402
 
 from ..errors import ConfigError  # noqa: E402
@@ -139,6 +140,8 @@ class _Loader(DataLoader):
     """A DataLoader with ``state_dict``/``load_state_dict``, which Lightning saves in its checkpoints and
     restores before the first batch of a resumed fit (what makes a loader resumable to Lightning)."""
 
+    batch_sampler: _MethodBatchSampler  # always: SelfKD.loader builds it with one
+
     def __iter__(self):
         batches = self.batch_sampler
         for batch in super().__iter__():
@@ -155,7 +158,7 @@ class _Loader(DataLoader):
         self.batch_sampler.resume = (int(state["epoch"]), int(state["batches"]))
 
 
-class SelfKD(L.pytorch.Callback):
+class SelfKD(Callback):
     """Runs a selfkd ``method`` in a Lightning fit (see the module docstring)."""
 
     def __init__(self, method: Method, num_classes: int, log_parts: bool = True):

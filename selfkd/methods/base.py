@@ -146,7 +146,7 @@ class Method:
     def batch_sampler(
         self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = False,
         labels: Tensor | None = None,
-    ) -> Sampler[list[int]]:
+    ) -> BatchSampler | PlannedBatchSampler:
         """Batches of dataset indices. Methods that shape their batches override this;
         ``labels`` (the training labels, indexed like the data set) serve class-aware samplers."""
         return BatchSampler(sampler, batch_size, drop_last)

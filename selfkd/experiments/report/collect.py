@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,12 @@ class RunInfo:
     @property
     def noisy(self) -> bool:
         return _noisy(flatten(self.config or {}))
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """The summary of a finished run (a run is finished exactly when its summary was read)."""
+        assert self.summary is not None, f"{self.path}: {self.status} run has no summary"
+        return self.summary
 
 
 @dataclass
@@ -159,7 +166,7 @@ def _cost(path: Path, summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def find_runs(dirs: list[str | Path]) -> list[RunInfo]:
+def find_runs(dirs: Sequence[str | Path]) -> list[RunInfo]:
     """Every run directory under ``dirs`` (sorted by path), plus planned runs from ``runs.json`` files
     that have no directory yet (status ``not started``)."""
     runs: list[RunInfo] = []
@@ -225,7 +232,7 @@ def fmt_value(v: Any) -> str:
 def _noise_text(flat: dict[str, Any]) -> str:
     if not _noisy(flat):
         return "clean"
-    return f"{flat.get('data.noise.kind')} {fmt_value(float(flat.get('data.noise.rate')))}"
+    return f"{flat.get('data.noise.kind')} {fmt_value(float(flat['data.noise.rate']))}"
 
 
 def _sortable(v: Any) -> tuple:
@@ -312,7 +319,8 @@ def _parts(g: Group, first: list[str], rest: list[str], noise: bool, own: list[s
     keys that vary (of the hyper-parameters, only ``own``: those of this group's method)."""
     if not g.flat:
         return [("run", g.runs[0].name, False, ())]
-    parts = [(_short(k, shown), fmt_value(g.flat.get(k)), False, (k,)) for k in first]
+    parts: list[tuple[str, str, bool, tuple[str, ...]]] = [
+        (_short(k, shown), fmt_value(g.flat.get(k)), False, (k,)) for k in first]
     if noise:
         parts.append(("noise", _noise_text(g.flat), True, NOISE))
     parts += [(_short(k, shown), fmt_value(g.flat.get(k)) if k in g.flat else "unset", False, (k,))

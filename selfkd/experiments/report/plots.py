@@ -133,7 +133,7 @@ def _points(pts: list[tuple[float, Group]], key: str, shift: float = 0.0
     are left out."""
     xs, ys, es, kept = [], [], [], []
     for x, g in sorted(pts, key=lambda p: p[0]):
-        st = stat([r.summary.get(key) for r in g.finished])
+        st = stat([r.result.get(key) for r in g.finished])
         if st["mean"] is not None:
             xs.append(x + shift)
             ys.append(st["mean"])
@@ -166,7 +166,7 @@ def plot_noise(groups: list[Group], colors: list, path: Path):
             key = name if len(kinds) <= 1 else f"{name} ({k})"
             lines.setdefault(key, []).append((rate, g))
     panels = [("last_acc", "last-epoch test accuracy (%)"), ("best_acc", BEST_LABEL)]
-    if any(stat([r.summary.get("memorized") for r in g.finished])["n"] for *_, g in points):
+    if any(stat([r.result.get("memorized") for r in g.finished])["n"] for *_, g in points):
         panels.append(("memorized", "noisy-label fit (%, memorised)"))
     palette = _colors(len(lines))
     fig, axes = _panels(len(panels), 4.6, 4.2, len(lines), sharex=True)
@@ -194,9 +194,9 @@ def compute_axis(groups: list[Group]) -> tuple[str, dict[int, float]]:
     fwd: dict[int, float] = {}
     both: dict[int, float | None] = {}
     for g in groups:
-        f = stat([r.summary.get("passes") for r in g.finished])
+        f = stat([r.result.get("passes") for r in g.finished])
         if g.flat and f["mean"] is not None:
-            b = stat([r.summary.get("backward_passes") for r in g.finished])
+            b = stat([r.result.get("backward_passes") for r in g.finished])
             fwd[id(g)] = f["mean"]
             both[id(g)] = f["mean"] + 2 * b["mean"] if b["n"] == f["n"] else None
     if fwd and None not in both.values():
@@ -249,8 +249,7 @@ def plot_reliability(groups: list[Group], colors: list, path: Path):
     """Per group, the reliability diagram of its bins summed over the finished runs, with the number of test
     images in each bin under it; the title's ECE is the results table's (mean ± std of the runs' ECEs).
     Returns the figure (None: no run has reliability bins)."""
-    items = [(g, c, pooled_reliability(g.finished)) for g, c in zip(groups, colors)]
-    items = [(g, c, rel) for g, c, rel in items if rel is not None]
+    items = [(g, c, rel) for g, c in zip(groups, colors) if (rel := pooled_reliability(g.finished)) is not None]
     if not items:
         return None
     ncols = min(4, len(items))
@@ -274,7 +273,7 @@ def plot_reliability(groups: list[Group], colors: list, path: Path):
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy", fontsize=8)
         ax.tick_params(labelsize=7, labelbottom=False)
-        ece = stat([r.summary.get("ece") for r in g.finished])  # the table's number
+        ece = stat([r.result.get("ece") for r in g.finished])  # the table's number
         runs = rel["runs"]
         ax.set_title(f"{_wrap(g.label)}\nECE {fmt_stat(ece, 4)} (mean over {ece['n']} run{'s' if ece['n'] != 1 else ''})"
                      f"\nbins summed over {runs} run{'s' if runs != 1 else ''}", fontsize=8)

@@ -94,7 +94,7 @@ def build_report(dirs: list[str], out: str | None = None, baseline: str | None =
     plots, plot_note = draw_plots(groups, report_dir)
     lines = _intro(dirs, runs, groups, noisy)
     lines += _results(groups, data_groups, columns)
-    if pairs is not None:
+    if baseline is not None and pairs is not None:  # pairs: with a baseline only
         lines += _paired_section(baseline, pairs)
     if plot_note:
         lines += [plot_note, ""]
@@ -117,7 +117,7 @@ def _columns(runs: list[RunInfo], noisy: bool) -> list[tuple[str, str, int]]:
 
 def _group_data(g: Group, columns: list[tuple[str, str, int]]) -> dict[str, Any]:
     """What report.json holds of a group: its config, statistics and every run."""
-    stats = {key: stat([r.summary.get(key) for r in g.finished]) for key, _, _ in columns}
+    stats = {key: stat([r.result.get(key) for r in g.finished]) for key, _, _ in columns}
     return {
         "label": g.label, "config": g.flat, "stats": stats,
         "finished": len(g.finished), "total": len(g.runs),

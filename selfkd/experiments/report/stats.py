@@ -96,14 +96,14 @@ def _correct(run: RunInfo) -> np.ndarray | None:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError):
         return None
-    acc = run.summary.get("last_acc")
+    acc = run.result.get("last_acc")
     if arr.ndim != 1 or not len(arr) or not isinstance(acc, (int, float)) or abs(100 * arr.mean() - acc) > 1e-6:
         return None
     return arr.astype(bool)
 
 
 def _test_size(run: RunInfo) -> int | None:
-    n = run.summary.get("test_images", run.summary.get("test_docs"))
+    n = run.result.get("test_images", run.result.get("test_docs"))
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
@@ -112,17 +112,19 @@ def interval(pairs: list[tuple[RunInfo, RunInfo]]) -> tuple[Interval | None, str
     :func:`~selfkd.experiments.intervals.paired_bootstrap` when every run has its per-image correctness,
     else :func:`~selfkd.experiments.intervals.paired_interval` from the accuracies and the test-set size.
     ``(None, why)`` when there is no interval."""
-    pairs = [(a, b) for a, b in pairs if all(isinstance(r.summary.get("last_acc"), (int, float)) for r in (a, b))]
+    pairs = [(a, b) for a, b in pairs if all(isinstance(r.result.get("last_acc"), (int, float)) for r in (a, b))]
     if len(pairs) < 2:
         return None, "an interval needs 2 seeds or more"
     correct = [(_correct(a), _correct(b)) for a, b in pairs]
-    if all(x is not None and y is not None for x, y in correct) and len({x.shape for c in correct for x in c}) == 1:
-        return paired_bootstrap(np.stack([x for x, _ in correct]), np.stack([y for _, y in correct])), ""
+    both = [(x, y) for x, y in correct if x is not None and y is not None]
+    if len(both) == len(correct) and len({x.shape for c in both for x in c}) == 1:
+        return paired_bootstrap(np.stack([x for x, _ in both]), np.stack([y for _, y in both])), ""
     sizes = {_test_size(r) for pair in pairs for r in pair}
-    if len(sizes) != 1 or None in sizes:
+    size = sizes.pop() if len(sizes) == 1 else None
+    if size is None:
         return None, "the runs do not record one test-set size"
-    return paired_interval([a.summary["last_acc"] for a, _ in pairs], [b.summary["last_acc"] for _, b in pairs],
-                           sizes.pop()), ""
+    return paired_interval([a.result["last_acc"] for a, _ in pairs], [b.result["last_acc"] for _, b in pairs],
+                           size), ""
 
 
 def paired(groups: list[Group], baseline: str) -> list[dict[str, Any]]:
@@ -143,8 +145,8 @@ def paired(groups: list[Group], baseline: str) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"label": g.label, "baseline": base.label if base is not None else None,
                                "pairs": len(runs), "compared": arms.get(id(base), 0)}
         for key, _, _ in PAIRED:
-            diffs = [a.summary[key] - b.summary[key] for a, b in runs
-                     if isinstance(a.summary.get(key), (int, float)) and isinstance(b.summary.get(key), (int, float))]
+            diffs = [a.result[key] - b.result[key] for a, b in runs
+                     if isinstance(a.result.get(key), (int, float)) and isinstance(b.result.get(key), (int, float))]
             better = sum((d > 0) if key.endswith("acc") else (d < 0) for d in diffs)
             row[key] = {**stat(diffs), "better": better}
         ci, why = interval(runs)
@@ -158,7 +160,7 @@ def paired(groups: list[Group], baseline: str) -> list[dict[str, Any]]:
 
 def pooled_reliability(runs: list[RunInfo]) -> dict[str, Any] | None:
     """Reliability bins summed over runs: count, mean confidence and accuracy per bin, and the ECE."""
-    rels = [r.summary.get("reliability") for r in runs if isinstance(r.summary.get("reliability"), dict)]
+    rels = [rel for r in runs if isinstance(rel := r.result.get("reliability"), dict)]
     if not rels:
         return None
     bins = rels[0]["bins"]

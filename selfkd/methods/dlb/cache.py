@@ -153,15 +153,16 @@ class LastBatch:
             raise TrainingError(f"DLB: {r} repeated rows but only {0 if cached is None else cached.shape[0]} cached logits")
         labels = host if host is not None else target
         cached_labels = self.labels
+        assert cached_labels is not None  # cached with the logits
         if cached_labels.device != labels.device:  # a plain loop switched between host and device labels
             cached_labels = cached_labels.to(labels.device)
         extra = [self.index, self.tail, self.weight]
         if logits.dim() == 3:  # tokens: re-lay the cache at the current positions (dynamic padding)
-            teacher, same = align_tokens(cached[:r], cached_labels[:r], labels[:r], padding_side)
+            teacher, same_rows = align_tokens(cached[:r], cached_labels[:r], labels[:r], padding_side)
             extra = [None if x is None else align_tokens(x[:r], cached_labels[:r], labels[:r], padding_side)[0]
                      for x in extra]
             mask = token_mask(target[:r])
-            same = bool(same)  # on the host with host labels: no device sync
+            same = bool(same_rows)  # on the host with host labels: no device sync
         else:
             teacher, mask = cached[:r], None
             extra = [None if x is None else x[:r] for x in extra]
@@ -199,6 +200,7 @@ class LastBatch:
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"steps": self.steps, "prev_new": self.prev_new.clone()}
         if self.logits is not None:
+            assert self.labels is not None  # cached with the logits
             state["cache_logits"] = self.logits.cpu().clone()
             state["cache_labels"] = self.labels.cpu().clone()
             for key, x in (("cache_index", self.index), ("cache_tail", self.tail), ("cache_weight", self.weight)):

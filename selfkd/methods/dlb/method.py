@@ -69,6 +69,7 @@ class DLB(Method):
     name = "dlb"
     formula = "CE(z, y) + α·T²·KL(softmax(z_prev/T) ‖ softmax(z_rep/T))"
     Params = DLBParams
+    hp: DLBParams
     supports_mix = True
     temperature = property(lambda self: self.hp.temperature)
     alpha = property(lambda self: self.hp.alpha)
@@ -146,7 +147,8 @@ class DLB(Method):
                               f"V={logits.shape[-1]}: expected 1 <= cache_topk <= {logits.shape[-1]}")
         r = layout.repeat
         rep_mix, new_mix = mixing.split_mix(mix, r, r + layout.new, last.mix)
-        alpha, parts = hp.alpha, {}
+        alpha: float | Tensor = hp.alpha  # a tensor under the confidence schedule
+        parts: dict[str, Tensor] = {}
         if r > 0:
             t = last.teacher(layout, logits, target, host, index, hp.padding_side)
             mask = t.mask
