@@ -20,6 +20,7 @@ to `OUT/runs/<sweep>/...`; the report recomputes from them (`--runs OUT/runs/rep
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -30,21 +31,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from evidence import RECORD  # noqa: E402  (the run record evidence.py keeps: summary, config, metrics, per-image)
+from selfkd.engine.config import flatten  # noqa: E402
 from selfkd.experiments.intervals import paired_interval  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-RECORD = ("summary.json", "config.yaml", "metrics.jsonl", "test_correct.npy")
 IGNORED = ("data.dir",)  # a path, relative to wherever the sweep file was
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def same(a: object, b: object) -> bool:
@@ -53,6 +45,7 @@ def same(a: object, b: object) -> bool:
     return a == b
 
 
+@functools.cache
 def reports() -> list[tuple[Path, dict]]:
     out = []
     for p in sorted(RESULTS.rglob("report.json")):
@@ -109,7 +102,7 @@ def main() -> None:
         if not root.exists():
             continue
         for run in finished(root):
-            cfg = flat(yaml.safe_load((run / "config.yaml").read_text()))
+            cfg = flatten(yaml.safe_load((run / "config.yaml").read_text()))
             summary = json.loads((run / "summary.json").read_text())
             if cfg["method.name"] == "ce":  # a committed CE run retrained today: how exactly do the pairs pair?
                 for path, g in groups_for(cfg, "ce", None):
