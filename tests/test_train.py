@@ -54,6 +54,7 @@ def test_train_writes_run_files(tmp_path, capsys):
         assert key in s, key
     assert s["epochs"] == 2 and s["last_acc"] == rows[-1]["test_acc"] and s["best_acc"] == max(r["test_acc"] for r in rows)
     assert s["forwards_per_sample"] == 2.0
+    assert s["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and s["cpu"]  # exact numbers depend on them
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and "cache_logits" in state["method"]
     assert "method:\n  name: dlb\n  temperature: 3.0" in (run / "config.yaml").read_text()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import resource
 import tempfile
 import time
@@ -154,3 +155,16 @@ def resume_threads(saved: Any, chosen: int | None, run_dir: Path, log: Callable[
     elif chosen != saved:
         log(f"{run_dir}: resuming with {chosen} threads, the run started with {saved}: the "
             "results will not be bit-identical to an uninterrupted run")
+
+
+def cpu_info() -> dict[str, str]:
+    """The host CPU's model name and the kernels torch dispatches to on it (AVX2 vs AVX512 on x86): float
+    results, and so a run's exact numbers, depend on both, so summary.json records them."""
+    name = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": name or platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}

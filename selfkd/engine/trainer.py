@@ -407,4 +407,5 @@ class Trainer:
             "world_size": self.world, "batch_size": self.cfg.optim.batch_size,
             "global_batch": self.cfg.optim.batch_size * self.world,  # new samples per step over all ranks
             "device": str(self.setup.device), "torch": torch.__version__, "python": platform.python_version(),
+            **system.cpu_info(),
         }
