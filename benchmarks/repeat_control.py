@@ -6,6 +6,7 @@ studies' CE and DLB runs, paired by seed, each with a 95% interval.
     selfkd train --preset cpu-short --data imagefolder --data-dir ../shared/data/cifar10-jpeg.tar.gz \
         --set data.subset=4000 --set data.test_subset=5000 --model resnet8 --method ce --epochs 6 --seed 0 \
         --device cpu --threads 1 --out benchmarks/runs/repeat_repro/ce-clean-seed0   # a committed CE run, retrained
+                                            # (ce-clean-seed0-avx512: the same, on an AVX512 CPU)
     python benchmarks/repeat_control.py [--runs DIR ...] [--out benchmarks/results/repeat_control] [--keep]
 
 Each finished repeat run is matched to the CE and DLB groups of the committed reports (`benchmarks/results/**/
@@ -108,8 +109,9 @@ def main() -> None:
                 for path, g in groups_for(cfg, "ce", None):
                     old = accs(g).get(cfg["train.seed"])
                     if old and same(g["config"].get("train.epochs"), cfg["train.epochs"]):
+                        exact = old == (summary["last_acc"], summary["ece"])  # ECE to the last bit: the same weights
                         repro.append((f"{root.name}/{run.relative_to(root)}", path, g["label"], cfg["train.seed"],
-                                      old[0], summary["last_acc"]))
+                                      old[0], summary["last_acc"], exact))
                         break
                 keep(a, root, run)
                 continue
@@ -175,18 +177,20 @@ def main() -> None:
               f"{3 * sum(1 for r in table if 'delta' in r)} in this table)."]
     if repro:
         lines += ["", "How exactly the pairs pair: committed CE runs retrained with today's code, same protocol and seed "
-                  "(their records are in `runs/` beside this report). A difference means the new runs pair with the "
-                  "committed ones by protocol and seed, not bit for bit (the cause was not traced), and the seed "
-                  "term of the interval absorbs the difference."]
+                  "(their records are in `runs/` beside this report). \"bit for bit\": accuracy and ECE equal to the "
+                  "last bit, i.e. the same final weights. Float kernels differ between CPUs (AVX2 vs AVX512), so a run "
+                  "retrained on another CPU pairs by protocol and seed only; the seed term of the interval absorbs "
+                  "that difference."]
         lines += [f"- `{r}` vs `{p.parent.relative_to(RESULTS)}` {lab}, seed {seed}: {new:.2f} today, {old:.2f} committed "
-                  f"(Δ {new - old:+.2f})" for r, p, lab, seed, old, new in repro]
+                  f"(Δ {new - old:+.2f}; {'bit for bit' if exact else 'not bit for bit'})"
+                  for r, p, lab, seed, old, new, exact in repro]
     if unmatched:
         lines += ["", "Runs that match no committed report's protocol (not paired): " + ", ".join(unmatched)]
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "report.md").write_text("\n".join(lines) + "\n")
     (a.out / "report.json").write_text(json.dumps({"rows": table, "unmatched": unmatched,
-                                                   "repro": [[r, str(p.relative_to(ROOT)), lab, seed, old, new]
-                                                             for r, p, lab, seed, old, new in repro]}, indent=1) + "\n")
+                                                   "repro": [[r, str(p.relative_to(ROOT)), lab, seed, old, new, exact]
+                                                             for r, p, lab, seed, old, new, exact in repro]}, indent=1) + "\n")
     print("\n".join(lines))
 
 
