@@ -22,9 +22,11 @@ demo: $(STAMP)
 
 # TEST_WORKERS: pytest-xdist processes (the test machines have 2 cores; 0: one process, no xdist). --dist loadfile
 # keeps each test file on one worker, so a file's module-scoped fixtures (the trained runs its tests share) are built once.
+# PYTEST_ARGS: more pytest options, e.g. make test PYTEST_ARGS="--durations=20" (the slowest tests).
 TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cifar10_cpu.py
