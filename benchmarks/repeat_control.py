@@ -81,6 +81,8 @@ def finished(root: Path) -> list[Path]:
 def keep(a: argparse.Namespace, root: Path, run: Path) -> None:
     if a.keep:
         dest = a.out / "runs" / root.name / run.relative_to(root)
+        if dest.resolve() == run.resolve():  # the report recomputed from its own records
+            return
         dest.mkdir(parents=True, exist_ok=True)
         for f in RECORD:
             if (run / f).exists():
