@@ -55,15 +55,21 @@ def _workers_rss() -> float:
     return total
 
 
+def _sampler(ds):
+    """The batches of 128 every row reads (the same draw for the loader and the decode-only rows)."""
+    import torch
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    return BatchSampler(RandomSampler(range(len(ds)), generator=torch.Generator().manual_seed(0)), 128, False)
+
+
 def rate(ds, batches: int, workers: int) -> tuple[float, float]:
     """(images/s, the workers' RSS in MiB at the end)."""
-    import torch
-    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+    from torch.utils.data import DataLoader
 
     from selfkd.data import BatchView
 
-    sampler = BatchSampler(RandomSampler(range(len(ds)), generator=torch.Generator().manual_seed(0)), 128, False)
-    loader = DataLoader(BatchView(ds), sampler=sampler, batch_size=None, num_workers=workers)
+    loader = DataLoader(BatchView(ds), sampler=_sampler(ds), batch_size=None, num_workers=workers)
     it = iter(loader)
     next(it)  # workers started
     t0 = time.perf_counter()
@@ -76,11 +82,7 @@ def rate(ds, batches: int, workers: int) -> tuple[float, float]:
 
 def decode_rate(ds, batches: int, procs: int) -> float:
     """images/s of ``procs`` forked processes decoding the ``batches`` batches between them by ``ds.batch``."""
-    import torch
-    from torch.utils.data import BatchSampler, RandomSampler
-
-    sampler = BatchSampler(RandomSampler(range(len(ds)), generator=torch.Generator().manual_seed(0)), 128, False)
-    todo = [b for _, b in zip(range(batches + 1), sampler)]
+    todo = [b for _, b in zip(range(batches + 1), _sampler(ds))]
     ds.batch(todo[0])  # warm, as the loader rows' first batch
     todo = todo[1:]
     t0 = time.perf_counter()
