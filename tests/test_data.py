@@ -117,6 +117,34 @@ def test_digits():
     assert big.train.images.shape == (1347, 1, 16, 16) and big.image_size == 16
 
 
+def test_digits_are_scikit_learns_images_and_split_without_importing_it():
+    """load_digits reads scikit-learn's CSV itself and draws train_test_split's split with its own code:
+    the same images in the same order as scikit-learn gives, and scikit-learn is not imported."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from selfkd.data.split import sklearn_split
+
+    d = load_digits()
+    x = np.rint(d.images.astype(np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    tr, te = train_test_split(np.arange(1797), test_size=0.25, stratify=d.target, random_state=0)
+    b = load_dataset("digits")
+    assert np.array_equal(b.train.images.numpy(), x[tr]) and np.array_equal(b.test.images.numpy(), x[te])
+    assert np.array_equal(b.train.labels.numpy(), d.target[tr]) and np.array_equal(b.test.labels.numpy(), d.target[te])
+    # the split itself on label sets with ties in the remainders, odd sizes, unequal classes, other seeds
+    gen = np.random.default_rng(0)
+    for n, k, frac, seed in ((50, 3, 0.3, 1), (101, 7, 0.25, 5), (37, 2, 0.5, 0), (200, 10, 0.17, 42)):
+        y = np.concatenate([np.arange(k), np.arange(k), gen.integers(0, k, n - 2 * k)])
+        want = train_test_split(np.arange(n), test_size=frac, stratify=y, random_state=seed)
+        got = sklearn_split(y, frac, seed)
+        assert all(np.array_equal(w, g) for w, g in zip(want, got)), (n, k, frac, seed)
+    code = "import sys; from selfkd.data import load_dataset; load_dataset('digits'); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 def test_default_cache_dir_read_at_call_time(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / "selfkd"

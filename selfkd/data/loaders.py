@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import torch
 from ..errors import ConfigError, DataError
 from ._util import channel_stats, check_image_size, default_cache_dir
 from .dataset import ArrayDataset, DataBundle, resize_uint8
-from .split import stratified_subset
+from .split import sklearn_split, stratified_subset
 
 KNOWN_DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "packed")
 
@@ -25,15 +27,19 @@ def load_digits() -> DataBundle:
 
     The split is fixed: ``train_test_split(test_size=0.25, stratify=y, random_state=0)`` over the
     sample indices, giving 1347 training and 450 test images in that function's (shuffled) order.
+    The CSV is read from scikit-learn's folder and the split computed by :func:`sklearn_split`, without
+    importing scikit-learn.
     """
-    from sklearn.datasets import load_digits as _sk_load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = _sk_load_digits()
-    x = np.rint(d.images.astype(np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
-    y = d.target.astype(np.int64)
-    idx = np.arange(len(y))
-    tr, te = train_test_split(idx, test_size=DIGITS_TEST_SIZE, stratify=y, random_state=DIGITS_SPLIT_SEED)
+    spec = importlib.util.find_spec("sklearn")  # a top-level package: found, not imported
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec and \
+        spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise DataError("digits: scikit-learn's digits.csv.gz was not found (pip install scikit-learn)")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    x = np.rint(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    y = table[:, -1].astype(np.int64)
+    tr, te = sklearn_split(y, DIGITS_TEST_SIZE, DIGITS_SPLIT_SEED)
     mean, std = channel_stats(x[tr])
     return DataBundle(
         name="digits",

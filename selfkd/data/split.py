@@ -1,6 +1,9 @@
 """Fixed, class-stratified draws of indices: subsets and train/test splits, from their own seed."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -42,3 +45,42 @@ def stratified_split(labels: torch.Tensor, test_fraction: float, seed: int) -> t
         test += idx[:k]
         train += idx[k:]
     return torch.tensor(sorted(train), dtype=torch.int64), torch.tensor(sorted(test), dtype=torch.int64)
+
+
+def _approximate_mode(counts: np.ndarray, n: int, rng: np.random.RandomState) -> np.ndarray:
+    """Per-class draws summing to ``n``: floor of each class's share, then one more for the largest
+    remainders, ties broken by ``rng`` (scikit-learn's ``_approximate_mode``, the same calls on ``rng``)."""
+    share = counts / counts.sum() * n
+    out = np.floor(share)
+    need = int(n - out.sum())
+    if need > 0:
+        rest = share - out
+        for value in np.sort(np.unique(rest))[::-1]:
+            (tied,) = np.where(rest == value)
+            take = min(len(tied), need)
+            out[rng.choice(tied, size=take, replace=False)] += 1
+            need -= take
+            if need == 0:
+                break
+    return out.astype(int)
+
+
+def sklearn_split(labels: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices exactly as ``sklearn.model_selection.train_test_split(range(n),
+    test_size=test_size, stratify=labels, random_state=seed)`` returns them, in its shuffled order,
+    without importing scikit-learn (a second and a half of every CLI process's start, for a fixed split).
+    tests/test_data.py checks it against scikit-learn itself."""
+    n = len(labels)
+    n_test = math.ceil(test_size * n)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_tr = _approximate_mode(counts, n - n_test, rng)
+    n_te = _approximate_mode(counts - n_tr, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i, idx in enumerate(by_class):
+        drawn = idx[rng.permutation(counts[i])]
+        train.extend(drawn[:n_tr[i]])
+        test.extend(drawn[n_tr[i]:n_tr[i] + n_te[i]])
+    return rng.permutation(train), rng.permutation(test)
