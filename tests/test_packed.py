@@ -2,10 +2,9 @@
 import io
 import json
 import pickle
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -125,14 +124,17 @@ def test_bad_shards_are_one_line_errors(tmp_path, capsys):
     assert "not a packed data set (no packed.json)" in _train_err(capsys, good)
 
 
-def test_pack_cli_refuses_a_folder_with_files_and_leaves_nothing_half_written(tmp_path):
+def test_pack_cli_refuses_a_folder_with_files_and_leaves_nothing_half_written(tmp_path, capsys):
     root = tree(tmp_path / "t", n=2)
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "selfkd", "pack", *args], capture_output=True, text=True, timeout=120)
+        capsys.readouterr()
+        code = main(["pack", *args])
+        got = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=got.out, stderr=got.err)
 
     res = cli(str(root), "--out", str(out))
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "folder holds other files (notes.txt)" in res.stderr
