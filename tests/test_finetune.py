@@ -60,6 +60,7 @@ def test_dlb_run_directory_summary_and_report(parts, tmp_path, capsys):
         assert key in s
     assert s["last_acc"] == rows[-1]["test_acc"] and s["macro_f1"] == rows[-1]["test_macro_f1"]
     assert s["forwards_per_sample"] == 2.0 and s["train_docs"] == 18 and s["test_docs"] == 6
+    assert s["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and s["cpu"]  # as selfkd train's summary
     hits = np.load(run / "test_correct.npy", allow_pickle=False)  # the final evaluation's, one per test document
     assert hits.dtype == np.bool_ and hits.shape == (6,) and 100.0 * int(hits.sum()) / 6 == s["last_acc"]
     data = json.loads((run / "data.json").read_text())

@@ -50,6 +50,7 @@ from ..data.text import TextBundle, describe, load_text  # noqa: E402
 from ..engine import checkpoint as ckpt  # noqa: E402
 from ..engine import logs as runlogs  # noqa: E402
 from ..engine import rundir  # noqa: E402
+from ..engine import system  # noqa: E402
 from ..engine.logs import CSV, RunLogs, write_csv  # noqa: E402
 from ..engine.metrics import classification_metrics, macro_f1, reliability, topk_hits  # noqa: E402
 from ..engine.rundir import CONFIG, DATA_INFO, METRICS, SUMMARY, TEST_CORRECT  # noqa: E402
@@ -383,6 +384,7 @@ class _Run:
             "max_length": s.max_length, "truncated_train": s.truncated["train"], "truncated_test": s.truncated["test"],
             "threads": torch.get_num_threads(), "device": str(s.device), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
+            **system.cpu_info(),  # exact numbers depend on the CPU's kernels, as in selfkd train's summary
         }
 
 
