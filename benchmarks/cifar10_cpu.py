@@ -79,7 +79,7 @@ HEAD = ("| method | epochs | last acc % | best acc % | ECE | NLL | seconds | tra
         "|---|---|---|---|---|---|---|---|---|")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["ce", "dlb"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=HERE / "cache")
     p.add_argument("--runs", type=Path, default=HERE / "runs" / "cifar10_cpu")
     p.add_argument("--results", type=Path, default=HERE / "results" / "cifar10_cpu.md")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
 
     fps = {m: build_method(m).forwards_per_sample for m in a.methods}
     plan = [(m, a.epochs) for m in a.methods]

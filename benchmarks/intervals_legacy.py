@@ -94,14 +94,20 @@ def lm_rows(md: Path) -> list[str]:
     return rows
 
 
-def cifar15_rows() -> list[str]:
-    """The 15-epoch benchmark: its per-seed table (seed | CE 15 | DLB 15 | CE 30) in benchmarks/README.md,
-    which copies results/cifar10_cpu.md's runs; full 10,000-image test set."""
+def cifar15_seeds() -> dict[str, dict[int, float]]:
+    """The 15-epoch benchmark's per-seed last-epoch accuracies, {"ce": {seed: acc}, "dlb": ..., "ce30": ...},
+    from its per-seed table (seed | CE 15 | DLB 15 | CE 30) in benchmarks/README.md, which copies
+    results/cifar10_cpu.md's runs; full 10,000-image test set."""
     text = (ROOT / "benchmarks" / "README.md").read_text()
     section = text.split("## What the CIFAR-10 CPU benchmark shows", 1)[1].split("\n## ", 1)[0]
-    seeds = [[float(x) for x in m.groups()] for m in
-             re.finditer(r"^\| (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", section, re.M)]
-    ce, dlb, ce2 = ([r[i] for r in seeds] for i in (1, 2, 3))
+    rows = [m.groups() for m in re.finditer(r"^\| (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", section, re.M)]
+    return {arm: {int(r[0]): float(r[i]) for r in rows} for i, arm in ((1, "ce"), (2, "dlb"), (3, "ce30"))}
+
+
+def cifar15_rows() -> list[str]:
+    """The 15-epoch benchmark's two comparisons (:func:`cifar15_seeds`)."""
+    seeds = cifar15_seeds()
+    ce, dlb, ce2 = (list(seeds[k].values()) for k in ("ce", "dlb", "ce30"))
     rows = []
     for arm, base, a, b in (("dlb, 15 epochs", "ce, 15 epochs", dlb, ce), ("dlb, 15 epochs", "ce, 30 epochs", dlb, ce2)):
         iv = paired_interval(a, b, 10000)
@@ -120,6 +126,8 @@ def main() -> None:
     print("| report | arm | baseline | units | test images | Δ acc [95% interval] | excl. 0 | k |")
     print("|---|---|---|---|---|---|---|---|")
     for report in sorted(RESULTS.rglob("report.json")):
+        if {"evidence_cifar10", "repeat_control"} & set(report.parts):  # the new studies carry their own intervals
+            continue
         for row in sweep_rows(report):
             print(row)
     for row in cifar15_rows():

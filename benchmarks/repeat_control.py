@@ -3,6 +3,7 @@ studies' CE and DLB runs, paired by seed, each with a 95% interval.
 
     selfkd sweep configs/cpu/repeat_short.yaml --threads 1       # 21 runs: 6-epoch clean / noise / augmentation
     selfkd sweep configs/cpu/repeat_converged.yaml --threads 1   # 9 runs: converged clean / sym40 / asym40
+    selfkd sweep configs/cpu/repeat_15epoch.yaml --threads 1     # 3 runs: the 15-epoch study (cifar10_cpu.py)
     selfkd train --preset cpu-short --data imagefolder --data-dir ../shared/data/cifar10-jpeg.tar.gz \
         --set data.subset=4000 --set data.test_subset=5000 --model resnet8 --method ce --epochs 6 --seed 0 \
         --device cpu --threads 1 --out benchmarks/runs/repeat_repro/ce-clean-seed0   # a committed CE run, retrained
@@ -32,12 +33,15 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cifar10_cpu  # noqa: E402  (the 15-epoch study's configuration)
 from evidence import RECORD  # noqa: E402  (the run record evidence.py keeps: summary, config, metrics, per-image)
+from intervals_legacy import cifar15_seeds  # noqa: E402
 from selfkd.engine.config import flatten  # noqa: E402
 from selfkd.experiments.intervals import paired_interval  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-IGNORED = ("data.dir",)  # a path, relative to wherever the sweep file was
+IGNORED = ("data.dir", "data.cache_dir")  # paths, relative to wherever the sweep file was
+CIFAR15 = RESULTS / "cifar10_cpu.md"
 
 
 def same(a: object, b: object) -> bool:
@@ -53,7 +57,27 @@ def reports() -> list[tuple[Path, dict]]:
         if "evidence_cifar10" in p.parts or "repeat_control" in p.parts:
             continue
         out.append((p, json.loads(p.read_text())))
+    out.append((CIFAR15, cifar15_report()))
     return out
+
+
+def cifar15_report() -> dict:
+    """The 15-epoch study (benchmarks/cifar10_cpu.py) as report groups: its configuration from the script, its
+    per-seed last-epoch accuracies from the committed table (no per-seed ECE was kept: NaN)."""
+    args = cifar10_cpu.parser().parse_args([])
+    seeds = cifar15_seeds()
+    groups = []
+    for arm, method, epochs in (("ce", "ce", 15), ("dlb", "dlb", 15), ("ce30", "ce", 30)):
+        cfg = flatten(cifar10_cpu.config(args, method, epochs, 0).to_dict())
+        cfg.pop("train.seed")
+        runs = [{"seed": k, "last_acc": v, "ece": float("nan"), "status": "finished"} for k, v in seeds[arm].items()]
+        groups.append({"label": f"{method}, {epochs} epochs", "config": cfg, "runs": runs})
+    return {"groups": groups}
+
+
+def study(path: Path) -> str:
+    """A report's name in the table: its folder, or the file for a study without one."""
+    return str((path if path.suffix == ".md" else path.parent).relative_to(RESULTS))
 
 
 def groups_for(cfg: dict, method: str, alpha: float | None) -> list[tuple[Path, dict]]:
@@ -93,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=Path, nargs="+",
                     default=[ROOT / "benchmarks/runs/repeat_short", ROOT / "benchmarks/runs/repeat_converged",
-                             ROOT / "benchmarks/runs/repeat_repro"])
+                             ROOT / "benchmarks/runs/repeat_15epoch", ROOT / "benchmarks/runs/repeat_repro"])
     ap.add_argument("--out", type=Path, default=RESULTS / "repeat_control")
     ap.add_argument("--keep", action="store_true", help="copy the finished runs' records (no weights) to OUT/runs/")
     a = ap.parse_args()
@@ -119,7 +143,7 @@ def main() -> None:
                 continue
             if cfg["method.name"] != "dlb" or not same(cfg["method.alpha"], 0.0):
                 continue
-            setting = next(p for p in run.relative_to(root).parts if p.startswith("setting="))
+            setting = next((p for p in run.relative_to(root).parts if p.startswith("setting=")), "setting=clean")
             key = (root.name, setting.split("=", 1)[1])
             ce, dlb = groups_for(cfg, "ce", None), groups_for(cfg, "dlb", 1.0)
             # a CE group at more epochs is another arm (equal compute), not this protocol's baseline
@@ -133,14 +157,16 @@ def main() -> None:
 
     lines = ["# The repeat-only control next to the older studies", "",
              "Commands: `selfkd sweep configs/cpu/repeat_short.yaml --threads 1`, "
-             "`selfkd sweep configs/cpu/repeat_converged.yaml --threads 1`, then "
+             "`selfkd sweep configs/cpu/repeat_converged.yaml --threads 1`, "
+             "`selfkd sweep configs/cpu/repeat_15epoch.yaml --threads 1`, then "
              "`python benchmarks/repeat_control.py --keep`.", "",
              "`dlb-repeat` is DLB's sampler and batches with alpha = 0: every row, the repeated half included, gets "
              "CE; no KD term. Each run is paired by seed with the CE and DLB runs of the report whose protocol it "
              "matches key for key (named below). Δ = last-epoch accuracy difference in points with a 95% interval "
              "(t over the seeds, widened by a conservative binomial test-sampling term; the older runs kept no "
              "per-image predictions). k = 3 comparisons per setting share these runs. dECE: mean paired difference "
-             "in expected calibration error (negative = better calibrated).", "",
+             "in expected calibration error (negative = better calibrated; — where the study kept no per-seed ECE: "
+             "the 15-epoch study's per-seed accuracies are benchmarks/README.md's table).", "",
              "| study | setting | seeds | test images | CE | dlb-repeat | DLB | dlb-repeat − CE | DLB − dlb-repeat | "
              "DLB − CE | dECE rep − CE | dECE DLB − rep |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -171,10 +197,10 @@ def main() -> None:
         row.update({"acc": {"ce": mean(col(ce, 0)), "dlb-repeat": mean(col(rep, 0)), "dlb": mean(col(dlb, 0))},
                     "delta": {k: {"mean": v.mean, "lo": v.lo, "hi": v.hi} for k, v in ivs.items()}, "dece": dece})
         table.append(row)
-        lines.append(f"| {sweep} (`{s['ce'][0].parent.relative_to(RESULTS)}`) | {setting} | {len(seeds)} | {n_test} | "
+        lines.append(f"| {sweep} (`{study(s['ce'][0])}`) | {setting} | {len(seeds)} | {n_test} | "
                      f"{row['acc']['ce']:.2f} | {row['acc']['dlb-repeat']:.2f} | {row['acc']['dlb']:.2f} | "
                      + " | ".join(ivs[k].text() + (" *" if ivs[k].excludes_zero() else "") for k in ivs)
-                     + f" | {dece['rep-ce']:+.4f} | {dece['dlb-rep']:+.4f} |")
+                     + "".join(f" | {v:+.4f}" if v == v else " | —" for v in dece.values()) + " |")  # NaN: not kept
     lines += ["", "`*`: the interval excludes zero (one of k = 3 comparisons per setting, and of "
               f"{3 * sum(1 for r in table if 'delta' in r)} in this table)."]
     if repro:
@@ -183,7 +209,7 @@ def main() -> None:
                   "last bit, i.e. the same final weights. Float kernels differ between CPUs (AVX2 vs AVX512), so a run "
                   "retrained on another CPU pairs by protocol and seed only; the seed term of the interval absorbs "
                   "that difference."]
-        lines += [f"- `{r}` vs `{p.parent.relative_to(RESULTS)}` {lab}, seed {seed}: {new:.2f} today, {old:.2f} committed "
+        lines += [f"- `{r}` vs `{study(p)}` {lab}, seed {seed}: {new:.2f} today, {old:.2f} committed "
                   f"(Δ {new - old:+.2f}; {'bit for bit' if exact else 'not bit for bit'})"
                   for r, p, lab, seed, old, new, exact in repro]
     if unmatched:
