@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import cifar10_cpu  # noqa: E402  (the 15-epoch study's configuration)
 from evidence import RECORD  # noqa: E402  (the run record evidence.py keeps: summary, config, metrics, per-image)
-from intervals_legacy import cifar15_seeds  # noqa: E402
+from intervals_legacy import cifar15_seeds, older_reports  # noqa: E402
 from selfkd.engine.config import flatten  # noqa: E402
 from selfkd.experiments.intervals import paired_interval  # noqa: E402
 
@@ -52,13 +52,8 @@ def same(a: object, b: object) -> bool:
 
 @functools.cache
 def reports() -> list[tuple[Path, dict]]:
-    out = []
-    for p in sorted(RESULTS.rglob("report.json")):
-        if "evidence_cifar10" in p.parts or "repeat_control" in p.parts:
-            continue
-        out.append((p, json.loads(p.read_text())))
-    out.append((CIFAR15, cifar15_report()))
-    return out
+    """Every older study's report (its path, its JSON), the 15-epoch study's from its table (no report.json)."""
+    return [*((p, json.loads(p.read_text())) for p in older_reports()), (CIFAR15, cifar15_report())]
 
 
 def cifar15_report() -> dict:

@@ -23,12 +23,13 @@ def test_intervals_legacy_recomputes_its_committed_table():
     assert _script("intervals_legacy.py") == (RESULTS / "intervals_legacy.md").read_text()
 
 
-@pytest.mark.parametrize("name,args", [
-    ("repeat_control.py", lambda runs: ["--runs", *(str(runs / d) for d in sorted(p.name for p in runs.iterdir()))]),
-    ("evidence.py", lambda runs: ["--core", str(runs / "core"), "--rf", str(runs / "rf")]),
+@pytest.mark.parametrize("name,folder,args", [
+    ("repeat_control.py", "repeat_control",
+     lambda runs: ["--runs", *(str(runs / d) for d in sorted(p.name for p in runs.iterdir()))]),
+    ("evidence.py", "evidence_cifar10", lambda runs: ["--core", str(runs / "core"), "--rf", str(runs / "rf")]),
 ], ids=["repeat_control", "evidence"])
-def test_report_recomputes_from_its_committed_records(tmp_path, name, args):
-    committed = RESULTS / ("repeat_control" if name == "repeat_control.py" else "evidence_cifar10")
+def test_report_recomputes_from_its_committed_records(tmp_path, name, folder, args):
+    committed = RESULTS / folder
     runs = tmp_path / "runs"
     shutil.copytree(committed / "runs", runs)
     _script(name, *args(runs), "--out", str(tmp_path / "out"))

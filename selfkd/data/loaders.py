@@ -31,8 +31,8 @@ def load_digits() -> DataBundle:
     importing scikit-learn.
     """
     spec = importlib.util.find_spec("sklearn")  # a top-level package: found, not imported
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec and \
-        spec.submodule_search_locations else None
+    roots = spec.submodule_search_locations if spec else None
+    path = Path(roots[0]) / "datasets" / "data" / "digits.csv.gz" if roots else None
     if path is None or not path.is_file():
         raise DataError("digits: scikit-learn's digits.csv.gz was not found (pip install scikit-learn)")
     with gzip.open(path, "rt") as f:
