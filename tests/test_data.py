@@ -145,6 +145,14 @@ def test_digits_are_scikit_learns_images_and_split_without_importing_it():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
+def test_digits_without_scikit_learns_file_is_one_line(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)  # scikit-learn not installed
+    with pytest.raises(DataError, match=r"^digits: scikit-learn's digits.csv.gz was not found \(pip install scikit-learn\)$"):
+        load_dataset("digits")
+
+
 def test_default_cache_dir_read_at_call_time(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / "selfkd"
