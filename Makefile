@@ -21,12 +21,14 @@ demo: $(STAMP)
 	$(BIN)/selfkd demo
 
 # TEST_WORKERS: pytest-xdist processes (the test machines have 2 cores; 0: one process, no xdist). --dist loadfile
-# keeps each test file on one worker, so a file's module-scoped fixtures (the trained runs its tests share) are built once.
+# keeps each test file on one worker, so a file's module-scoped fixtures (the trained runs its tests share) are built once;
+# --no-loadscope-reorder hands out the files in tests/conftest.py's order, the slowest first (xdist's own order, by
+# test count, put the few-test multi-process files last, where one of them alone kept a worker busy at the end).
 # PYTEST_ARGS: more pytest options, e.g. make test PYTEST_ARGS="--durations=20" (the slowest tests).
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cifar10_cpu.py

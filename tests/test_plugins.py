@@ -213,17 +213,19 @@ def test_imports_recorded_and_reimported_by_resume_and_export(tmp_path, monkeypa
     (run / "summary.json").unlink()  # the last checkpoint is the last epoch: resume finishes the run
     res = _selfkd(["train", "--resume", str(run)], cwd=tmp_path, env=env)
     assert res.returncode == 0 and (run / "summary.json").is_file(), res.stderr
-    # a .py path is recorded absolute, so it works from any folder
+    # a .py path is recorded absolute, so it works from any folder (trained here: a new process is the export's)
     run2 = tmp_path / "run2"
-    res = _selfkd(["train", "--import", "plug/sat_mod.py", *BASE, "--method", "sat", "--epochs", "1", "--out",
-                   str(run2)], cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--import", "plug/sat_mod.py", *BASE, "--method", "sat", "--epochs", "1", "--out",
+                 str(run2)]) == 0
+    del sys.modules["sat_mod"]  # imported by path under its file's name, its folder put first on sys.path
+    sys.path.remove(str(plug))
     assert yaml.safe_load((run2 / "config.yaml").read_text())["imports"] == [str(plug / "sat_mod.py")]
-    res = _selfkd(["export", str(run2), "--format", "export", "--out", str(tmp_path / "m.pt2")], cwd=run2)
+    res = _selfkd(["export", str(run2), "--format", "safetensors", "--out", str(tmp_path / "m2.safetensors")],
+                  cwd=run2)
     assert res.returncode == 0, res.stderr
     # a recorded module that cannot be imported (here, in this process, where plug/ is not on the path): one
     # line naming it, nothing written
-    monkeypatch.chdir(tmp_path)
     assert "sat_mod" not in sys.modules
     capsys.readouterr()
     assert main(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "n.safetensors")]) == 2
