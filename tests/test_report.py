@@ -142,7 +142,7 @@ def noise_grid(grid, tmp_path):  # noqa: F811
 
 
 def test_a_baseline_method_is_paired_within_each_noise_value(noise_grid, tmp_path):
-    md = build_report([str(noise_grid)], out=str(tmp_path / "rep"), baseline="method=ce")
+    md = build_report([str(noise_grid)], out=str(tmp_path / "rep"), baseline="method=ce", plots=False)
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     rows = {p["label"]: p for p in data["paired"]}
     assert set(rows) == {"method=dlb, noise=clean", "method=dlb, noise=symmetric 0.4"}
@@ -159,7 +159,7 @@ def test_a_baseline_method_is_paired_within_each_noise_value(noise_grid, tmp_pat
 
 
 def test_a_baseline_noise_value_is_paired_within_each_method(noise_grid, tmp_path):
-    build_report([str(noise_grid)], out=str(tmp_path / "rep"), baseline="noise=clean")
+    build_report([str(noise_grid)], out=str(tmp_path / "rep"), baseline="noise=clean", plots=False)
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert [(p["label"], p["baseline"], p["last_acc"]["mean"]) for p in data["paired"]] == [
         ("method=ce, noise=symmetric 0.4", "method=ce, noise=clean", -9.0),
@@ -191,7 +191,7 @@ def test_a_bad_or_ambiguous_baseline_is_one_line_and_writes_nothing(noise_grid, 
 
 def test_paired_differences_carry_the_intervals_of_intervals_py(noise_grid, tmp_path):
     """Without per-image correctness: paired_interval on the summaries; with RUN/test_correct.npy: the bootstrap."""
-    build_report([str(noise_grid)], out=str(tmp_path / "rep"), baseline="method=ce")
+    build_report([str(noise_grid)], out=str(tmp_path / "rep"), baseline="method=ce", plots=False)
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     n_test = json.loads((next(noise_grid.iterdir()) / "summary.json").read_text())["test_images"]
     for noisy in (False, True):
@@ -210,7 +210,7 @@ def test_paired_differences_carry_the_intervals_of_intervals_py(noise_grid, tmp_
         np.save(run / "test_correct.npy", arr)
         s = json.loads((run / "summary.json").read_text())
         (run / "summary.json").write_text(json.dumps({**s, "last_acc": 100.0 * arr.mean()}))
-    md = build_report([str(noise_grid)], out=str(tmp_path / "rep2"), baseline="method=ce")
+    md = build_report([str(noise_grid)], out=str(tmp_path / "rep2"), baseline="method=ce", plots=False)
     data = json.loads((tmp_path / "rep2" / "report.json").read_text())
     row = next(p for p in data["paired"] if p["label"] == "method=dlb, noise=clean")
     want = paired_bootstrap(np.stack([correct[f"dlb-clean-{s}"] for s in (0, 1)]),
@@ -233,7 +233,8 @@ def test_selfkd_train_runs_report_the_bootstrap_interval(grid, tmp_path):  # noq
     """`selfkd train` writes RUN/test_correct.npy, so `selfkd report` on real runs uses the paired bootstrap."""
     from selfkd.cli import main
 
-    assert main(["report", str(grid[0] / "runs"), "--out", str(tmp_path / "rep"), "--baseline", "method=ce"]) == 0
+    assert main(["report", str(grid[0] / "runs"), "--out", str(tmp_path / "rep"), "--baseline", "method=ce",
+                 "--no-plots"]) == 0
     (row,) = json.loads((tmp_path / "rep" / "report.json").read_text())["paired"]
     bootstrap_of({"a": [real(grid, "dlb", s) for s in (0, 1)], "b": [real(grid, "ce", s) for s in (0, 1)]}, row)
     i = row["last_acc"]["interval"]
@@ -245,7 +246,7 @@ def test_selfkd_train_runs_report_the_bootstrap_interval(grid, tmp_path):  # noq
         for seed in (0, 1):
             fake(real(grid, method, seed), root / f"{method}-clean-{seed}")
             fake(real(grid, method, seed), root / f"{method}-noisy-{seed}", config=NOISY)
-    build_report([str(root)], out=str(tmp_path / "rep2"), baseline="method=ce")
+    build_report([str(root)], out=str(tmp_path / "rep2"), baseline="method=ce", plots=False)
     rows = {p["label"]: p for p in json.loads((tmp_path / "rep2" / "report.json").read_text())["paired"]}
     for noise in ("clean", "noisy"):
         label = "method=dlb, noise=" + ("clean" if noise == "clean" else "symmetric 0.4")
@@ -259,7 +260,7 @@ def test_several_arms_against_one_baseline_are_counted(grid, tmp_path):  # noqa:
         fake(real(grid, "ce", seed), root / f"ce-{seed}")
         for alpha in (0.5, 1.0, 2.0):
             fake(real(grid, "dlb", seed), root / f"dlb-{alpha}-{seed}", config={"method.alpha": alpha})
-    md = build_report([str(root)], out=str(tmp_path / "rep"), baseline="method=ce")
+    md = build_report([str(root)], out=str(tmp_path / "rep"), baseline="method=ce", plots=False)
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert [(p["label"], p["pairs"], p["compared"]) for p in data["paired"]] == [
         (f"method=dlb, alpha={a:g}", 2, 3) for a in (0.5, 1.0, 2.0)]
@@ -267,7 +268,7 @@ def test_several_arms_against_one_baseline_are_counted(grid, tmp_path):  # noqa:
 
 
 def test_best_epoch_accuracy_is_labelled_test_selected(grid, tmp_path):  # noqa: F811
-    md = build_report([str(grid[0] / "runs")], out=str(tmp_path / "rep"), baseline="method=ce")
+    md = build_report([str(grid[0] / "runs")], out=str(tmp_path / "rep"), baseline="method=ce", plots=False)
     assert "| best-epoch acc % (test-selected) |" in md and "| Δ best-epoch acc (test-selected) |" in md
     assert "| last acc % |" in md and "the headline" in md
     assert "wall s (measured)" in md and "possibly shared with other work" in md
@@ -287,7 +288,7 @@ def test_reliability_titles_carry_the_tables_ece_and_the_bins_show_their_counts(
     for method in ("ce", "dlb"):  # ECEs far from the pooled bins' ECE, so the title shows which one it carries
         for seed, ece in ((0, 0.05), (1, 0.25)):
             fake(real(grid, method, seed), runs / f"{method}-{seed}", summary={"ece": ece})
-    build_report([str(runs)], out=str(tmp_path / "rep"))
+    build_report([str(runs)], out=str(tmp_path / "rep"), plots=False)
     table = {g["label"]: g["stats"]["ece"] for g in json.loads((tmp_path / "rep" / "report.json").read_text())["groups"]}
     groups, fig = figure(plots_mod.plot_reliability, runs, tmp_path)
     diagrams = [ax for ax in fig.axes if ax.get_title()]
@@ -348,7 +349,7 @@ def test_compute_plot_spreads_groups_at_one_compute_and_prints_no_labels(grid, t
         fake(real(grid, "ce", seed), root / f"ce2-{seed}", config={"train.epochs": 2},
              summary={"epochs": 2, "forward_passes": 2.0, "backward_passes": 2.0})
         fake(real(grid, "dlb", seed), root / f"dlb-{seed}")
-    md = build_report([str(root)], out=str(tmp_path / "rep"))
+    md = build_report([str(root)], out=str(tmp_path / "rep"), plots=False)
     assert "| 2.00 ± 0.00 | 2.00 ± 0.00 |" in next(line for line in md.splitlines() if line.startswith("| method=dlb, epochs=1 |"))
     groups, fig = figure(plots_mod.plot_compute, root, tmp_path)
     ax = fig.axes[0]

@@ -143,7 +143,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
         result = run_sweep(path, progress=False, log=lambda m: None)
         assert (result["skipped"], result["failed"], result["finished"]) == (1, 2, 0)
 
-        md = build_report([str(runs)], out=str(tmp_path / "rep"))
+        md = build_report([str(runs)], out=str(tmp_path / "rep"), plots=False)
     rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| method=")}
     assert "1 failed: TrainingError: non-finite loss at epoch 1 step 1" in rows["method=test-sweep-nan, data=digits, data dir=none"]
     assert "| 0/1 |" in rows["method=test-sweep-nan, data=digits, data dir=none"]
@@ -379,11 +379,22 @@ def test_report_tables_match_the_summaries_and_plots_are_pngs(grid, tmp_path):
     assert png_ok(out / "acc_curves.png") and png_ok(out / "reliability.png")
     assert "](acc_curves.png)" in md and "](reliability.png)" in md
     assert not (out / "acc_vs_noise.png").exists() and "acc_vs_noise" not in md  # the runs do not vary the noise
+    # --no-plots: the same report less its figures (each an image line, its caption and their blank lines)
+    from selfkd.cli import main
+
+    bare = tmp_path / "bare"
+    assert main(["report", str(runs), "--out", str(bare), "--no-plots"]) == 0
+    figures = [k for k, line in enumerate(md.splitlines()) if line.startswith("![")]
+    assert len(figures) == len(data["plots"]) == 3  # curves, compute (1 vs 2 passes), reliability
+    kept = [line for k, line in enumerate(md.splitlines()) if not any(f <= k < f + 4 for f in figures)]
+    assert (bare / "report.md").read_text().splitlines() == kept
+    assert sorted(p.name for p in bare.iterdir()) == ["report.json", "report.md"]
+    assert json.loads((bare / "report.json").read_text()) == {**data, "dirs": [str(runs)], "plots": []}
 
 
 def test_report_pairs_each_group_with_the_baseline_by_seed(grid, tmp_path):
     runs = grid[0] / "runs"
-    md = build_report([str(runs)], out=str(tmp_path / "rep"), baseline="method=ce")
+    md = build_report([str(runs)], out=str(tmp_path / "rep"), baseline="method=ce", plots=False)
     s = summaries(runs)
     diffs = {key: [s[f"method.name=dlb/train.seed={k}"][key] - s[f"method.name=ce/train.seed={k}"][key] for k in (0, 1)]
              for key in ("last_acc", "ece")}
@@ -397,7 +408,7 @@ def test_report_pairs_each_group_with_the_baseline_by_seed(grid, tmp_path):
     assert data["baseline"] == "method=ce" and [p["label"] for p in data["paired"]] == ["method=dlb"]
     assert data["paired"][0]["last_acc"]["mean"] == pytest.approx(statistics.mean(d), rel=1e-12)
     with pytest.raises(ConfigError, match="--baseline 'method=cee' is not a group; groups: 'method=ce', 'method=dlb'"):
-        build_report([str(runs)], out=str(tmp_path / "rep2"), baseline="method=cee")
+        build_report([str(runs)], out=str(tmp_path / "rep2"), baseline="method=cee", plots=False)
     assert not (tmp_path / "rep2").exists()
 
 

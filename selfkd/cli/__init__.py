@@ -324,7 +324,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from ..experiments.report import build_report
 
-    build_report(a.dirs, out=a.out, baseline=a.baseline)
+    build_report(a.dirs, out=a.out, baseline=a.baseline, plots=not a.no_plots)
     print(Path(a.out or Path(a.dirs[0]) / "report") / "report.md")
     return 0
 
@@ -444,6 +444,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--baseline", metavar="GROUP", help="a group label, or some of its parts (e.g. 'method=ce'): "
                    "add each group's differences to it (at the same values of the other axes), paired by seed, "
                    "with 95%% intervals")
+    r.add_argument("--no-plots", action="store_true", help="the tables alone: no PNG drawn (matplotlib unused)")
     r.set_defaults(func=cmd_report)
     d = sub.add_parser("demo", help="CE vs DLB on digits, clean and 40%% symmetric noise", parents=[common, threads])
     d.add_argument("--out", metavar="DIR", help="keep the runs here (default: a temporary directory)")

@@ -71,10 +71,11 @@ def _counts(g: Group) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 def build_report(dirs: list[str], out: str | None = None, baseline: str | None = None,
-                 warn: Callable[[str], None] | None = None) -> str:
+                 warn: Callable[[str], None] | None = None, plots: bool = True) -> str:
     """Write ``report.md``, ``report.json`` and the plots into ``out`` (default ``<dirs[0]>/report``);
     return the markdown. ``baseline``: a group label; adds the seed-paired differences to it. ``warn``
-    (default: a ``selfkd: warning:`` line on stderr) hears of each run whose summary cannot be read."""
+    (default: a ``selfkd: warning:`` line on stderr) hears of each run whose summary cannot be read.
+    ``plots=False``: the tables alone (no matplotlib; seconds less per report), no PNG written."""
     say = warn or (lambda msg: print(f"selfkd: warning: {msg}", file=sys.stderr, flush=True))
     if not dirs:
         raise ConfigError("report: give at least one directory")
@@ -91,21 +92,21 @@ def build_report(dirs: list[str], out: str | None = None, baseline: str | None =
     noisy = any(r.noisy for r in runs) or any(r.summary and "memorized" in r.summary for r in runs)
     columns = _columns(runs, noisy)
     data_groups = [_group_data(g, columns) for g in groups]
-    plots, plot_note = draw_plots(groups, report_dir)
+    drawn, plot_note = draw_plots(groups, report_dir) if plots else ([], "")
     lines = _intro(dirs, runs, groups, noisy)
     lines += _results(groups, data_groups, columns)
     if baseline is not None and pairs is not None:  # pairs: with a baseline only
         lines += _paired_section(baseline, pairs)
     if plot_note:
         lines += [plot_note, ""]
-    for fname, alt in plots:
+    for fname, alt in drawn:
         lines += [f"![{alt}]({fname})", "", f"*{alt}.*", ""]
     lines += _runs_section(groups, columns)
     markdown = "\n".join(lines)
     ckpt.write_text(report_dir / "report.md", markdown)
     ckpt.write_json(report_dir / "report.json", {"dirs": [str(d) for d in dirs], "groups": data_groups,
                                                   **({"baseline": baseline, "paired": pairs} if pairs is not None else {}),
-                                                  "plots": [f for f, _ in plots]})
+                                                  "plots": [f for f, _ in drawn]})
     return markdown
 
 
