@@ -324,12 +324,31 @@ def joined() -> tuple[int, int] | None:
     return (_group["rank"], _group["world"]) if _group else None
 
 
+class Stopped(RuntimeError):
+    """SIGTERM under torchrun, raised in the main thread: torchrun's agent stops the other ranks within 0.1 s of
+    one ending, often before their next collective fails, and a rank killed by that signal said nothing."""
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: this rank is on its way out and says why first
+    raise Stopped("stopped by SIGTERM")
+
+
+def stop_on_sigterm(on: bool = True) -> None:
+    """While ``on``: SIGTERM raises :class:`Stopped` (a peer is lost, as far as the report goes); off: the
+    default again unless the report already ignores it."""
+    if on:
+        signal.signal(signal.SIGTERM, _stopped)
+    elif signal.getsignal(signal.SIGTERM) is _stopped:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def peer_lost(err: BaseException) -> bool:
     """``err`` is a collective that failed because another rank is gone (gloo's connection reset or closed
-    by peer, NCCL's remote error), not an error of this rank's own."""
+    by peer, NCCL's remote error), or torchrun's SIGTERM (:class:`Stopped`), not an error of this rank's own."""
     if not _group or not isinstance(err, RuntimeError):
         return False
-    if isinstance(err, dist.DistError):
+    if isinstance(err, (dist.DistError, Stopped)):
         return True
     text = str(err)
     return "gloo/transport" in text or "Connection reset by peer" in text or "Connection closed by peer" in text

@@ -203,6 +203,8 @@ def _launch(a: argparse.Namespace) -> int:
 
 def _train_distributed(a: argparse.Namespace) -> int:
     """One rank of a torchrun run: the config is resolved on every rank, then the process group starts."""
+    import os
+
     from .. import distributed
     from ..engine import config as C
     from ..engine.setup import select_device
@@ -219,14 +221,17 @@ def _train_distributed(a: argparse.Namespace) -> int:
     device = select_device(cfg.train.device)
     distributed.pick_backend(cfg.train.backend, device)  # NCCL without CUDA: one line, before any rendezvous
     distributed.init(device, cfg.train.backend)
+    from ._ranks import NPROC_ENV, record
+
+    if not os.environ.get(NPROC_ENV):  # torchrun's agent SIGTERMs the survivors as soon as one rank ends
+        distributed.stop_on_sigterm()
     try:
         return _train(a, cfg)
     except (Exception, KeyboardInterrupt) as err:
-        from ._ranks import record
-
         record(err)  # before the sockets close: the peers that see them close read what happened
         raise
     finally:
+        distributed.stop_on_sigterm(False)
         distributed.shutdown()
 
 

@@ -129,6 +129,8 @@ def rank_failure(a: Any, err: Exception) -> int | None:
         who = f"rank {min(unsaid)} failed ({unsaid[min(unsaid)]})"
     elif dead:
         who = f"rank {min(dead)} died ({dead[min(dead)] or NO_ERROR})"
+    elif isinstance(err, distributed.Stopped):  # no rank ended: the job itself was stopped (a scheduler, a user)
+        who = "the ranks were stopped by SIGTERM"
     else:
         who = f"a collective failed: another rank is gone or unreachable ({failure_text(err)})"
     say(line(a, who, world))
