@@ -155,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
              "0-4 = 10 paired units; the full 10,000-image test set. Accuracy is the last epoch's (no selection on the "
              "test set). Intervals: 95 %, paired two-way bootstrap over units and test images "
              f"({a.resamples} resamples).", ""]
-    done = {arm: len(u) for arm, u in arms.items()}
-    partial = any(n < UNITS for arm, n in done.items() if arm in PASSES and not arm.startswith("dlb-rf0.25-"))
+    need = {arm: 5 if arm.startswith("dlb-rf0.25-") else UNITS for arm in PASSES}  # evidence_rf: draw 0 only
+    done = {arm: len(arms.get(arm, {})) for arm in PASSES}
+    partial = any(done[arm] < need[arm] for arm in PASSES)  # an arm not started yet counts too
     if partial:
-        lines += [f"**Partial: finished units per arm: {', '.join(f'{k} {v}' for k, v in sorted(done.items()))} "
-                  f"(of {UNITS}; the rf arms of 5).** Only the units every compared arm has are paired.", ""]
+        lines += [f"**Partial: finished units per arm: {', '.join(f'{k} {done[k]}/{need[k]}' for k in PASSES)}.** "
+                  "Only the units every compared arm has are paired.", ""]
     lines += ["| arm | units | fwd+bwd passes / sample | last acc % | ECE | NLL |", "|---|---|---|---|---|---|"]
     table = {}
     for arm in [x for x in PASSES if x in summaries]:
@@ -190,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                         "lo": iv.lo, "hi": iv.hi, "d_ece": d_ece, "d_nll": d_nll})
         lines.append(f"| {question} | `{arm}` | `{base}` | {len(units)} | {iv.text()} | {'yes' if iv.excludes_zero() else 'no'} "
                      f"| {d_ece:+.3f} | {d_nll:+.3f} |")
-    lines += ["", f"{len(COMPARISONS) + len(RF_COMPARISONS)} comparisons were fixed before any run (the rows above); "
-              "with that many, about one interval in 20 misses by chance.", ""]
+    fixed = len(COMPARISONS) + len(RF_COMPARISONS)
+    lines += ["", f"{fixed} comparisons were fixed before any run; {len(results)} have units to pair (the rows above)"
+              f"{'' if len(results) == fixed else ', the rest wait for their arms'}. With that many, about one interval "
+              "in 20 misses by chance.", ""]
     if "ce" in arms:  # is CE converged? test accuracy over the last 20 % of epochs, and NLL's trend
         flat = []
         for u, run in sorted(arms["ce"].items()):
