@@ -337,6 +337,10 @@ def _stopped(signum: int, frame: Any) -> None:
 def stop_on_sigterm(on: bool = True) -> None:
     """While ``on``: SIGTERM raises :class:`Stopped` (a peer is lost, as far as the report goes); off: the
     default again unless the report already ignores it."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return
     if on:
         signal.signal(signal.SIGTERM, _stopped)
     elif signal.getsignal(signal.SIGTERM) is _stopped:

@@ -112,6 +112,32 @@ def test_a_torchrun_job_stopped_by_sigterm_is_one_line_with_the_resume_command(t
                      f"resume: torchrun --nproc_per_node=2 -m selfkd train --resume {run}"], err[-3000:]
 
 
+def test_sigterm_under_torchrun_raises_stopped_once_and_counts_as_a_lost_peer(monkeypatch):
+    import signal
+    import threading
+
+    from selfkd import distributed
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        threading.Thread(target=distributed.stop_on_sigterm).start()  # not the main thread: no handler there
+        assert signal.getsignal(signal.SIGTERM) is before
+        distributed.stop_on_sigterm()
+        with pytest.raises(distributed.Stopped, match="stopped by SIGTERM"):
+            signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # once: the report is not cut short
+        distributed.stop_on_sigterm(False)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # off leaves the report's own choice alone
+        distributed.stop_on_sigterm()
+        distributed.stop_on_sigterm(False)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    monkeypatch.setattr(distributed, "_group", {"rank": 0, "world": 2})
+    assert distributed.peer_lost(distributed.Stopped("stopped by SIGTERM"))
+    assert not distributed.peer_lost(RuntimeError("a bug of this rank's own"))
+
+
 def test_how_a_process_of_this_machine_ended_is_read_from_its_zombie():
     import signal
     import time
