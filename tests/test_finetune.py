@@ -216,6 +216,11 @@ KILL_ARGS = ["--method", "dlb", "--epochs", "2", "--batch-size", "4", "--lr", "2
              "--set", "train.log_every=50", "--set", "train.seed=3", "--threads", "1"]
 
 
+def kill_run_args(parts) -> list[str]:
+    """The kill tests' run, as `selfkd finetune` options (less --out)."""
+    return ["--data", str(parts["data"]), "--model", str(parts["model"]), *KILL_ARGS]
+
+
 def finetune_process(parts, *args, kill_at=None):
     import os
     import subprocess
@@ -230,7 +235,7 @@ def finetune_process(parts, *args, kill_at=None):
         env["SELFKD_KILL_AT"] = kill_at
         plugin = ["--import", "killsave"]  # tests/killsave.py: SIGKILL at that point of a save
     if args[0] != "--resume":
-        args = ("--data", str(parts["data"]), "--model", str(parts["model"]), *KILL_ARGS, *args)
+        args = (*kill_run_args(parts), *args)
     return subprocess.run([sys.executable, "-m", "selfkd", *plugin, "finetune", *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -239,8 +244,7 @@ def finetune_process(parts, *args, kill_at=None):
 def uninterrupted(parts, tmp_path_factory):
     """The reference run, in this process (the resumes below run here too and must match the killed processes)."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    assert main(["finetune", "--data", str(parts["data"]), "--model", str(parts["model"]), *KILL_ARGS,
-                 "--out", str(run)]) == 0
+    assert main(["finetune", *kill_run_args(parts), "--out", str(run)]) == 0
     return run
 
 

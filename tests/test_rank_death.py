@@ -120,7 +120,9 @@ def test_sigterm_under_torchrun_raises_stopped_once_and_counts_as_a_lost_peer(mo
 
     before = signal.getsignal(signal.SIGTERM)
     try:
-        threading.Thread(target=distributed.stop_on_sigterm).start()  # not the main thread: no handler there
+        other = threading.Thread(target=distributed.stop_on_sigterm)  # not the main thread: no handler there
+        other.start()
+        other.join()
         assert signal.getsignal(signal.SIGTERM) is before
         distributed.stop_on_sigterm()
         with pytest.raises(distributed.Stopped, match="stopped by SIGTERM"):
