@@ -83,8 +83,16 @@ def backend_name() -> str:
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
 
 
-def shutdown() -> None:
+def shutdown(synced: bool = True) -> None:
+    """Leave the process group. ``synced``: wait for every rank first (a clean end), so that no rank closes its
+    sockets while a peer's last collective still uses them; False after a failure, where a peer may be gone."""
     if dist.is_available() and dist.is_initialized():
+        if synced and active():
+            try:
+                dist.barrier()
+            except RuntimeError as err:  # a peer that failed after its last collective has already left
+                if not peer_lost(err):
+                    raise
         dist.destroy_process_group()
 
 

@@ -1,5 +1,7 @@
 """Run under ``torchrun --nproc_per_node=2`` by tests/test_distributed.py; writes OUT/rank{r}.pt."""
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -46,7 +48,24 @@ def collectives(out: str) -> None:
         m.ensemble([o[half] for o in outs], y[half])
     res["fcn"] = m.state_dict()["fcn"]
     torch.save(res, f"{out}/rank{r}.pt")
+    if r == 1:  # late: rank 0's shutdown waits for it
+        time.sleep(0.3)
+        Path(f"{out}/rank1.leaves").write_text(repr(time.time()))
     distributed.shutdown()
+    if r == 0:
+        Path(f"{out}/rank0.left").write_text(repr(time.time()))
+
+
+def leave(out: str) -> None:
+    """Rank 1 leaves after a failure (shutdown(synced=False)) while rank 0 ends cleanly: rank 0 still exits 0."""
+    distributed.init(torch.device("cpu"))
+    distributed.barrier()
+    if distributed.rank() == 1:
+        time.sleep(0.3)
+        distributed.shutdown(synced=False)
+        return
+    distributed.shutdown()
+    Path(f"{out}/rank0.left").write_text("ok")
 
 
 EQUIV_METHODS = ("ce", "dlb", "cskd", "pskd")
@@ -67,8 +86,6 @@ def tiny_config(method: str, batch: int, **train):
 
 def equivalence(out: str) -> None:
     """Each method trained by 2 ranks with per-rank batch 8 and sync_bn; rank 0 writes OUT/<method>/."""
-    from pathlib import Path
-
     from selfkd.engine.trainer import Trainer
     from selfkd.engine.setup import build
 
@@ -81,4 +98,4 @@ def equivalence(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"collectives": collectives, "equivalence": equivalence}[sys.argv[1]](sys.argv[2])
+    {"collectives": collectives, "equivalence": equivalence, "leave": leave}[sys.argv[1]](sys.argv[2])

@@ -34,6 +34,8 @@ def free_port() -> int:
 def test_collectives_on_two_ranks(tmp_path):
     p = torchrun([str(HERE / "ddp_worker.py"), "collectives", str(tmp_path)])
     assert p.returncode == 0, p.stderr[-3000:]
+    # a clean shutdown waits for every rank: rank 0 left after the late rank 1 began to leave
+    assert float((tmp_path / "rank0.left").read_text()) >= float((tmp_path / "rank1.leaves").read_text())
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["rows"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])) and torch.equal(r0["rows"], r1["rows"])
     full = torch.arange(23, dtype=torch.float32)[:, None] * torch.ones(1, 3)
@@ -60,6 +62,13 @@ def test_collectives_on_two_ranks(tmp_path):
     for k in one:
         assert torch.equal(r0["fcn"][k], r1["fcn"][k])
         assert torch.allclose(r0["fcn"][k], one[k], atol=1e-6), k
+
+
+def test_clean_shutdown_when_a_peer_left_after_failing(tmp_path):
+    """The waiting shutdown of a rank that finished does not fail when its peer left after an error."""
+    p = torchrun([str(HERE / "ddp_worker.py"), "leave", str(tmp_path)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "rank0.left").read_text() == "ok"
 
 
 @pytest.mark.parametrize("n", [40, 37])

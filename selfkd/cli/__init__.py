@@ -225,14 +225,17 @@ def _train_distributed(a: argparse.Namespace) -> int:
 
     if not os.environ.get(NPROC_ENV):  # torchrun's agent SIGTERMs the survivors as soon as one rank ends
         distributed.stop_on_sigterm()
+    ok = False
     try:
-        return _train(a, cfg)
+        code = _train(a, cfg)
+        ok = True
+        return code
     except (Exception, KeyboardInterrupt) as err:
         record(err)  # before the sockets close: the peers that see them close read what happened
         raise
     finally:
         distributed.stop_on_sigterm(False)
-        distributed.shutdown()
+        distributed.shutdown(synced=ok)
 
 
 def _train(a: argparse.Namespace, resolved: Any = None) -> int:
