@@ -32,6 +32,24 @@ def test_bootstrap_of_identical_and_of_opposite_arms():
     assert (full.mean, full.lo, full.hi) == (100.0, 100.0, 100.0)
 
 
+def test_bootstrap_is_the_two_way_resample_it_names():
+    # the definition, written out: per draw, resample the test images (with replacement), take each unit's mean
+    # difference on them, resample the units, average; the function's counting shortcut gives the same numbers
+    rng = np.random.default_rng(3)
+    a, b = rng.random((5, 700)) < 0.6, rng.random((5, 700)) < 0.55
+    d = a.astype(np.float32) - b.astype(np.float32)
+    draws, stats = np.random.default_rng(4), []
+    for start in range(0, 250, 100):
+        k = min(100, 250 - start)
+        images = draws.integers(0, 700, size=(k, 700))
+        per_unit = np.stack([[d[u, images[j]].mean() for j in range(k)] for u in range(5)])
+        pick = draws.integers(0, 5, size=(k, 5))
+        stats += [per_unit[pick[j], j].mean() for j in range(k)]
+    lo, hi = np.percentile(np.array(stats, dtype=np.float64) * 100, [2.5, 97.5])
+    iv = paired_bootstrap(a, b, resamples=250, seed=4)
+    assert (iv.lo, iv.hi) == pytest.approx((lo, hi), abs=1e-9) and iv.mean == pytest.approx(d.mean() * 100)
+
+
 def test_bootstrap_width_covers_the_known_sampling_error():
     # independent arms with p = 0.6 on every image and no seed effect: the mean difference over 10 units x
     # 2,000 images has sd sqrt(2 * .24 / 20,000); the two-way bootstrap counts the image and the unit draw
