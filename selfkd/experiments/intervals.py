@@ -61,7 +61,7 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, resamples: in
     d = a.astype(np.float32) - b.astype(np.float32)
     # an image draw enters only through how often it picks each image: [k, N] counts @ d.T sums each unit's
     # differences exactly (integers below 2**24 in float32), the same numbers as d[:, images].mean(-1), 3x faster
-    exact = np.float32 if n_test < 2 ** 24 else np.float64
+    exact = np.dtype(np.float32 if n_test < 2 ** 24 else np.float64)
     dt = np.ascontiguousarray(d.T, dtype=exact)
     offsets = n_test * np.arange(chunk)[:, None]
     rng = np.random.default_rng(seed)
@@ -70,7 +70,7 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, resamples: in
         k = min(chunk, resamples - start)
         images = rng.integers(0, n_test, size=(k, n_test))
         counts = np.bincount((images + offsets[:k]).ravel(), minlength=k * n_test).reshape(k, n_test)
-        per_unit = ((counts.astype(exact) @ dt).T / exact(n_test)).astype(np.float32)  # [units, k]
+        per_unit = (np.matmul(counts.astype(exact), dt).T / n_test).astype(np.float32)  # [units, k]
         pick = rng.integers(0, units, size=(k, units))
         stats[start:start + k] = per_unit[pick, np.arange(k)[:, None]].mean(1)
     lo, hi = np.percentile(stats * 100, [2.5, 97.5])
