@@ -43,7 +43,8 @@ Protocol (nothing is chosen on the test split):
 
 Runs go to ``RUNS/<budget>/<task>/tune/<arm>/<point>`` and ``.../test/<arm>-s<seed>`` (finished runs are
 skipped, interrupted ones resumed; a finished run made with other settings is an error), so a study can
-span several sessions; the report goes to ``--results`` (default ``results/lm_finetune_<budget>.md``; ``results/lm_finetune.md`` is the earlier 3-seed protocol's). ``--plan`` prints the runs and the estimated
+span several sessions; the report goes to ``--results`` (default ``results/lm_finetune_<budget>.md``;
+``results/lm_finetune.md`` is the earlier 3-seed protocol's). ``--plan`` prints the runs and the estimated
 cost without training.
 
     python benchmarks/lm_finetune.py --budget cpu --threads 2   # the redesigned CPU study (see --plan)
